@@ -1,0 +1,105 @@
+//! Benchmark of one trace step and one plain training step on the default model, CPU, 4 x 128 tokens.
+//!
+//! `cargo bench --bench step` prints one JSON object; `scripts/bench.sh` runs it beside the PyTorch
+//! baseline (scripts/reference/bench_torch.py) on the same machine and prints the ratios.
+//! Timings are medians of 5 runs after one warm-up; peak RSS is reset before each measurement.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use locus::model::{load, ops};
+use locus::trace::{span_and_full_loss, squared_norms};
+
+const BATCH: usize = 4;
+const SEQ: usize = 128;
+const REPS: usize = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Resets the kernel's peak-RSS counter so each measurement reports its own peak.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn timed(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
+    f()?;
+    reset_peak();
+    let mut times = Vec::with_capacity(REPS);
+    for _ in 0..REPS {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok((median(times), peak_rss_mb()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let model = load::load("default", &Device::Cpu)?;
+    let vocab = model.arch.vocab_size() as u32;
+    // A fixed pseudo-random batch; the ids only steer the embedding lookup.
+    let ids: Vec<u32> = (0..BATCH * SEQ)
+        .map(|i| ((i as u64 * 2654435761) % vocab as u64) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (BATCH, SEQ), &Device::Cpu)?;
+    // The same span layout as the PyTorch baseline: a quarter of each row's targets.
+    let mut mask = vec![0f32; BATCH * (SEQ - 1)];
+    for b in 0..BATCH {
+        let start = 8 + 24 * b;
+        for j in start..start + (SEQ - 1) / 4 {
+            mask[b * (SEQ - 1) + j] = 1.0;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (BATCH, SEQ - 1), &Device::Cpu)?;
+    let frozen = model.params(|_| false);
+    let tracked = model.params(|_| true);
+
+    let (forward_s, forward_rss) = timed(|| {
+        model.arch.forward(&frozen, &ids)?;
+        Ok(())
+    })?;
+    let (fwd_bwd_s, fwd_bwd_rss) = timed(|| {
+        let logits = model.arch.forward(&tracked, &ids)?;
+        ops::next_token_nll(&logits, &ids)?.mean_all()?.backward()?;
+        Ok(())
+    })?;
+    let (trace_s, trace_rss) = timed(|| {
+        let logits = model.arch.forward(&tracked, &ids)?;
+        let nll = ops::next_token_nll(&logits, &ids)?;
+        let (span, full) = span_and_full_loss(&nll, &mask)?;
+        squared_norms(&model, &tracked, &span.backward()?)?;
+        squared_norms(&model, &tracked, &full.backward()?)?;
+        Ok(())
+    })?;
+    let tokens = (BATCH * SEQ) as f64;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let out = serde_json::json!({
+        "machine": {"cpu": cpu, "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "batch": BATCH, "seq": SEQ, "reps": REPS,
+        "forward_s": forward_s, "fwd_bwd_s": fwd_bwd_s, "trace_step_s": trace_s,
+        "tokens_per_s_fwd": tokens / forward_s,
+        "tokens_per_s_fwd_bwd": tokens / fwd_bwd_s,
+        "tokens_per_s_trace": tokens / trace_s,
+        "peak_rss_mb": {"forward": forward_rss, "fwd_bwd": fwd_bwd_rss, "trace_step": trace_rss},
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

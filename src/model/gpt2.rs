@@ -1,0 +1,243 @@
+//! GPT-2: learned positions, pre-norm blocks with layer norm, fused QKV `Conv1D` attention,
+//! GELU MLP, head tied to the token embedding. The block skeleton is shared with GPT-Neo.
+
+use candle_core::{Result, Tensor};
+use serde::Serialize;
+
+use super::ops::{self, conv1d, layer_norm};
+use super::{cfg_f64, cfg_usize, layer_group, Architecture, ParamKind, Params};
+
+/// The MLP activations GPT-style configs name.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    GeluTanh,
+    /// Exact GELU (`gelu`).
+    GeluErf,
+    /// ReLU.
+    Relu,
+}
+
+impl Activation {
+    /// Parses a Hugging Face `activation_function` value.
+    pub fn from_hf(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+            "gelu" => Ok(Activation::GeluErf),
+            "relu" => Ok(Activation::Relu),
+            other => Err(format!(
+                "config.json: activation_function `{other}` is not supported"
+            )),
+        }
+    }
+
+    /// Applies the activation elementwise.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::GeluTanh => ops::gelu_new(x),
+            Activation::GeluErf => x.gelu_erf(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// Sizes shared by GPT-2 and GPT-Neo.
+#[derive(Debug, Clone, Serialize)]
+pub struct GptShape {
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Width of the MLP.
+    pub intermediate: usize,
+    /// Number of transformer blocks.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Number of learned positions.
+    pub positions: usize,
+    /// Layer norm epsilon.
+    pub eps: f64,
+    /// MLP activation.
+    pub activation: Activation,
+}
+
+/// The GPT block stack: embeddings, `layers` pre-norm blocks whose attention is `attn`, the final
+/// norm and the tied head. `attn(l, h)` maps the normed hidden state of layer `l` to its output.
+pub(super) fn gpt_forward(
+    p: &Params,
+    ids: &Tensor,
+    s: &GptShape,
+    attn: impl Fn(usize, &Tensor) -> Result<Tensor>,
+    mlp: impl Fn(usize, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    if t > s.positions {
+        candle_core::bail!(
+            "sequence of {t} tokens exceeds the model's {} positions",
+            s.positions
+        );
+    }
+    let wte = p.get("transformer.wte.weight")?;
+    let tok = wte
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, s.hidden))?;
+    let pos = p.get("transformer.wpe.weight")?.narrow(0, 0, t)?;
+    let mut x = tok.broadcast_add(&pos)?;
+    let ln = |name: String, x: &Tensor| -> Result<Tensor> {
+        layer_norm(
+            x,
+            p.get(&format!("{name}.weight"))?,
+            p.get(&format!("{name}.bias"))?,
+            s.eps,
+        )
+    };
+    for l in 0..s.layers {
+        let h = ln(format!("transformer.h.{l}.ln_1"), &x)?;
+        x = (&x + attn(l, &h)?)?;
+        let h = ln(format!("transformer.h.{l}.ln_2"), &x)?;
+        x = (&x + mlp(l, &h)?)?;
+    }
+    let x = ln("transformer.ln_f".into(), &x)?;
+    ops::linear(&x, wte, None)
+}
+
+/// Names of the parameters outside the blocks' attention and MLP, shared by GPT-2 and GPT-Neo.
+pub(super) fn gpt_common_names(layers: usize) -> Vec<String> {
+    let mut names: Vec<String> = ["transformer.wte.weight", "transformer.wpe.weight"]
+        .map(String::from)
+        .to_vec();
+    let norms = (0..layers)
+        .flat_map(|l| {
+            [
+                format!("transformer.h.{l}.ln_1"),
+                format!("transformer.h.{l}.ln_2"),
+            ]
+        })
+        .chain(std::iter::once("transformer.ln_f".to_string()));
+    for n in norms {
+        names.push(format!("{n}.weight"));
+        names.push(format!("{n}.bias"));
+    }
+    names
+}
+
+/// How GPT-2 and GPT-Neo parameter names map to groups and roles.
+pub(super) fn gpt_kind_of(name: &str) -> Option<ParamKind> {
+    if let Some(g) = layer_group(name, "transformer.h.", "attn.", "mlp.") {
+        return Some(ParamKind::Group(g));
+    }
+    if name.starts_with("transformer.wte.") || name.starts_with("transformer.wpe.") {
+        return Some(ParamKind::Embedding);
+    }
+    if name.starts_with("transformer.ln_f.") || name.contains(".ln_") {
+        return Some(ParamKind::Norm);
+    }
+    None
+}
+
+impl GptShape {
+    /// Reads the GPT-2 spelling of the sizes from `config.json`.
+    pub fn from_gpt2(cfg: &serde_json::Value) -> std::result::Result<Self, String> {
+        let hidden = cfg_usize(cfg, "n_embd")?;
+        Ok(GptShape {
+            hidden,
+            intermediate: cfg_usize(cfg, "n_inner").unwrap_or(4 * hidden),
+            layers: cfg_usize(cfg, "n_layer")?,
+            heads: cfg_usize(cfg, "n_head")?,
+            vocab: cfg_usize(cfg, "vocab_size")?,
+            positions: cfg_usize(cfg, "n_positions")?,
+            eps: cfg_f64(cfg, "layer_norm_epsilon").unwrap_or(1e-5),
+            activation: Activation::from_hf(
+                cfg.get("activation_function")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("gelu_new"),
+            )?,
+        })
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.heads == 0 || self.hidden % self.heads != 0 {
+            return Err(format!(
+                "hidden size {} must be a multiple of the {} heads",
+                self.hidden, self.heads
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// GPT-2's forward pass.
+pub struct Gpt2 {
+    shape: GptShape,
+}
+
+impl Gpt2 {
+    /// Wraps validated sizes.
+    pub fn new(shape: GptShape) -> std::result::Result<Self, String> {
+        shape.validate()?;
+        Ok(Gpt2 { shape })
+    }
+}
+
+impl Architecture for Gpt2 {
+    fn name(&self) -> &'static str {
+        "gpt2"
+    }
+
+    fn num_layers(&self) -> usize {
+        self.shape.layers
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.shape.vocab
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.shape.positions)
+    }
+
+    fn forward(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
+        let s = &self.shape;
+        let t = ids.dim(1)?;
+        let mask = ops::causal_mask(t, None, ids.device())?;
+        let scale = 1.0 / ((s.hidden / s.heads) as f64).sqrt();
+        let w = |l: usize, name: &str| p.get(&format!("transformer.h.{l}.{name}"));
+        let attn = |l: usize, h: &Tensor| -> Result<Tensor> {
+            let qkv = conv1d(h, w(l, "attn.c_attn.weight")?, w(l, "attn.c_attn.bias")?)?;
+            let part =
+                |i: usize| ops::split_heads(&qkv.narrow(2, i * s.hidden, s.hidden)?, s.heads);
+            let a = ops::attention(&part(0)?, &part(1)?, &part(2)?, &mask, scale)?;
+            conv1d(&a, w(l, "attn.c_proj.weight")?, w(l, "attn.c_proj.bias")?)
+        };
+        let mlp = |l: usize, h: &Tensor| -> Result<Tensor> {
+            let up = conv1d(h, w(l, "mlp.c_fc.weight")?, w(l, "mlp.c_fc.bias")?)?;
+            conv1d(
+                &s.activation.apply(&up)?,
+                w(l, "mlp.c_proj.weight")?,
+                w(l, "mlp.c_proj.bias")?,
+            )
+        };
+        gpt_forward(p, ids, s, attn, mlp)
+    }
+
+    fn parameter_names(&self) -> Vec<String> {
+        let mut names = gpt_common_names(self.shape.layers);
+        for l in 0..self.shape.layers {
+            for m in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"] {
+                names.push(format!("transformer.h.{l}.{m}.weight"));
+                names.push(format!("transformer.h.{l}.{m}.bias"));
+            }
+        }
+        names
+    }
+
+    fn kind_of(&self, name: &str) -> Option<ParamKind> {
+        gpt_kind_of(name)
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::to_value(&self.shape).unwrap_or_default()
+    }
+}

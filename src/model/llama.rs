@@ -1,0 +1,249 @@
+//! The Llama family (Llama 2/3, Mistral, SmolLM2): RMS norm, rotary positions, grouped-query
+//! attention, SwiGLU MLP, tied or untied head.
+
+use candle_core::{Result, Tensor};
+use serde::Serialize;
+
+use super::ops::{self, linear, rms_norm};
+use super::{cfg_f64, cfg_usize, layer_group, Architecture, ParamKind, Params};
+
+/// Hyper-parameters of a Llama-family model.
+#[derive(Debug, Clone, Serialize)]
+pub struct LlamaConfig {
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Width of the MLP.
+    pub intermediate: usize,
+    /// Number of transformer blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (fewer than `heads` under grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Rotary base frequency.
+    pub rope_theta: f64,
+    /// RMS norm epsilon.
+    pub eps: f64,
+    /// Whether the output head reuses the token embedding.
+    pub tied_head: bool,
+    /// Whether the attention projections carry biases.
+    pub attention_bias: bool,
+    /// Whether the MLP projections carry biases.
+    pub mlp_bias: bool,
+    /// Mistral's sliding attention window, if any.
+    pub sliding_window: Option<usize>,
+}
+
+impl LlamaConfig {
+    /// Reads a Hugging Face `config.json` of model type llama or mistral.
+    pub fn from_hf(cfg: &serde_json::Value) -> std::result::Result<Self, String> {
+        // transformers 5 nests rotary settings under `rope_parameters`; older configs keep them at the top.
+        let rope = cfg
+            .get("rope_parameters")
+            .filter(|v| v.is_object())
+            .unwrap_or(cfg);
+        let scaling = cfg.get("rope_scaling").filter(|v| !v.is_null());
+        let rope_type = rope
+            .get("rope_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        if scaling.is_some() || rope_type != "default" {
+            return Err(format!(
+                "config.json: rotary scaling ({}) is not supported; only plain rotary embeddings are",
+                scaling.map(|v| v.to_string()).unwrap_or_else(|| rope_type.to_string())
+            ));
+        }
+        let hidden = cfg_usize(cfg, "hidden_size")?;
+        let heads = cfg_usize(cfg, "num_attention_heads")?;
+        let flag = |k: &str| cfg.get(k).and_then(|v| v.as_bool());
+        Ok(LlamaConfig {
+            hidden,
+            intermediate: cfg_usize(cfg, "intermediate_size")?,
+            layers: cfg_usize(cfg, "num_hidden_layers")?,
+            heads,
+            kv_heads: cfg_usize(cfg, "num_key_value_heads").unwrap_or(heads),
+            head_dim: cfg_usize(cfg, "head_dim").unwrap_or(hidden / heads),
+            vocab: cfg_usize(cfg, "vocab_size")?,
+            rope_theta: cfg_f64(rope, "rope_theta").unwrap_or(10000.0),
+            eps: cfg_f64(cfg, "rms_norm_eps")?,
+            tied_head: flag("tie_word_embeddings").unwrap_or(false),
+            attention_bias: flag("attention_bias").unwrap_or(false),
+            mlp_bias: flag("mlp_bias").unwrap_or(false),
+            sliding_window: cfg_usize(cfg, "sliding_window").ok(),
+        })
+    }
+
+    /// Checks the shape relations the forward pass relies on.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A Llama-family model's forward pass.
+pub struct Llama {
+    cfg: LlamaConfig,
+}
+
+impl Llama {
+    /// Wraps a validated configuration.
+    pub fn new(cfg: LlamaConfig) -> std::result::Result<Self, String> {
+        cfg.validate()?;
+        Ok(Llama { cfg })
+    }
+
+    fn head_name(&self) -> &'static str {
+        if self.cfg.tied_head {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        }
+    }
+}
+
+const ATTN: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+const MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+impl Architecture for Llama {
+    fn name(&self) -> &'static str {
+        "llama"
+    }
+
+    fn num_layers(&self) -> usize {
+        self.cfg.layers
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
+
+    fn forward(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t) = ids.dims2()?;
+        let dev = ids.device();
+        let embed = p.get("model.embed_tokens.weight")?;
+        let mut x = embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c.hidden))?;
+        let mask = ops::causal_mask(t, c.sliding_window, dev)?;
+        let (cos, sin) = ops::rope_tables(t, c.head_dim, c.rope_theta, dev)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let bias = |has: bool, name: String| -> Result<Option<&Tensor>> {
+            if has {
+                p.get(&name).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        for l in 0..c.layers {
+            let at = |proj: &str| format!("model.layers.{l}.self_attn.{proj}");
+            let mp = |proj: &str| format!("model.layers.{l}.mlp.{proj}");
+            let h = rms_norm(
+                &x,
+                p.get(&format!("model.layers.{l}.input_layernorm.weight"))?,
+                c.eps,
+            )?;
+            let proj = |name: &str| -> Result<Tensor> {
+                linear(
+                    &h,
+                    p.get(&at(&format!("{name}.weight")))?,
+                    bias(c.attention_bias, at(&format!("{name}.bias")))?,
+                )
+            };
+            let q = ops::rope(&ops::split_heads(&proj("q_proj")?, c.heads)?, &cos, &sin)?;
+            let k = ops::rope(&ops::split_heads(&proj("k_proj")?, c.kv_heads)?, &cos, &sin)?;
+            let v = ops::split_heads(&proj("v_proj")?, c.kv_heads)?;
+            let rep = c.heads / c.kv_heads;
+            let k = ops::repeat_kv(&k, rep)?;
+            let v = ops::repeat_kv(&v, rep)?;
+            let a = ops::attention(&q, &k, &v, &mask, scale)?;
+            let o = linear(
+                &a,
+                p.get(&at("o_proj.weight"))?,
+                bias(c.attention_bias, at("o_proj.bias"))?,
+            )?;
+            x = (x + o)?;
+            let h = rms_norm(
+                &x,
+                p.get(&format!("model.layers.{l}.post_attention_layernorm.weight"))?,
+                c.eps,
+            )?;
+            let mproj = |name: &str, input: &Tensor| -> Result<Tensor> {
+                linear(
+                    input,
+                    p.get(&mp(&format!("{name}.weight")))?,
+                    bias(c.mlp_bias, mp(&format!("{name}.bias")))?,
+                )
+            };
+            let gated = (mproj("gate_proj", &h)?.silu()? * mproj("up_proj", &h)?)?;
+            x = (x + mproj("down_proj", &gated)?)?;
+        }
+        let x = rms_norm(&x, p.get("model.norm.weight")?, c.eps)?;
+        linear(&x, p.get(self.head_name())?, None)
+    }
+
+    fn parameter_names(&self) -> Vec<String> {
+        let c = &self.cfg;
+        let mut names = vec![
+            "model.embed_tokens.weight".to_string(),
+            "model.norm.weight".to_string(),
+        ];
+        if !c.tied_head {
+            names.push("lm_head.weight".into());
+        }
+        for l in 0..c.layers {
+            names.push(format!("model.layers.{l}.input_layernorm.weight"));
+            names.push(format!("model.layers.{l}.post_attention_layernorm.weight"));
+            for proj in ATTN {
+                names.push(format!("model.layers.{l}.self_attn.{proj}.weight"));
+                if c.attention_bias {
+                    names.push(format!("model.layers.{l}.self_attn.{proj}.bias"));
+                }
+            }
+            for proj in MLP {
+                names.push(format!("model.layers.{l}.mlp.{proj}.weight"));
+                if c.mlp_bias {
+                    names.push(format!("model.layers.{l}.mlp.{proj}.bias"));
+                }
+            }
+        }
+        names
+    }
+
+    fn kind_of(&self, name: &str) -> Option<ParamKind> {
+        if let Some(g) = layer_group(name, "model.layers.", "self_attn.", "mlp.") {
+            return Some(ParamKind::Group(g));
+        }
+        if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+            return Some(ParamKind::Norm);
+        }
+        match name {
+            "model.embed_tokens.weight" => Some(ParamKind::Embedding),
+            "lm_head.weight" => Some(ParamKind::Head),
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+}

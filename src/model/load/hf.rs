@@ -1,0 +1,126 @@
+//! Hugging Face model directories: `config.json`, `*.safetensors` (sharded or not), `tokenizer.json`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::gpt2::{Gpt2, GptShape};
+use crate::model::gpt_neo::{GptNeo, GptNeoConfig};
+use crate::model::llama::{Llama, LlamaConfig};
+use crate::model::{Architecture, Model, ModelSource};
+use crate::tokenize::TextTokenizer;
+
+/// Loads a model directory; every tensor is converted to f32 on `device`.
+pub fn load(dir: &Path, device: &Device) -> Result<Model> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| Error::model(dir, format!("cannot read config.json: {e}")))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model(dir, format!("config.json is not valid JSON: {e}")))?;
+    let arch = architecture(&cfg).map_err(|r| Error::model(dir, r))?;
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let prefix_gpt = matches!(arch.name(), "gpt2" | "gpt_neo");
+    let mut tensors = BTreeMap::new();
+    let mut dtypes = BTreeSet::new();
+    for file in weight_files(dir)? {
+        let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+        let loaded = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+            Error::model(&file, format!("corrupt or truncated safetensors file: {e}"))
+        })?;
+        for (name, t) in loaded {
+            if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+                return Err(Error::model(
+                    &file,
+                    format!(
+                        "tensor {name} has dtype {:?}; only f32, f16 and bf16 are supported",
+                        t.dtype()
+                    ),
+                ));
+            }
+            dtypes.insert(format!("{:?}", t.dtype()).to_lowercase());
+            let name =
+                if prefix_gpt && !name.starts_with("transformer.") && name != "lm_head.weight" {
+                    format!("transformer.{name}")
+                } else {
+                    name
+                };
+            tensors.insert(name, t.to_dtype(DType::F32)?);
+        }
+    }
+    check_shapes(dir, &tensors, arch.as_ref())?;
+    let source = ModelSource {
+        path: dir.display().to_string(),
+        format: "hf",
+        stored_dtype: dtypes.into_iter().collect::<Vec<_>>().join(","),
+    };
+    Model::new(arch, tensors, tokenizer, source)
+}
+
+/// Builds the forward pass that `config.json`'s `model_type` names.
+fn architecture(cfg: &serde_json::Value) -> std::result::Result<Box<dyn Architecture>, String> {
+    let kind = cfg
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or("config.json: missing `model_type`")?;
+    Ok(match kind {
+        "llama" | "mistral" => Box::new(Llama::new(LlamaConfig::from_hf(cfg)?)?),
+        "gpt2" => Box::new(Gpt2::new(GptShape::from_gpt2(cfg)?)?),
+        "gpt_neo" => Box::new(GptNeo::new(GptNeoConfig::from_hf(cfg)?)),
+        other => {
+            return Err(format!(
+                "model_type `{other}` is not supported (llama, mistral, gpt2, gpt_neo are)"
+            ))
+        }
+    })
+}
+
+/// The safetensors files of a directory: the shards an index names, else every `*.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::model(&index, format!("not valid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::model(&index, "missing `weight_map`"))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::model(
+            dir,
+            "no *.safetensors weights (pytorch_model.bin is not read)",
+        ));
+    }
+    Ok(files)
+}
+
+/// Rejects weights whose shapes disagree with the configuration before any forward pass runs.
+fn check_shapes(
+    dir: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    arch: &dyn Architecture,
+) -> Result<()> {
+    let vocab = arch.vocab_size();
+    for name in ["model.embed_tokens.weight", "transformer.wte.weight"] {
+        if let Some(t) = tensors.get(name) {
+            if t.dim(0)? != vocab {
+                return Err(Error::model(
+                    dir,
+                    format!("{name} has {} rows but vocab_size is {vocab}", t.dim(0)?),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Causal language models with a forward pass that is differentiable end to end.
+
+pub mod gpt2;
+pub mod gpt_neo;
+pub mod llama;
+pub mod load;
+pub mod ops;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use candle_core::{Device, Tensor, Var};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Which half of a transformer block a layer group covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Module {
+    /// Every attention projection weight and bias of the layer.
+    Attn,
+    /// Every MLP weight and bias of the layer.
+    Mlp,
+}
+
+impl fmt::Display for Module {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Module::Attn => "attn",
+            Module::Mlp => "mlp",
+        })
+    }
+}
+
+/// One layer group: the unit that tracing measures and strategies select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct GroupId {
+    /// 0-based layer index.
+    pub layer: usize,
+    /// Attention or MLP.
+    pub module: Module,
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.layer, self.module)
+    }
+}
+
+/// What a parameter belongs to; only `Group` parameters count as layer groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamKind {
+    /// A layer group's parameter.
+    Group(GroupId),
+    /// Token or position embeddings (and a head tied to them).
+    Embedding,
+    /// Layer norms and RMS norms.
+    Norm,
+    /// An untied output head.
+    Head,
+}
+
+/// Named weights as the forward pass sees them: each entry is tracked (a variable) or detached.
+#[derive(Clone, Default)]
+pub struct Params {
+    map: BTreeMap<String, Tensor>,
+}
+
+impl Params {
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> candle_core::Result<&Tensor> {
+        self.map
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing weight {name}")))
+    }
+}
+
+/// The architecture-specific part of a model: its forward pass and how its parameters group.
+pub trait Architecture: Send + Sync {
+    /// Short architecture name (`llama`, `gpt2`, `gpt_neo`).
+    fn name(&self) -> &'static str;
+    /// Number of transformer blocks.
+    fn num_layers(&self) -> usize;
+    /// Vocabulary size of the output logits.
+    fn vocab_size(&self) -> usize;
+    /// Longest sequence the model accepts, if it has a hard limit (learned positions).
+    fn max_positions(&self) -> Option<usize>;
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
+    fn forward(&self, params: &Params, ids: &Tensor) -> candle_core::Result<Tensor>;
+    /// Names of every parameter the forward pass reads.
+    fn parameter_names(&self) -> Vec<String>;
+    /// The group or other role of a parameter.
+    fn kind_of(&self, name: &str) -> Option<ParamKind>;
+    /// The configuration as JSON, for reports.
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// Parses `{prefix}{layer}.{segment}...` names into a group, shared by all architectures.
+fn layer_group(name: &str, prefix: &str, attn: &str, mlp: &str) -> Option<GroupId> {
+    let rest = name.strip_prefix(prefix)?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer = layer.parse().ok()?;
+    let module = if tail.starts_with(attn) {
+        Module::Attn
+    } else if tail.starts_with(mlp) {
+        Module::Mlp
+    } else {
+        return None;
+    };
+    Some(GroupId { layer, module })
+}
+
+/// A loaded model: architecture, weights held as variables, and tokenizer.
+pub struct Model {
+    /// Forward pass and parameter grouping.
+    pub arch: Box<dyn Architecture>,
+    /// Every weight as a variable, so training updates them in place.
+    pub vars: BTreeMap<String, Var>,
+    /// The tokenizer that belongs to the weights.
+    pub tokenizer: crate::tokenize::TextTokenizer,
+    /// Where the model came from, for reports.
+    pub source: ModelSource,
+}
+
+/// Provenance of a loaded model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSource {
+    /// The path it was loaded from.
+    pub path: String,
+    /// `hf` or `gguf`.
+    pub format: &'static str,
+    /// The stored weight dtype(s), before conversion to f32.
+    pub stored_dtype: String,
+}
+
+impl Model {
+    /// Builds a model after checking that every weight the architecture reads is present.
+    pub fn new(
+        arch: Box<dyn Architecture>,
+        tensors: BTreeMap<String, Tensor>,
+        tokenizer: crate::tokenize::TextTokenizer,
+        source: ModelSource,
+    ) -> Result<Self> {
+        for name in arch.parameter_names() {
+            if !tensors.contains_key(&name) {
+                return Err(Error::model(&source.path, format!("missing weight {name}")));
+            }
+        }
+        let wanted: std::collections::BTreeSet<String> =
+            arch.parameter_names().into_iter().collect();
+        let mut vars = BTreeMap::new();
+        for (name, t) in tensors {
+            if wanted.contains(&name) {
+                vars.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        Ok(Model {
+            arch,
+            vars,
+            tokenizer,
+            source,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.vars
+            .values()
+            .next()
+            .map(|v| v.device())
+            .unwrap_or(&Device::Cpu)
+    }
+
+    /// A view of the weights in which exactly the parameters accepted by `tracked` record gradients.
+    pub fn params(&self, tracked: impl Fn(&str) -> bool) -> Params {
+        let map = self
+            .vars
+            .iter()
+            .map(|(name, var)| {
+                let t = if tracked(name) {
+                    var.as_tensor().clone()
+                } else {
+                    var.as_detached_tensor()
+                };
+                (name.clone(), t)
+            })
+            .collect();
+        Params { map }
+    }
+
+    /// Every layer group in order: layer ascending, attention before MLP.
+    pub fn groups(&self) -> Vec<GroupId> {
+        (0..self.arch.num_layers())
+            .flat_map(|layer| [Module::Attn, Module::Mlp].map(|module| GroupId { layer, module }))
+            .collect()
+    }
+
+    /// Summary of the model for reports.
+    pub fn info(&self) -> serde_json::Value {
+        let n: usize = self.vars.values().map(|v| v.elem_count()).sum();
+        serde_json::json!({
+            "architecture": self.arch.name(),
+            "layers": self.arch.num_layers(),
+            "parameters": n,
+            "vocab_size": self.arch.vocab_size(),
+            "config": self.arch.describe(),
+            "source": self.source,
+        })
+    }
+}
+
+/// Reads an f64 field from a JSON config, naming it when absent.
+fn cfg_f64(cfg: &serde_json::Value, key: &str) -> std::result::Result<f64, String> {
+    cfg.get(key)
+        .and_then(|v| v.as_f64())
+        .ok_or_else(|| format!("config.json: missing or non-numeric `{key}`"))
+}
+
+/// Reads an unsigned integer field from a JSON config, naming it when absent.
+fn cfg_usize(cfg: &serde_json::Value, key: &str) -> std::result::Result<usize, String> {
+    cfg.get(key)
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| format!("config.json: missing or non-integer `{key}`"))
+}

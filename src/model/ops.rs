@@ -1,0 +1,127 @@
+//! Building blocks of the forward passes, built only from ops that have a backward in candle.
+//!
+//! candle's fused kernels (`rms_norm`, `softmax_last_dim`, `rope*`, `layer_norm`) return no gradient
+//! for their inputs, silently; everything here is composed from differentiable primitives instead.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// `x @ w^T + b` for a weight stored `(out, in)`, as torch's `nn.Linear`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, out) = (x.dims()[..x.rank() - 1].to_vec(), w.dim(0)?);
+    let x2 = x.flatten_to(x.rank() - 2)?;
+    let y = x2.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut shape = rows;
+    shape.push(out);
+    y.reshape(shape)
+}
+
+/// `x @ w + b` for a weight stored `(in, out)`, as GPT-2's `Conv1D`.
+pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (rows, out) = (x.dims()[..x.rank() - 1].to_vec(), w.dim(1)?);
+    let y = x.flatten_to(x.rank() - 2)?.matmul(w)?.broadcast_add(b)?;
+    let mut shape = rows;
+    shape.push(out);
+    y.reshape(shape)
+}
+
+/// RMS norm over the last dimension, as in Llama: `w * x / sqrt(mean(x^2) + eps)`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// Layer norm over the last dimension with weight and bias.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(w)?
+        .broadcast_add(b)
+}
+
+/// Additive attention mask `(t, t)`: 0 where query `i` may see key `j`, -inf elsewhere.
+/// `window` limits how far back a query sees (GPT-Neo's local attention).
+pub fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                let visible = j <= i && window.is_none_or(|w| i - j < w);
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)
+}
+
+/// Scaled dot-product attention over `(b, h, t, d)` heads; returns `(b, t, h * d)`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs.matmul(v)?.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// Splits `(b, t, h * d)` into contiguous heads `(b, h, t, d)`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, hd) = x.dims3()?;
+    x.reshape((b, t, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// Repeats key/value heads for grouped-query attention: `(b, kv, t, d)` to `(b, kv * n, t, d)`.
+pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, d))?
+        .reshape((b, kv * n, t, d))
+}
+
+/// Rotary-embedding tables `(cos, sin)`, each `(t, d / 2)`, for positions `0..t`.
+pub fn rope_tables(
+    t: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
+    let pos = Tensor::arange(0u32, t as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((t, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// Rotary embedding in the Hugging Face layout (the two halves of each head rotate together).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope_slow(x, cos, sin)
+}
+
+/// GPT-2's tanh-approximated GELU (`gelu_new`); candle's `gelu` is that approximation.
+pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
+    x.gelu()
+}
+
+/// Next-token negative log-likelihoods `(b, t - 1)`: position `j - 1` predicts token `j`.
+pub fn next_token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let preds = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let targets = ids.narrow(1, 1, t - 1)?.reshape((b * (t - 1), 1))?;
+    let logp = candle_nn::ops::log_softmax(&preds, D::Minus1)?;
+    logp.gather(&targets, 1)?.neg()?.reshape((b, t - 1))
+}

@@ -1,0 +1,191 @@
+//! The heatmap of relative gradient norms: rows attention and MLP, columns layers.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::{GroupId, Module};
+use crate::trace::GroupStat;
+
+/// Viridis at five stops; enough for a readable ramp without a colour library.
+const RAMP: [[f64; 3]; 5] = [
+    [68.0, 1.0, 84.0],
+    [59.0, 82.0, 139.0],
+    [33.0, 145.0, 140.0],
+    [94.0, 201.0, 98.0],
+    [253.0, 231.0, 37.0],
+];
+
+fn colour(v: f64, lo: f64, hi: f64) -> [u8; 3] {
+    let x = if hi > lo {
+        ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
+    } else {
+        0.5
+    } * (RAMP.len() - 1) as f64;
+    let i = (x.floor() as usize).min(RAMP.len() - 2);
+    let f = x - i as f64;
+    let mix = |c: usize| (RAMP[i][c] * (1.0 - f) + RAMP[i + 1][c] * f).round() as u8;
+    [mix(0), mix(1), mix(2)]
+}
+
+/// Writes the heatmap as SVG (with labels) or PNG (cells and colour bar), by the file's extension.
+/// Cells of `selected` groups get an outline.
+pub fn write_heatmap(
+    path: &Path,
+    groups: &[GroupStat],
+    selected: &[GroupId],
+    title: &str,
+) -> Result<()> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let bytes = match ext.as_str() {
+        "svg" => svg(groups, selected, title).into_bytes(),
+        "png" => png(groups)?,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "--plot {}: use a .svg or .png file name",
+                path.display()
+            )))
+        }
+    };
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(&bytes).map_err(|e| Error::io(path, e))
+}
+
+struct Grid {
+    layers: usize,
+    lo: f64,
+    hi: f64,
+}
+
+fn grid(groups: &[GroupStat]) -> Grid {
+    let layers = groups.iter().map(|g| g.layer + 1).max().unwrap_or(0);
+    let lo = groups
+        .iter()
+        .map(|g| g.relative)
+        .fold(f64::INFINITY, f64::min);
+    let hi = groups
+        .iter()
+        .map(|g| g.relative)
+        .fold(f64::NEG_INFINITY, f64::max);
+    Grid { layers, lo, hi }
+}
+
+fn row(m: Module) -> usize {
+    match m {
+        Module::Attn => 0,
+        Module::Mlp => 1,
+    }
+}
+
+fn svg(groups: &[GroupStat], selected: &[GroupId], title: &str) -> String {
+    let g = grid(groups);
+    let (cw, ch, left, top) = (28.0, 36.0, 56.0, 48.0);
+    let width = left + cw * g.layers as f64 + 120.0;
+    let height = top + ch * 2.0 + 60.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"20\" font-size=\"14\">{}</text>\n",
+        escape(title)
+    );
+    for (i, name) in ["attn", "mlp"].iter().enumerate() {
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{name}</text>\n",
+            left - 6.0,
+            top + ch * (i as f64 + 0.5) + 4.0
+        );
+    }
+    for st in groups {
+        let [r, gr, b] = colour(st.relative, g.lo, g.hi);
+        let (x, y) = (
+            left + cw * st.layer as f64,
+            top + ch * row(st.module) as f64,
+        );
+        let outline = if selected.contains(&st.id()) {
+            " stroke=\"red\" stroke-width=\"2\""
+        } else {
+            ""
+        };
+        s += &format!(
+            "<rect x=\"{x}\" y=\"{y}\" width=\"{cw}\" height=\"{ch}\" fill=\"rgb({r},{gr},{b})\"{outline}><title>layer {} {}: relative {:.3} (span {:.4}, full {:.4})</title></rect>\n",
+            st.layer, st.module, st.relative, st.span_norm, st.full_norm
+        );
+    }
+    for l in 0..g.layers {
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{l}</text>\n",
+            left + cw * (l as f64 + 0.5),
+            top + ch * 2.0 + 14.0
+        );
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">layer (red outline: TGL-FP selection)</text>\n",
+        left + cw * g.layers as f64 / 2.0,
+        top + ch * 2.0 + 32.0
+    );
+    let bx = left + cw * g.layers as f64 + 20.0;
+    for k in 0..20 {
+        let v = g.lo + (g.hi - g.lo) * (19 - k) as f64 / 19.0;
+        let [r, gr, b] = colour(v, g.lo, g.hi);
+        s += &format!(
+            "<rect x=\"{bx}\" y=\"{}\" width=\"14\" height=\"{}\" fill=\"rgb({r},{gr},{b})\"/>\n",
+            top + k as f64 * ch * 2.0 / 20.0,
+            ch * 2.0 / 20.0 + 0.5
+        );
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\">{:.2}</text>\n<text x=\"{}\" y=\"{}\">{:.2}</text>\n<text x=\"{}\" y=\"{}\">relative</text>\n</svg>\n",
+        bx + 18.0, top + 8.0, g.hi, bx + 18.0, top + ch * 2.0, g.lo, bx, top - 8.0
+    );
+    s
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn png(groups: &[GroupStat]) -> Result<Vec<u8>> {
+    let g = grid(groups);
+    let (cw, ch, bar_gap, bar_w) = (24usize, 48usize, 12usize, 16usize);
+    let w = cw * g.layers.max(1) + bar_gap + bar_w;
+    let h = ch * 2;
+    let mut px = vec![255u8; w * h * 3];
+    let mut fill = |x0: usize, y0: usize, cw: usize, ch: usize, c: [u8; 3]| {
+        for y in y0..y0 + ch {
+            for x in x0..x0 + cw {
+                px[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&c);
+            }
+        }
+    };
+    for st in groups {
+        fill(
+            st.layer * cw,
+            row(st.module) * ch,
+            cw - 1,
+            ch - 1,
+            colour(st.relative, g.lo, g.hi),
+        );
+    }
+    for y in 0..h {
+        let v = g.hi - (g.hi - g.lo) * y as f64 / (h - 1) as f64;
+        fill(w - bar_w, y, bar_w, 1, colour(v, g.lo, g.hi));
+    }
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc
+        .write_header()
+        .map_err(|e| Error::Invalid(format!("png: {e}")))?;
+    writer
+        .write_image_data(&px)
+        .map_err(|e| Error::Invalid(format!("png: {e}")))?;
+    drop(writer);
+    Ok(out)
+}

@@ -1,0 +1,175 @@
+//! Exactness against PyTorch/transformers: logits, losses and every group and parameter gradient
+//! norm of tiny random models of each architecture (fixtures from scripts/reference/make_fixtures.py).
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{expected, fixture, rel_err, Expected, TINY};
+use locus::model::{load, ops, Model, Module};
+use locus::spans::SpanText;
+use locus::trace::{param_squared_norms, prepare, span_and_full_loss, trace};
+use std::collections::BTreeMap;
+
+fn load_tiny(name: &str) -> (Model, Expected) {
+    let dir = fixture(name);
+    let model = load::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    (model, expected(dir.join("expected.json")))
+}
+
+fn span_texts(e: &Expected) -> Vec<SpanText> {
+    e.texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| SpanText {
+            line: i + 1,
+            text: t.text.clone(),
+            spans: t.spans.clone(),
+        })
+        .collect()
+}
+
+#[test]
+fn token_ids_and_span_targets_match_transformers() {
+    for name in TINY {
+        let (model, e) = load_tiny(name);
+        let prepared = prepare(&model, name, &span_texts(&e)).unwrap();
+        for (i, p) in prepared.iter().enumerate() {
+            assert_eq!(p.ids, e.token_ids[i], "{name} text {i} ids");
+            let targets: Vec<usize> = p
+                .targets
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| b)
+                .map(|(j, _)| j + 1)
+                .collect();
+            assert_eq!(targets, e.span_targets[i], "{name} text {i} span targets");
+        }
+    }
+}
+
+#[test]
+fn logits_match_transformers() {
+    for name in TINY {
+        let (model, e) = load_tiny(name);
+        let params = model.params(|_| false);
+        for (i, ids) in e.token_ids.iter().enumerate() {
+            let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.arch.forward(&params, &t).unwrap().squeeze(0).unwrap();
+            let got: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+            let mut worst = 0f32;
+            for (row, want) in got.iter().zip(&e.logits[i]) {
+                for (a, b) in row.iter().zip(want) {
+                    worst = worst.max((a - b).abs());
+                }
+            }
+            assert!(
+                worst <= 1e-4,
+                "{name} text {i}: logits max abs diff {worst}"
+            );
+        }
+    }
+}
+
+#[test]
+fn losses_and_group_norms_match_transformers() {
+    for name in TINY {
+        let (model, e) = load_tiny(name);
+        let prepared = prepare(&model, name, &span_texts(&e)).unwrap();
+        let t = trace(&model, &prepared).unwrap();
+        for (i, s) in t.per_text.iter().enumerate() {
+            assert!(
+                rel_err(s.span_loss, e.span_loss[i]) < 1e-4,
+                "{name} span loss {} vs {}",
+                s.span_loss,
+                e.span_loss[i]
+            );
+            assert!(
+                rel_err(s.full_loss, e.full_loss[i]) < 1e-4,
+                "{name} full loss {} vs {}",
+                s.full_loss,
+                e.full_loss[i]
+            );
+        }
+        assert_eq!(t.groups.len(), e.groups.len(), "{name} group count");
+        for (g, want) in t.groups.iter().zip(&e.groups) {
+            let module = match g.module {
+                Module::Attn => "attn",
+                Module::Mlp => "mlp",
+            };
+            assert_eq!(
+                (g.layer, module),
+                (want.layer, want.module.as_str()),
+                "{name} group order"
+            );
+            for (what, a, b) in [
+                ("span", g.span_norm, want.span_norm),
+                ("full", g.full_norm, want.full_norm),
+                ("relative", g.relative, want.relative),
+            ] {
+                assert!(
+                    rel_err(a, b) < 1e-3,
+                    "{name} {}.{module} {what}: {a} vs {b}",
+                    g.layer
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_parameter_gets_the_reference_gradient() {
+    for name in TINY {
+        let (model, e) = load_tiny(name);
+        let params = model.params(|_| true);
+        let prepared = prepare(&model, name, &span_texts(&e)).unwrap();
+        let mut means: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for p in &prepared {
+            let n = p.ids.len();
+            let ids = Tensor::new(p.ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.arch.forward(&params, &ids).unwrap();
+            let nll = ops::next_token_nll(&logits, &ids).unwrap();
+            let mask: Vec<f32> = p
+                .targets
+                .iter()
+                .map(|&b| if b { 1.0 } else { 0.0 })
+                .collect();
+            let mask = Tensor::from_vec(mask, (1, n - 1), &Device::Cpu).unwrap();
+            let (span, full) = span_and_full_loss(&nll, &mask).unwrap();
+            let span_sq = param_squared_norms(&model, &params, &span.backward().unwrap()).unwrap();
+            let full_sq = param_squared_norms(&model, &params, &full.backward().unwrap()).unwrap();
+            for (pname, sq) in full_sq {
+                assert!(sq > 0.0, "{name}: {pname} received no gradient");
+                let e = means.entry(pname.clone()).or_default();
+                e.0 += span_sq[&pname].sqrt() / prepared.len() as f64;
+                e.1 += sq.sqrt() / prepared.len() as f64;
+            }
+        }
+        assert_eq!(
+            means.len(),
+            e.param_grad_norms.len(),
+            "{name}: parameter count"
+        );
+        for (pname, (span, full)) in means {
+            let want = e
+                .param_grad_norms
+                .get(&pname)
+                .unwrap_or_else(|| panic!("{name}: no reference for {pname}"));
+            assert!(
+                rel_err(span, want.span) < 1e-3,
+                "{name} {pname} span: {span} vs {}",
+                want.span
+            );
+            assert!(
+                rel_err(full, want.full) < 1e-3,
+                "{name} {pname} full: {full} vs {}",
+                want.full
+            );
+        }
+    }
+}
