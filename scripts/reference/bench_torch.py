@@ -68,14 +68,17 @@ def current_rss_mb() -> float:
         return float("nan")
 
 
-def timed(fn, reps: int) -> float:
-    fn()  # warm-up: first call pays allocator growth and oneDNN/MKL setup
+def timed(fn, reps: int) -> tuple[float, float]:
+    """(median, min) seconds. The min is kept because on a shared box a
+    concurrent build slows OpenMP's spinning threads by up to 10x; a median far
+    above the min means the run was disturbed."""
+    fn()  # warm-up: first call pays page faults on fresh weights and allocator growth
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def main() -> None:
@@ -140,9 +143,11 @@ def main() -> None:
         per_tok.mean().backward()
         read_group_norms()
 
-    forward_s = timed(forward, args.reps)
-    fwd_bwd_s = timed(fwd_bwd, args.reps)
-    trace_step_s = timed(trace_step, args.reps)
+    load_before = os.getloadavg()[0]
+    forward_s, forward_min = timed(forward, args.reps)
+    fwd_bwd_s, fwd_bwd_min = timed(fwd_bwd, args.reps)
+    trace_step_s, trace_step_min = timed(trace_step, args.reps)
+    load_after = os.getloadavg()[0]
     tokens = BATCH * SEQ
 
     result = {
@@ -163,6 +168,10 @@ def main() -> None:
         "tokens_per_s_fwd": round(tokens / forward_s, 1),
         "tokens_per_s_fwd_bwd": round(tokens / fwd_bwd_s, 1),
         "tokens_per_s_trace": round(tokens / trace_step_s, 1),
+        "min_s": {"forward": round(forward_min, 4), "fwd_bwd": round(fwd_bwd_min, 4),
+                  "trace_step": round(trace_step_min, 4)},
+        # 1-minute load average; ~threads when the box was otherwise idle.
+        "loadavg_before_after": [round(load_before, 2), round(load_after, 2)],
         "rss_after_load_mb": round(rss_after_load, 1),
         "peak_rss_mb": round(rss_mb(), 1),
     }
