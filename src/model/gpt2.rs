@@ -200,15 +200,13 @@ impl Architecture for Gpt2 {
 
     fn forward(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
         let s = &self.shape;
-        let t = ids.dim(1)?;
-        let mask = ops::causal_mask(t, None, ids.device())?;
         let scale = 1.0 / ((s.hidden / s.heads) as f64).sqrt();
         let w = |l: usize, name: &str| p.get(&format!("transformer.h.{l}.{name}"));
         let attn = |l: usize, h: &Tensor| -> Result<Tensor> {
             let qkv = conv1d(h, w(l, "attn.c_attn.weight")?, w(l, "attn.c_attn.bias")?)?;
             let part =
                 |i: usize| ops::split_heads(&qkv.narrow(2, i * s.hidden, s.hidden)?, s.heads);
-            let a = ops::attention(&part(0)?, &part(1)?, &part(2)?, &mask, scale)?;
+            let a = ops::attention(&part(0)?, &part(1)?, &part(2)?, scale, None)?;
             conv1d(&a, w(l, "attn.c_proj.weight")?, w(l, "attn.c_proj.bias")?)
         };
         let mlp = |l: usize, h: &Tensor| -> Result<Tensor> {

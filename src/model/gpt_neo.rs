@@ -113,9 +113,6 @@ impl Architecture for GptNeo {
 
     fn forward(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
         let s = &self.cfg.shape;
-        let t = ids.dim(1)?;
-        let global = ops::causal_mask(t, None, ids.device())?;
-        let local = ops::causal_mask(t, Some(self.cfg.window_size), ids.device())?;
         let w = |l: usize, name: &str| p.get(&format!("transformer.h.{l}.{name}"));
         let attn = |l: usize, h: &Tensor| -> Result<Tensor> {
             let proj = |n: &str| -> Result<Tensor> {
@@ -124,14 +121,14 @@ impl Architecture for GptNeo {
                     s.heads,
                 )
             };
-            let mask = if self.cfg.local[l] { &local } else { &global };
+            let window = self.cfg.local[l].then_some(self.cfg.window_size);
             // GPT-Neo does not scale attention scores by 1/sqrt(head_dim).
             let a = ops::attention(
                 &proj("q_proj")?,
                 &proj("k_proj")?,
                 &proj("v_proj")?,
-                mask,
                 1.0,
+                window,
             )?;
             linear(
                 &a,

@@ -144,7 +144,6 @@ impl Architecture for Llama {
         let mut x = embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden))?;
-        let mask = ops::causal_mask(t, c.sliding_window, dev)?;
         let (cos, sin) = ops::rope_tables(t, c.head_dim, c.rope_theta, dev)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let bias = |has: bool, name: String| -> Result<Option<&Tensor>> {
@@ -175,7 +174,7 @@ impl Architecture for Llama {
             let rep = c.heads / c.kv_heads;
             let k = ops::repeat_kv(&k, rep)?;
             let v = ops::repeat_kv(&v, rep)?;
-            let a = ops::attention(&q, &k, &v, &mask, scale)?;
+            let a = ops::attention(&q, &k, &v, scale, c.sliding_window)?;
             let o = linear(
                 &a,
                 p.get(&at("o_proj.weight"))?,

@@ -1,5 +1,6 @@
 //! Causal language models with a forward pass that is differentiable end to end.
 
+pub mod fused;
 pub mod gpt2;
 pub mod gpt_neo;
 pub mod llama;

@@ -1,15 +1,23 @@
-//! Building blocks of the forward passes, built only from ops that have a backward in candle.
+//! Building blocks of the forward passes. On the CPU the hot ones run as fused kernels with exact
+//! backward passes (`fused`); elsewhere they are composed from differentiable primitives.
 //!
-//! candle's fused kernels (`rms_norm`, `softmax_last_dim`, `rope*`, `layer_norm`) return no gradient
-//! for their inputs, silently; everything here is composed from differentiable primitives instead.
+//! candle's own fused kernels (`rms_norm`, `softmax_last_dim`, `rope*`, `layer_norm`) return no
+//! gradient for their inputs, silently; nothing here uses them.
 
 use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::fused;
 
 /// `x @ w^T + b` for a weight stored `(out, in)`, as torch's `nn.Linear`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (rows, out) = (x.dims()[..x.rank() - 1].to_vec(), w.dim(0)?);
     let x2 = x.flatten_to(x.rank() - 2)?;
-    let y = x2.matmul(&w.t()?)?;
+    let y = if x.device().is_metal() {
+        x2.matmul(&w.t()?)?
+    } else {
+        x2.contiguous()?
+            .apply_op2(&w.contiguous()?, fused::Linear)?
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -30,8 +38,12 @@ pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// RMS norm over the last dimension, as in Llama: `w * x / sqrt(mean(x^2) + eps)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+    if x.device().is_cpu() {
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, fused::RmsNorm { eps: eps as f32 });
+    }
+    composed::rms_norm(x, w, eps)
 }
 
 /// Layer norm over the last dimension with weight and bias.
@@ -62,11 +74,25 @@ pub fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<T
     Tensor::from_vec(mask, (t, t), device)
 }
 
-/// Scaled dot-product attention over `(b, h, t, d)` heads; returns `(b, t, h * d)`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+/// Causal scaled dot-product attention over `(b, h, t, d)` heads, optionally limited to a local
+/// `window`; returns `(b, t, h * d)`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let scores = q.matmul(&k.t()?)?;
+    let probs = if q.device().is_cpu() {
+        scores.apply_op1(fused::MaskedSoftmax {
+            scale: scale as f32,
+            window,
+        })?
+    } else {
+        composed::masked_softmax(&scores, scale, window)?
+    };
     probs.matmul(v)?.transpose(1, 2)?.reshape((b, t, h * d))
 }
 
@@ -109,6 +135,11 @@ pub fn rope_tables(
 
 /// Rotary embedding in the Hugging Face layout (the two halves of each head rotate together).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return x
+            .contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, fused::Rope);
+    }
     candle_nn::rotary_emb::rope_slow(x, cos, sin)
 }
 
@@ -119,9 +150,55 @@ pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
 
 /// Next-token negative log-likelihoods `(b, t - 1)`: position `j - 1` predicts token `j`.
 pub fn next_token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    if !logits.device().is_cpu() {
+        return composed::next_token_nll(logits, ids);
+    }
     let (b, t, v) = logits.dims3()?;
-    let preds = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let targets = ids.narrow(1, 1, t - 1)?.reshape((b * (t - 1), 1))?;
-    let logp = candle_nn::ops::log_softmax(&preds, D::Minus1)?;
-    logp.gather(&targets, 1)?.neg()?.reshape((b, t - 1))
+    // Every position is scored against the next id (the last against a dummy 0) so the logits
+    // need no copy; the last column is dropped and so receives no gradient.
+    let shifted = Tensor::cat(
+        &[ids.narrow(1, 1, t - 1)?, ids.narrow(1, 0, 1)?.zeros_like()?],
+        1,
+    )?;
+    let nll = logits
+        .reshape((b * t, v))?
+        .apply_op2(&shifted.flatten_all()?.contiguous()?, fused::CrossEntropy)?;
+    nll.reshape((b, t))?.narrow(1, 0, t - 1)
+}
+
+/// The same ops composed from differentiable candle primitives: the path on devices without fused
+/// kernels, and the oracle the fused kernels are tested against.
+pub mod composed {
+    use super::*;
+
+    /// RMS norm from `sqr`, `mean`, `sqrt` and broadcasts.
+    pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+    }
+
+    /// Scaled scores plus an additive causal mask, then softmax.
+    pub fn masked_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
+        let t = scores.dim(D::Minus2)?;
+        let mask = causal_mask(t, window, scores.device())?;
+        candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+    }
+
+    /// `x @ w^T + b` with candle's matmul.
+    pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&w.t()?)?;
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Log-softmax and gather.
+    pub fn next_token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let (b, t, v) = logits.dims3()?;
+        let preds = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+        let targets = ids.narrow(1, 1, t - 1)?.reshape((b * (t - 1), 1))?;
+        let logp = candle_nn::ops::log_softmax(&preds, D::Minus1)?;
+        logp.gather(&targets, 1)?.neg()?.reshape((b, t - 1))
+    }
 }

@@ -1,0 +1,470 @@
+//! Fused CPU kernels with hand-written backward passes for the hot spots of a training step.
+//!
+//! Composed from primitives, candle's backward walks one node per primitive and allocates a zeroed
+//! accumulator for each; at a 49152-wide vocabulary that dominates a step. Each op here is one node
+//! whose backward does the same math as the composed version (checked against it in the tests).
+//! They run on contiguous f32 CPU tensors; `ops` falls back to the composed form elsewhere.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+/// The f32 data of a contiguous CPU tensor.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{what}: expected f32, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
+    let CpuStorage::U32(v) = s else {
+        bail!("{what}: expected u32 ids, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// Rows of at least this many elements are processed in parallel.
+const PAR_ROW: usize = 4096;
+
+fn rows_mut(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() >= PAR_ROW * 2 {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// Cross-entropy per row: `nll[i] = logsumexp(logits[i]) - logits[i, target[i]]`.
+pub struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "locus-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let x = slice(s1, l1, "logits")?;
+        let t = u32_slice(s2, l2, "targets")?;
+        if t.len() != n {
+            bail!("cross-entropy: {} targets for {n} rows", t.len());
+        }
+        if let Some(bad) = t.iter().find(|&&t| t as usize >= v) {
+            bail!("cross-entropy: target {bad} outside a vocabulary of {v}");
+        }
+        let out: Vec<f32> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let row = &x[i * v..(i + 1) * v];
+                log_sum_exp(row) - row[t[i] as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        nll: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let nll_and_grad = Tensor::stack(&[nll, grad], 1)?;
+        let g = logits.apply_op3_no_bwd(targets, &nll_and_grad, &CrossEntropyGrad)?;
+        Ok((Some(g), None))
+    }
+}
+
+/// `g[i] * (softmax(logits[i]) - onehot(target[i]))`, with the log-sum-exp recovered from the nll.
+struct CrossEntropyGrad;
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "locus-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let x = slice(s1, l1, "logits")?;
+        let t = u32_slice(s2, l2, "targets")?;
+        let ng = slice(s3, l3, "nll and grad")?;
+        let mut out = vec![0f32; n * v];
+        rows_mut(&mut out, v, |i, o| {
+            let row = &x[i * v..(i + 1) * v];
+            let (nll, g) = (ng[2 * i], ng[2 * i + 1]);
+            if g == 0.0 {
+                return;
+            }
+            let target = t[i] as usize;
+            let lse = nll + row[target];
+            for (o, &xv) in o.iter_mut().zip(row) {
+                *o = g * (xv - lse).exp();
+            }
+            o[target] -= g;
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `x @ w^T` for `x (m, k)` and a weight `w (n, k)`; the backward yields `dw` directly in `w`'s
+/// layout, so no transposed accumulator is built for every weight.
+pub struct Linear;
+
+impl Linear {
+    fn fwd<S: BackendStorage>(s1: &S, l1: &Layout, s2: &S, l2: &Layout) -> Result<(S, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            bail!("linear: input width {k} does not match weight width {k2}");
+        }
+        let out = s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "locus-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Linear::fwd(s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Linear::fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.matmul(&w.detach())?;
+        let dw = grad.t()?.matmul(&x.detach())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Softmax over the last axis of attention scores `(.., t, s)` after scaling and masking:
+/// key `j` is visible to query `i` when `j <= i + (s - t)` and, with a window, `i + (s - t) - j < window`.
+pub struct MaskedSoftmax {
+    /// Multiplies the scores before the softmax.
+    pub scale: f32,
+    /// Local attention window, if any.
+    pub window: Option<usize>,
+}
+
+impl MaskedSoftmax {
+    fn visible(&self, i: usize, j: usize, offset: usize) -> bool {
+        let q = i + offset;
+        j <= q && self.window.is_none_or(|w| q - j < w)
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "locus-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims();
+        let (t, keys) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        if keys < t {
+            bail!("masked softmax: {keys} keys for {t} queries");
+        }
+        let x = slice(s, l, "scores")?;
+        let mut out = vec![0f32; x.len()];
+        let offset = keys - t;
+        rows_mut(&mut out, keys, |r, o| {
+            let i = r % t;
+            let row = &x[r * keys..(r + 1) * keys];
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..keys {
+                if self.visible(i, j, offset) {
+                    max = max.max(row[j] * self.scale);
+                }
+            }
+            let mut sum = 0f32;
+            for j in 0..keys {
+                if self.visible(i, j, offset) {
+                    let e = (row[j] * self.scale - max).exp();
+                    o[j] = e;
+                    sum += e;
+                }
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = probs.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad { scale: self.scale })?;
+        Ok(Some(g))
+    }
+}
+
+/// `scale * p * (g - sum(g * p))` per row: the backward of a scaled softmax.
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "locus-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let width = l1.shape().dims()[l1.shape().rank() - 1];
+        let p = slice(s1, l1, "probs")?;
+        let g = slice(s2, l2, "grad")?;
+        let mut out = vec![0f32; p.len()];
+        rows_mut(&mut out, width, |r, o| {
+            let (pr, gr) = (
+                &p[r * width..(r + 1) * width],
+                &g[r * width..(r + 1) * width],
+            );
+            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((o, &pv), &gv) in o.iter_mut().zip(pr).zip(gr) {
+                *o = self.scale * pv * (gv - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// RMS norm over the last axis: `w * x / sqrt(mean(x^2) + eps)`.
+pub struct RmsNorm {
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "locus-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "rms-norm input")?;
+        let w = slice(s2, l2, "rms-norm weight")?;
+        let h = w.len();
+        let mut out = vec![0f32; x.len()];
+        rows_mut(&mut out, h, |r, o| {
+            let row = &x[r * h..(r + 1) * h];
+            let inv = inv_rms(row, self.eps);
+            for ((o, &xv), &wv) in o.iter_mut().zip(row).zip(w) {
+                *o = xv * inv * wv;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormGradX { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&grad, &RmsNormGradW { eps: self.eps })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `dx = r * (g*w - x * r^2 * mean(g*w*x))` with `r = 1/rms(x)`.
+struct RmsNormGradX {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormGradX {
+    fn name(&self) -> &'static str {
+        "locus-rms-norm-grad-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "x")?;
+        let w = slice(s2, l2, "w")?;
+        let g = slice(s3, l3, "grad")?;
+        let h = w.len();
+        let mut out = vec![0f32; x.len()];
+        rows_mut(&mut out, h, |r, o| {
+            let (xr, gr) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
+            let inv = inv_rms(xr, self.eps);
+            let dot = xr
+                .iter()
+                .zip(gr)
+                .zip(w)
+                .map(|((x, g), w)| x * g * w)
+                .sum::<f32>()
+                / h as f32;
+            let c = inv * inv * dot;
+            for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+                *o = inv * (gv * wv - xv * c);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `dw = sum over rows of g * x / rms(x)`.
+struct RmsNormGradW {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormGradW {
+    fn name(&self) -> &'static str {
+        "locus-rms-norm-grad-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "x")?;
+        let g = slice(s2, l2, "grad")?;
+        let h = l1.shape().dims()[l1.shape().rank() - 1];
+        let mut dw = vec![0f32; h];
+        for (xr, gr) in x.chunks(h).zip(g.chunks(h)) {
+            let inv = inv_rms(xr, self.eps);
+            for ((d, &xv), &gv) in dw.iter_mut().zip(xr).zip(gr) {
+                *d += gv * xv * inv;
+            }
+        }
+        Ok((CpuStorage::F32(dw), Shape::from(h)))
+    }
+}
+
+/// Rotary embedding, Hugging Face layout, on `(b, h, t, d)` with tables `(t, d/2)`:
+/// `y1 = x1 cos - x2 sin`, `y2 = x2 cos + x1 sin` for the two halves of each head.
+/// Its backward is the same rotation by the negated angle.
+pub struct Rope;
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "locus-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, t, d) = l1.shape().dims4()?;
+        let x = slice(s1, l1, "rope input")?;
+        let cos = slice(s2, l2, "cos")?;
+        let sin = slice(s3, l3, "sin")?;
+        let half = d / 2;
+        if cos.len() < t * half || sin.len() < t * half {
+            bail!("rope: tables shorter than {t} positions");
+        }
+        let mut out = vec![0f32; x.len()];
+        rows_mut(&mut out, d, |r, o| {
+            let pos = r % t;
+            let xr = &x[r * d..(r + 1) * d];
+            let (c, s) = (
+                &cos[pos * half..(pos + 1) * half],
+                &sin[pos * half..(pos + 1) * half],
+            );
+            for i in 0..half {
+                let (x1, x2) = (xr[i], xr[i + half]);
+                o[i] = x1 * c[i] - x2 * s[i];
+                o[i + half] = x2 * c[i] + x1 * s[i];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, &sin.neg()?, &Rope)?;
+        Ok((Some(dx), None, None))
+    }
+}

@@ -1,0 +1,145 @@
+//! The fused CPU kernels give the same values and gradients as the composed differentiable ops.
+
+use candle_core::{DType, Device, Tensor, Var};
+use locus::model::fused;
+use locus::model::ops::{self, composed};
+
+fn randn(shape: &[usize], seed: u64) -> Var {
+    // A deterministic spread of values; no RNG state shared between tests.
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let x = ((i as u64 + 1) * 2654435761 + seed * 97) % 10007;
+            (x as f32 / 10007.0 - 0.5) * 4.0
+        })
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Compares outputs and the gradients of `sum(out * probe)` for every input.
+fn check(name: &str, inputs: &[&Var], fused: impl Fn() -> Tensor, composed: impl Fn() -> Tensor) {
+    let (a, b) = (fused(), composed());
+    assert!(
+        max_diff(&a, &b) < 1e-5,
+        "{name}: outputs differ by {}",
+        max_diff(&a, &b)
+    );
+    let probe = randn(a.dims(), 7);
+    let ga = (a * probe.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gb = (b * probe.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (i, v) in inputs.iter().enumerate() {
+        let (x, y) = (
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+        );
+        let scale = y
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0);
+        assert!(
+            max_diff(x, y) / scale < 1e-5,
+            "{name}: gradient of input {i} differs by {}",
+            max_diff(x, y)
+        );
+    }
+}
+
+#[test]
+fn rms_norm_matches_composed() {
+    let (x, w) = (randn(&[2, 5, 16], 1), randn(&[16], 2));
+    check(
+        "rms_norm",
+        &[&x, &w],
+        || ops::rms_norm(&x, &w, 1e-5).unwrap(),
+        || composed::rms_norm(&x, &w, 1e-5).unwrap(),
+    );
+}
+
+#[test]
+fn linear_matches_composed() {
+    let (x, w, b) = (randn(&[2, 5, 16], 3), randn(&[8, 16], 4), randn(&[8], 5));
+    check(
+        "linear",
+        &[&x, &w, &b],
+        || ops::linear(&x, &w, Some(&b)).unwrap(),
+        || composed::linear(&x, &w, Some(&b)).unwrap(),
+    );
+}
+
+#[test]
+fn masked_softmax_matches_composed_with_and_without_window() {
+    for window in [None, Some(3)] {
+        let s = randn(&[2, 3, 7, 7], 6);
+        check(
+            "masked_softmax",
+            &[&s],
+            || {
+                s.as_tensor()
+                    .apply_op1(fused::MaskedSoftmax { scale: 0.3, window })
+                    .unwrap()
+            },
+            || composed::masked_softmax(&s, 0.3, window).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn rope_matches_candle_rope_slow() {
+    let x = randn(&[2, 3, 6, 8], 8);
+    let (cos, sin) = ops::rope_tables(6, 8, 10000.0, &Device::Cpu).unwrap();
+    check(
+        "rope",
+        &[&x],
+        || ops::rope(&x, &cos, &sin).unwrap(),
+        || candle_nn::rotary_emb::rope_slow(&x, &cos, &sin).unwrap(),
+    );
+}
+
+#[test]
+fn cross_entropy_matches_log_softmax_gather() {
+    let logits = randn(&[2, 6, 11], 9);
+    let ids = Tensor::new(&[[1u32, 4, 10, 0, 3, 3], [7, 7, 2, 9, 1, 0]], &Device::Cpu).unwrap();
+    check(
+        "next_token_nll",
+        &[&logits],
+        || ops::next_token_nll(&logits, &ids).unwrap(),
+        || composed::next_token_nll(&logits, &ids).unwrap(),
+    );
+}
+
+#[test]
+fn cross_entropy_rejects_out_of_vocabulary_targets() {
+    let logits = Tensor::zeros((1, 3, 5), DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 9, 2]], &Device::Cpu).unwrap();
+    let err = ops::next_token_nll(&logits, &ids).unwrap_err().to_string();
+    assert!(err.contains("outside a vocabulary"), "{err}");
+}
