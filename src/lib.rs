@@ -2,6 +2,7 @@
 //! (per-layer gradient localization) and updating only those layers.
 
 pub mod error;
+pub mod learn;
 pub mod model;
 pub mod plot;
 pub mod select;

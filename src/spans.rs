@@ -122,3 +122,93 @@ pub fn span_targets(enc: &Encoded, spans: &[(usize, usize)]) -> Vec<bool> {
         .map(|&(a, b)| spans.iter().any(|&(s, e)| a < e && s < b))
         .collect()
 }
+
+/// How salient spans are found for a document that brings none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpanRule {
+    /// The spans the client gave.
+    Given,
+    /// Capitalised multi-word names, numbers and dates.
+    Entity,
+    /// The highest-loss token runs under the current model.
+    Surprisal,
+}
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+/// The `entity` rule: runs of two or more capitalised words (a month followed by a number counts),
+/// and numbers, as character ranges.
+pub fn entity_spans(text: &str) -> Vec<(usize, usize)> {
+    // Words with their character ranges.
+    let mut words: Vec<(usize, usize, &str)> = Vec::new();
+    let mut start = None;
+    let mut byte_start = 0;
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    for (ci, &(bi, c)) in chars.iter().enumerate() {
+        let part = c.is_alphanumeric() || c == '\'' || c == '-';
+        match (part, start) {
+            (true, None) => {
+                start = Some(ci);
+                byte_start = bi;
+            }
+            (false, Some(s)) => {
+                words.push((s, ci, &text[byte_start..bi]));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        words.push((s, chars.len(), &text[byte_start..]));
+    }
+    let capital = |w: &str| w.chars().next().is_some_and(char::is_uppercase);
+    let number = |w: &str| w.chars().next().is_some_and(|c| c.is_ascii_digit());
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let (s, mut e, w) = words[i];
+        if number(w) {
+            spans.push((s, e));
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < words.len()
+            && (capital(words[j].2) || (MONTHS.contains(&w) && number(words[j].2)))
+        {
+            e = words[j].1;
+            j += 1;
+        }
+        if capital(w) && j - i >= 2 {
+            spans.push((s, e));
+        }
+        i = j;
+    }
+    spans
+}
+
+/// The `surprisal` rule: targets whose loss is in the top `fraction` of the document, merged into
+/// runs of adjacent targets. `nll[j - 1]` is the loss of target `j`.
+pub fn surprisal_targets(nll: &[f32], fraction: f64) -> Vec<bool> {
+    let k = ((nll.len() as f64 * fraction).ceil() as usize).clamp(1, nll.len().max(1));
+    let mut sorted: Vec<f32> = nll.iter().copied().filter(|v| v.is_finite()).collect();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let Some(&threshold) = sorted.get(k.min(sorted.len()).saturating_sub(1)) else {
+        return vec![false; nll.len()];
+    };
+    nll.iter().map(|&v| v >= threshold).collect()
+}

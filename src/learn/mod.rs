@@ -1,0 +1,10 @@
+//! The learning engine: continual pretraining steps whose updates go where the new knowledge is.
+//!
+//! No transport types here; the service and `locus eval` both drive a [`engine::Learner`].
+
+pub mod engine;
+pub mod optimizer;
+pub mod strategy;
+
+pub use engine::{Doc, Learner, UpdateReport};
+pub use strategy::{LearnConfig, Localization, Strategy};

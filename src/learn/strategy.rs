@@ -1,0 +1,174 @@
+//! Strategies by name and the settings of a learning run.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::select::Rule;
+
+/// Which layer groups an update touches and how.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Strategy {
+    /// The name it was parsed from, for reports.
+    pub name: String,
+    /// Which groups are trainable.
+    pub selection: Selection,
+    /// Scale each group's learning rate by relative / mean relative (TGL-ALR).
+    pub alr: bool,
+    /// Mix each batch with replay text (Mix-Review).
+    pub mix_review: bool,
+}
+
+/// How the trainable groups are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selection {
+    /// Every layer group.
+    All,
+    /// Nothing changes: the floor.
+    Frozen,
+    /// A rule over relative gradient norms.
+    Rule(#[serde(skip)] RuleKind),
+}
+
+/// Rules that need relative norms (`random-k` needs only the TGL-FP count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleKind {
+    /// Above the mean relative norm.
+    TglFp,
+    /// The k highest.
+    TopK(usize),
+    /// As many random groups as TGL-FP picks, drawn with the run's seed.
+    RandomK,
+}
+
+impl Strategy {
+    /// Parses `full`, `tgl-fp`, `tgl-alr`, `topk[:K]`, `random-k`, `frozen`, `mix-review`, and
+    /// combinations joined with `+` such as `mix-review+tgl-fp`.
+    pub fn parse(name: &str) -> Result<Self> {
+        let mut s = Strategy {
+            name: name.to_string(),
+            selection: Selection::All,
+            alr: false,
+            mix_review: false,
+        };
+        let mut chosen = false;
+        for part in name.split('+') {
+            let selection = match part {
+                "full" => Some(Selection::All),
+                "frozen" => Some(Selection::Frozen),
+                "tgl-fp" => Some(Selection::Rule(RuleKind::TglFp)),
+                "random-k" => Some(Selection::Rule(RuleKind::RandomK)),
+                "tgl-alr" => {
+                    s.alr = true;
+                    Some(Selection::All)
+                }
+                "mix-review" => {
+                    s.mix_review = true;
+                    None
+                }
+                p if p.starts_with("topk") => {
+                    let k = p.strip_prefix("topk:").unwrap_or("8");
+                    let k = k.parse().map_err(|_| Error::Invalid(format!("strategy `{name}`: topk:K needs a number, got `{k}`")))?;
+                    Some(Selection::Rule(RuleKind::TopK(k)))
+                }
+                other => {
+                    return Err(Error::Invalid(format!(
+                        "unknown strategy `{other}` (full, tgl-fp, tgl-alr, topk[:K], random-k, frozen, mix-review; combine with +)"
+                    )))
+                }
+            };
+            if let Some(sel) = selection {
+                if chosen && !(s.alr && sel == Selection::All) {
+                    return Err(Error::Invalid(format!(
+                        "strategy `{name}` names two selections"
+                    )));
+                }
+                chosen = true;
+                s.selection = sel;
+            }
+        }
+        Ok(s)
+    }
+
+    /// Whether this strategy needs relative norms.
+    pub fn needs_norms(&self) -> bool {
+        self.alr || matches!(self.selection, Selection::Rule(_))
+    }
+
+    /// The selection rule for a given TGL-FP group count (random-k draws that many).
+    pub fn rule(&self, tgl_fp_count: usize, seed: u64) -> Option<Rule> {
+        match self.selection {
+            Selection::Rule(RuleKind::TglFp) => Some(Rule::TglFp),
+            Selection::Rule(RuleKind::TopK(k)) => Some(Rule::TopK(k)),
+            Selection::Rule(RuleKind::RandomK) => Some(Rule::RandomK {
+                k: tgl_fp_count,
+                seed,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// When relative norms are measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum Localization {
+    /// Trace once on a diagnostic set and keep the selection (as in the paper).
+    Static,
+    /// Trace every batch; norms are smoothed by an exponential moving average and the selection is
+    /// recomputed every `reselect_every` batches.
+    PerBatch {
+        /// Weight of the past in the moving average.
+        ema: f64,
+        /// Batches between re-selections.
+        reselect_every: usize,
+    },
+}
+
+/// Settings of a learning run.
+#[derive(Debug, Clone, Serialize)]
+pub struct LearnConfig {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// When norms are measured.
+    pub localization: Localization,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up steps.
+    pub warmup: usize,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub clip: f64,
+    /// Adam betas.
+    pub betas: (f64, f64),
+    /// Adam epsilon.
+    pub eps: f64,
+    /// Seed for random-k and replay sampling.
+    pub seed: u64,
+    /// Longest document in tokens; longer ones are truncated.
+    pub max_tokens: usize,
+    /// Replay paragraphs mixed into each batch by Mix-Review.
+    pub replay_per_batch: usize,
+    /// Share of tokens the surprisal rule marks.
+    pub surprisal_fraction: f64,
+}
+
+impl Default for LearnConfig {
+    fn default() -> Self {
+        LearnConfig {
+            strategy: Strategy::parse("tgl-fp").expect("built-in strategy"),
+            localization: Localization::Static,
+            lr: 5e-5,
+            warmup: 0,
+            weight_decay: 0.0,
+            clip: 1.0,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            seed: 0,
+            max_tokens: 256,
+            replay_per_batch: 2,
+            surprisal_fraction: 0.15,
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The learning engine on tiny models: only selected groups change, frozen changes nothing, a
+//! non-finite step changes nothing, seeds reproduce, TGL-ALR scales follow their definition.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use common::fixture;
+use locus::learn::strategy::Localization;
+use locus::learn::{Doc, LearnConfig, Learner, Strategy};
+use locus::model::{load, GroupId, Model, ParamKind};
+
+fn tiny() -> Arc<Model> {
+    Arc::new(load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap())
+}
+
+fn docs() -> Vec<Doc> {
+    [
+        "On 3 May 2021, Ada Lovelace opened a museum in London.",
+        "The new museum director, Ada Lovelace, spoke on 4 May 2021.",
+        "Visitors queued for hours to see the engines of Charles Babbage.",
+    ]
+    .iter()
+    .map(|t| Doc {
+        text: t.to_string(),
+        spans: None,
+    })
+    .collect()
+}
+
+fn snapshot(m: &Model) -> BTreeMap<String, Vec<u32>> {
+    m.vars
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn config(strategy: &str) -> LearnConfig {
+    LearnConfig {
+        strategy: Strategy::parse(strategy).unwrap(),
+        lr: 1e-2,
+        ..LearnConfig::default()
+    }
+}
+
+fn changed(before: &BTreeMap<String, Vec<u32>>, m: &Model) -> Vec<String> {
+    let after = snapshot(m);
+    before
+        .iter()
+        .filter(|(n, v)| after[*n] != **v)
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+#[test]
+fn tgl_fp_changes_exactly_the_selected_groups() {
+    let model = tiny();
+    let before = snapshot(&model);
+    let mut l = Learner::new(model.clone(), config("tgl-fp"), vec![], 0).unwrap();
+    let r = l.step(&docs()).unwrap();
+    assert!(r.applied && r.traced, "{r:?}");
+    let selected: Vec<GroupId> = l.selection().unwrap().to_vec();
+    assert!(!selected.is_empty() && selected.len() < model.groups().len());
+    let reported: Vec<GroupId> = r
+        .groups
+        .iter()
+        .map(|g| GroupId {
+            layer: g.layer,
+            module: g.module,
+        })
+        .collect();
+    assert_eq!(reported, selected);
+    for name in model.vars.keys() {
+        let in_selection =
+            matches!(model.arch.kind_of(name), Some(ParamKind::Group(g)) if selected.contains(&g));
+        let did_change = changed(&before, &model).contains(name);
+        assert_eq!(
+            did_change, in_selection,
+            "{name}: changed {did_change}, selected {in_selection}"
+        );
+    }
+    assert_eq!(r.version, 1);
+    assert!(r.loss_after < r.loss_before, "{r:?}");
+}
+
+#[test]
+fn frozen_changes_nothing() {
+    let model = tiny();
+    let before = snapshot(&model);
+    let mut l = Learner::new(model.clone(), config("frozen"), vec![], 0).unwrap();
+    let r = l.step(&docs()).unwrap();
+    assert!(!r.applied);
+    assert_eq!(r.version, 0);
+    assert!(changed(&before, &model).is_empty());
+}
+
+#[test]
+fn non_finite_loss_leaves_every_weight_bit_identical() {
+    let model = tiny();
+    let norm = &model.vars["model.norm.weight"];
+    let mut poisoned = norm.to_vec1::<f32>().unwrap();
+    poisoned[0] = f32::NAN;
+    norm.set(&Tensor::new(poisoned, &Device::Cpu).unwrap())
+        .unwrap();
+    let before = snapshot(&model);
+    let mut l = Learner::new(model.clone(), config("full"), vec![], 7).unwrap();
+    let r = l.step(&docs()).unwrap();
+    assert!(!r.applied, "{r:?}");
+    assert!(r.skipped.as_deref().unwrap_or("").contains("non-finite"));
+    assert_eq!(r.version, 7);
+    assert!(changed(&before, &model).is_empty());
+}
+
+#[test]
+fn the_same_seed_reproduces_the_same_weights() {
+    let run = |seed| {
+        let model = tiny();
+        let cfg = LearnConfig {
+            seed,
+            ..config("mix-review+random-k")
+        };
+        let replay = vec![
+            "Bread is baked from flour, water and yeast.".to_string(),
+            "Rivers carry water to the sea.".into(),
+            "Owls hunt at night.".into(),
+        ];
+        let mut l = Learner::new(model.clone(), cfg, replay, 0).unwrap();
+        for _ in 0..2 {
+            l.step(&docs()).unwrap();
+        }
+        snapshot(&model)
+    };
+    assert_eq!(run(3), run(3));
+}
+
+#[test]
+fn alr_scales_are_relative_over_mean_relative() {
+    let model = tiny();
+    let cfg = LearnConfig {
+        localization: Localization::Static,
+        ..config("tgl-alr")
+    };
+    let mut l = Learner::new(model.clone(), cfg, vec![], 0).unwrap();
+    let r = l.step(&docs()).unwrap();
+    assert_eq!(r.groups.len(), model.groups().len());
+    let mean = r.groups.iter().map(|g| g.relative.unwrap()).sum::<f64>() / r.groups.len() as f64;
+    for g in &r.groups {
+        assert!(
+            (g.lr_scale - g.relative.unwrap() / mean).abs() < 1e-12,
+            "{g:?}"
+        );
+    }
+}
+
+#[test]
+fn per_batch_localization_traces_every_batch() {
+    let model = tiny();
+    let cfg = LearnConfig {
+        localization: Localization::PerBatch {
+            ema: 0.5,
+            reselect_every: 1,
+        },
+        ..config("tgl-fp")
+    };
+    let mut l = Learner::new(model, cfg, vec![], 0).unwrap();
+    for i in 0..3 {
+        let r = l.step(&docs()).unwrap();
+        assert!(r.traced && r.applied, "batch {i}: {r:?}");
+        assert_eq!(r.version, i + 1);
+    }
+}
