@@ -2,7 +2,9 @@
 //! (per-layer gradient localization) and updating only those layers.
 
 pub mod error;
+pub mod eval;
 pub mod learn;
+pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod select;

@@ -189,3 +189,54 @@ fn png(groups: &[GroupStat]) -> Result<Vec<u8>> {
     drop(writer);
     Ok(out)
 }
+
+/// Writes an SVG scatter of named points, e.g. uptake against forgetting per strategy.
+pub fn write_scatter(
+    path: &Path,
+    points: &[(String, f64, f64)],
+    x_label: &str,
+    y_label: &str,
+    title: &str,
+) -> Result<()> {
+    let (w, h, m) = (640.0, 440.0, 60.0);
+    let range = |f: fn(&(String, f64, f64)) -> f64| {
+        let lo = points.iter().map(f).fold(f64::INFINITY, f64::min);
+        let hi = points.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
+        let pad = ((hi - lo) * 0.1).max(1e-3);
+        (lo - pad, hi + pad)
+    };
+    let (x0, x1) = range(|p| p.1);
+    let (y0, y1) = range(|p| p.2);
+    let sx = |x: f64| m + (x - x0) / (x1 - x0) * (w - 2.0 * m);
+    let sy = |y: f64| h - m - (y - y0) / (y1 - y0) * (h - 2.0 * m);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{m}\" y=\"24\" font-size=\"14\">{}</text>\n\
+         <line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+         <text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">{}</text>\n",
+        escape(title), h - m, w - m, h - m, h - m, w / 2.0, h - 20.0, escape(x_label), h / 2.0, h / 2.0, escape(y_label)
+    );
+    for (x, anchor) in [(x0, "start"), (x1, "end")] {
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"{anchor}\">{x:.3}</text>\n",
+            sx(x),
+            h - m + 14.0
+        );
+    }
+    for y in [y0, y1] {
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y:.3}</text>\n",
+            m - 4.0,
+            sy(y) + 4.0
+        );
+    }
+    for (name, x, y) in points {
+        s += &format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"rgb(33,145,140)\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+            sx(*x), sy(*y), sx(*x) + 7.0, sy(*y) - 7.0, escape(name)
+        );
+    }
+    s += "</svg>\n";
+    std::fs::write(path, s).map_err(|e| Error::io(path, e))
+}

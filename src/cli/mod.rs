@@ -1,5 +1,6 @@
 //! Subcommands of the `locus` binary.
 
+mod eval;
 mod select;
 mod trace;
 
@@ -22,6 +23,8 @@ enum Command {
     Trace(trace::TraceArgs),
     /// Apply a selection rule to the JSON output of `locus trace --json`.
     Select(select::SelectArgs),
+    /// Train every strategy on a drift set from the same weights and measure uptake and forgetting.
+    Eval(eval::EvalArgs),
 }
 
 /// Runs the parsed command.
@@ -29,6 +32,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Trace(a) => trace::run(a),
         Command::Select(a) => select::run(a),
+        Command::Eval(a) => eval::run_eval(a),
     }
 }
 

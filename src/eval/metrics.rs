@@ -1,0 +1,241 @@
+//! Scoring a model on a drift set, and the metrics that compare a trained model with its start.
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use super::data::DriftSet;
+use crate::error::Result;
+use crate::model::{ops, Model};
+use crate::spans::{find_all, span_targets};
+
+/// Sequences scored per forward pass.
+const CHUNK: usize = 16;
+
+/// Negative log-likelihood of each target `j >= 1` of each sequence, from graph-free forwards.
+pub fn target_nll(model: &Model, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    let params = model.params(|_| false);
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(CHUNK) {
+        let t = chunk.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = vec![0u32; chunk.len() * t];
+        for (i, s) in chunk.iter().enumerate() {
+            ids[i * t..i * t + s.len()].copy_from_slice(s);
+        }
+        let ids = Tensor::from_vec(ids, (chunk.len(), t), model.device())?;
+        let nll: Vec<Vec<f32>> =
+            ops::next_token_nll(&model.arch.forward(&params, &ids)?, &ids)?.to_vec2()?;
+        out.extend(
+            chunk
+                .iter()
+                .zip(nll)
+                .map(|(s, row)| row[..s.len() - 1].to_vec()),
+        );
+    }
+    Ok(out)
+}
+
+/// Sum log-probability and token count of each `answer` given its `prompt`.
+pub fn answer_logprobs(model: &Model, pairs: &[(&str, &str)]) -> Result<Vec<(f64, usize)>> {
+    let mut seqs = Vec::with_capacity(pairs.len());
+    let mut lens = Vec::with_capacity(pairs.len());
+    for (prompt, answer) in pairs {
+        let p = model.tokenizer.encode(prompt)?.ids;
+        let a = model.tokenizer.encode(answer)?.ids;
+        lens.push((p.len(), a.len()));
+        seqs.push([p, a].concat());
+    }
+    let nll = target_nll(model, &seqs)?;
+    Ok(nll
+        .iter()
+        .zip(lens)
+        .map(|(row, (p, a))| {
+            (
+                -row[p - 1..p - 1 + a]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .sum::<f64>(),
+                a,
+            )
+        })
+        .collect())
+}
+
+/// Per-probe scores of one model state.
+#[derive(Debug, Clone)]
+pub struct Scores {
+    /// For each update probe: (new logprob, new tokens, old logprob, held out).
+    pub updates: Vec<(f64, usize, f64, bool)>,
+    /// For each stable probe: (gold logprob, foil logprob).
+    pub stable: Vec<(f64, f64)>,
+    /// Perplexity of the general text.
+    pub general_ppl: f64,
+    /// Perplexity of the salient-span tokens of the update documents (ECBD-style).
+    pub entity_span_ppl: f64,
+}
+
+fn ppl(nll: impl Iterator<Item = f32>) -> f64 {
+    let (sum, n) = nll.fold((0f64, 0usize), |(s, n), v| (s + f64::from(v), n + 1));
+    (sum / n.max(1) as f64).exp()
+}
+
+/// Scores every probe and perplexity of `set` under the model's current weights.
+pub fn score(model: &Model, set: &DriftSet, max_tokens: usize) -> Result<Scores> {
+    let probes: Vec<(&crate::eval::data::UpdateProbe, bool)> = set
+        .updates
+        .iter()
+        .flat_map(|u| u.probes.iter().map(move |p| (p, u.id.starts_with("test-"))))
+        .collect();
+    let new = answer_logprobs(
+        model,
+        &probes
+            .iter()
+            .map(|(p, _)| (p.prompt.as_str(), p.new.as_str()))
+            .collect::<Vec<_>>(),
+    )?;
+    let old = answer_logprobs(
+        model,
+        &probes
+            .iter()
+            .map(|(p, _)| (p.prompt.as_str(), p.old.as_str()))
+            .collect::<Vec<_>>(),
+    )?;
+    let gold = answer_logprobs(
+        model,
+        &set.stable
+            .iter()
+            .map(|p| (p.prompt.as_str(), p.gold.as_str()))
+            .collect::<Vec<_>>(),
+    )?;
+    let foil = answer_logprobs(
+        model,
+        &set.stable
+            .iter()
+            .map(|p| (p.prompt.as_str(), p.foil.as_str()))
+            .collect::<Vec<_>>(),
+    )?;
+    let truncate = |mut v: Vec<u32>| {
+        v.truncate(max_tokens);
+        v
+    };
+    let general: Vec<Vec<u32>> = set
+        .general
+        .iter()
+        .map(|t| model.tokenizer.encode(t).map(|e| truncate(e.ids)))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|s| s.len() >= 2)
+        .collect();
+    let general_ppl = ppl(target_nll(model, &general)?.into_iter().flatten());
+    let mut docs = Vec::new();
+    let mut masks = Vec::new();
+    for u in &set.updates {
+        for d in &u.docs {
+            let mut enc = model.tokenizer.encode(d)?;
+            enc.ids.truncate(max_tokens);
+            enc.offsets.truncate(max_tokens);
+            let spans: Vec<(usize, usize)> =
+                u.salient.iter().flat_map(|s| find_all(d, s)).collect();
+            masks.push(span_targets(&enc, &spans));
+            docs.push(enc.ids);
+        }
+    }
+    let doc_nll = target_nll(model, &docs)?;
+    let entity_span_ppl = ppl(doc_nll
+        .iter()
+        .zip(&masks)
+        .flat_map(|(row, m)| row.iter().zip(m).filter(|(_, &on)| on).map(|(&v, _)| v)));
+    Ok(Scores {
+        updates: new
+            .iter()
+            .zip(&old)
+            .zip(&probes)
+            .map(|(((n, k), (o, _)), (_, held))| (*n, *k, *o, *held))
+            .collect(),
+        stable: gold
+            .iter()
+            .zip(&foil)
+            .map(|((g, _), (f, _))| (*g, *f))
+            .collect(),
+        general_ppl,
+        entity_span_ppl,
+    })
+}
+
+/// The metrics of one model state, some relative to the starting state.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    /// Share of update probes where the new answer outscores the outdated one.
+    pub new_pref_accuracy: f64,
+    /// The same on held-out (`test-`) facts only.
+    pub new_pref_accuracy_heldout: f64,
+    /// Mean log-probability of the new answers.
+    pub new_answer_logprob: f64,
+    /// Perplexity of the new answers' tokens.
+    pub new_answer_ppl: f64,
+    /// Perplexity of salient spans in the update documents (ECBD-style).
+    pub entity_span_ppl: f64,
+    /// Share of stable probes where gold outscores foil.
+    pub stable_pref_accuracy: f64,
+    /// Mean change of the gold answers' log-probability against the start.
+    pub stable_logprob_change: f64,
+    /// General-text perplexity.
+    pub general_ppl: f64,
+    /// General-text perplexity after / before.
+    pub general_ppl_ratio: f64,
+    /// Forgotten / (updated + acquired): stable probes right before and wrong after, over update
+    /// probes wrong before and right after; null when nothing was learned.
+    pub fuar: Option<f64>,
+}
+
+fn share(n: usize, d: usize) -> f64 {
+    if d == 0 {
+        0.0
+    } else {
+        n as f64 / d as f64
+    }
+}
+
+/// Metrics of `now` against `start` (pass the same scores twice for the starting model).
+pub fn compare(start: &Scores, now: &Scores) -> Metrics {
+    let right = |(n, _, o, _): &(f64, usize, f64, bool)| n > o;
+    let held: Vec<_> = now.updates.iter().filter(|u| u.3).collect();
+    let learned = start
+        .updates
+        .iter()
+        .zip(&now.updates)
+        .filter(|(a, b)| !right(a) && right(b))
+        .count();
+    let forgotten = start
+        .stable
+        .iter()
+        .zip(&now.stable)
+        .filter(|(a, b)| a.0 > a.1 && b.0 <= b.1)
+        .count();
+    let new_tokens: usize = now.updates.iter().map(|u| u.1).sum();
+    Metrics {
+        new_pref_accuracy: share(
+            now.updates.iter().filter(|u| right(u)).count(),
+            now.updates.len(),
+        ),
+        new_pref_accuracy_heldout: share(held.iter().filter(|u| right(u)).count(), held.len()),
+        new_answer_logprob: now.updates.iter().map(|u| u.0).sum::<f64>()
+            / now.updates.len().max(1) as f64,
+        new_answer_ppl: (-now.updates.iter().map(|u| u.0).sum::<f64>() / new_tokens.max(1) as f64)
+            .exp(),
+        entity_span_ppl: now.entity_span_ppl,
+        stable_pref_accuracy: share(
+            now.stable.iter().filter(|s| s.0 > s.1).count(),
+            now.stable.len(),
+        ),
+        stable_logprob_change: start
+            .stable
+            .iter()
+            .zip(&now.stable)
+            .map(|(a, b)| b.0 - a.0)
+            .sum::<f64>()
+            / now.stable.len().max(1) as f64,
+        general_ppl: now.general_ppl,
+        general_ppl_ratio: now.general_ppl / start.general_ppl,
+        fuar: (learned > 0).then(|| forgotten as f64 / learned as f64),
+    }
+}

@@ -1,0 +1,225 @@
+//! Runs every strategy from the same starting weights with the same data order and seed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::data::DriftSet;
+use super::metrics::{compare, score, Metrics};
+use crate::error::Result;
+use crate::learn::strategy::Localization;
+use crate::learn::{Doc, LearnConfig, Learner, Strategy};
+use crate::memory;
+use crate::model::{GroupId, Model};
+use crate::spans::{find_all, SpanText};
+use crate::trace::{prepare, trace};
+
+/// How `locus eval` trains each strategy.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalOptions {
+    /// Strategy names, run in order.
+    pub strategies: Vec<String>,
+    /// Passes over the update documents.
+    pub epochs: usize,
+    /// Documents per batch.
+    pub batch_size: usize,
+    /// Shared learning settings; the strategy is replaced per run.
+    pub learn: LearnConfig,
+}
+
+/// One strategy's row of the result.
+#[derive(Debug, Clone, Serialize)]
+pub struct StrategyResult {
+    /// Strategy name.
+    pub name: String,
+    /// Its metrics against the starting model.
+    #[serde(flatten)]
+    pub metrics: Metrics,
+    /// Distinct layer groups any update touched.
+    pub groups_trained: usize,
+    /// Updates applied.
+    pub updates: usize,
+    /// Training tokens per second (replay included).
+    pub tokens_per_s: f64,
+    /// Peak resident memory while training and scoring this strategy.
+    pub peak_rss_mb: f64,
+    /// Seconds spent training.
+    pub train_seconds: f64,
+}
+
+/// The whole evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// One row per strategy.
+    pub strategies: Vec<StrategyResult>,
+    /// The starting model's metrics.
+    pub before: Metrics,
+    /// The groups the static TGL-FP selection picked, if computed.
+    pub static_tgl_fp: Option<Vec<GroupId>>,
+    /// The settings used.
+    pub options: EvalOptions,
+}
+
+fn docs_of(set: &DriftSet) -> Vec<Doc> {
+    set.updates
+        .iter()
+        .flat_map(|u| {
+            u.docs.iter().map(|d| {
+                let spans: Vec<(usize, usize)> =
+                    u.salient.iter().flat_map(|s| find_all(d, s)).collect();
+                Doc {
+                    text: d.clone(),
+                    spans: (!spans.is_empty()).then_some(spans),
+                }
+            })
+        })
+        .collect()
+}
+
+/// Trains and scores every strategy; `progress` hears one line per finished stage.
+pub fn run(
+    model: Arc<Model>,
+    set: &DriftSet,
+    opts: &EvalOptions,
+    replay: &[String],
+    mut progress: impl FnMut(&str),
+) -> Result<EvalReport> {
+    let max_tokens = opts.learn.max_tokens;
+    let initial: BTreeMap<String, Tensor> = model
+        .vars
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_detached_tensor().copy()?)))
+        .collect::<Result<_>>()?;
+    let start = score(&model, set, max_tokens)?;
+    let before = compare(&start, &start);
+    progress("scored the starting model");
+    let docs = docs_of(set);
+    let strategies: Vec<Strategy> = opts
+        .strategies
+        .iter()
+        .map(|s| Strategy::parse(s))
+        .collect::<Result<_>>()?;
+    let static_trace = if strategies.iter().any(Strategy::needs_norms)
+        && opts.learn.localization == Localization::Static
+    {
+        let texts: Vec<SpanText> = docs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                d.spans.clone().map(|spans| SpanText {
+                    line: i + 1,
+                    text: d.text.clone(),
+                    spans,
+                })
+            })
+            .collect();
+        let prepared = prepare(&model, "drift documents", &texts)?;
+        let t = trace(&model, &prepared)?;
+        progress(&format!(
+            "traced {} documents for the static selection",
+            t.texts
+        ));
+        Some(t)
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    for strategy in strategies {
+        for (n, v) in &model.vars {
+            v.set(&initial[n])?;
+        }
+        memory::reset_peak();
+        let cfg = LearnConfig {
+            strategy: strategy.clone(),
+            ..opts.learn.clone()
+        };
+        let mut learner = Learner::new(Arc::clone(&model), cfg, replay.to_vec(), 0)?;
+        if let (Some(t), true) = (&static_trace, strategy.needs_norms()) {
+            learner.set_static_norms(&t.groups);
+        }
+        let mut order = docs.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.learn.seed);
+        let (mut tokens, mut seconds, mut updates) = (0usize, 0f64, 0usize);
+        let mut touched = BTreeSet::new();
+        for _ in 0..opts.epochs {
+            order.shuffle(&mut rng);
+            for batch in order.chunks(opts.batch_size.max(1)) {
+                let r = learner.step(batch)?;
+                tokens += r.tokens;
+                seconds += r.seconds;
+                updates += usize::from(r.applied);
+                touched.extend(r.groups.iter().map(|g| (g.layer, g.module)));
+            }
+        }
+        let metrics = compare(&start, &score(&model, set, max_tokens)?);
+        rows.push(StrategyResult {
+            name: strategy.name.clone(),
+            metrics,
+            groups_trained: touched.len(),
+            updates,
+            tokens_per_s: if seconds > 0.0 {
+                tokens as f64 / seconds
+            } else {
+                0.0
+            },
+            peak_rss_mb: memory::peak_rss_mb(),
+            train_seconds: seconds,
+        });
+        progress(&format!(
+            "{}: {} updates in {seconds:.0} s",
+            strategy.name, updates
+        ));
+    }
+    for (n, v) in &model.vars {
+        v.set(&initial[n])?;
+    }
+    let static_tgl_fp =
+        static_trace.map(|t| crate::select::select(&t.groups, crate::select::Rule::TglFp));
+    Ok(EvalReport {
+        strategies: rows,
+        before,
+        static_tgl_fp,
+        options: opts.clone(),
+    })
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), |v| format!("{v:.3}"))
+}
+
+/// The result as one markdown table, the starting model first.
+pub fn markdown(r: &EvalReport) -> String {
+    let mut s = String::from(
+        "| strategy | new pref acc | held-out new pref acc | new answer logprob | new answer ppl | entity span ppl | stable pref acc | stable logprob change | general ppl ratio | FUAR | groups trained | tokens/s | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let row = |name: &str, m: &Metrics, extra: String| {
+        format!(
+            "| {name} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {:.3} | {:+.3} | {:.3} | {} | {extra} |\n",
+            m.new_pref_accuracy,
+            m.new_pref_accuracy_heldout,
+            m.new_answer_logprob,
+            m.new_answer_ppl,
+            m.entity_span_ppl,
+            m.stable_pref_accuracy,
+            m.stable_logprob_change,
+            m.general_ppl_ratio,
+            fmt_opt(m.fuar)
+        )
+    };
+    s += &row("(before)", &r.before, "- | - | -".into());
+    for x in &r.strategies {
+        s += &row(
+            &x.name,
+            &x.metrics,
+            format!(
+                "{} | {:.0} | {:.0}",
+                x.groups_trained, x.tokens_per_s, x.peak_rss_mb
+            ),
+        );
+    }
+    s
+}
