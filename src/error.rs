@@ -6,12 +6,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file involved.
         path: PathBuf,
-        /// The underlying failure.
-        source: std::io::Error,
+        /// The underlying failure (not a `source`, so it is printed once).
+        cause: std::io::Error,
     },
     /// A model path that does not hold a usable model.
     #[error("{path} is not a usable model: {reason}")]
@@ -44,7 +44,7 @@ pub enum Error {
     Tokenizer(String),
     /// A tensor computation failed.
     #[error("tensor: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(String),
 }
 
 /// Result with the library's error.
@@ -60,10 +60,25 @@ impl Error {
     }
 
     /// An `Io` error for `path`.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Tensor(candle_reason(&e))
+    }
+}
+
+/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set:
+/// thirty frames of stack bury the reason a user needs.
+pub fn candle_reason(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_reason(inner),
+        e => e.to_string(),
     }
 }

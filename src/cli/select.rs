@@ -62,6 +62,12 @@ pub fn run(a: SelectArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if !["tgl-fp", "topk", "top-k", "random-k", "all", "tgl-alr"].contains(&a.rule.as_str()) {
+        anyhow::bail!(
+            "unknown selection rule `{}` (tgl-fp, topk, random-k, all, tgl-alr)",
+            a.rule
+        );
+    }
     let out = if a.rule == "tgl-alr" {
         serde_json::json!({"rule": a.rule, "scales": alr_scales(&groups)})
     } else {

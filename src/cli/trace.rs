@@ -29,6 +29,13 @@ pub struct TraceArgs {
 
 /// Runs `locus trace`.
 pub fn run(a: TraceArgs) -> anyhow::Result<()> {
+    // Refuse a plot name we cannot write before the model is loaded and traced, not after.
+    if let Some(p) = &a.plot {
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !ext.eq_ignore_ascii_case("svg") && !ext.eq_ignore_ascii_case("png") {
+            anyhow::bail!("--plot {}: use a .svg or .png file name", p.display());
+        }
+    }
     let (name, content) = match &a.input {
         Some(p) => (
             p.display().to_string(),

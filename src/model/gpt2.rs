@@ -103,12 +103,19 @@ pub(super) fn gpt_forward(
     ops::linear(&x, wte, None)
 }
 
-/// Names of the parameters outside the blocks' attention and MLP, shared by GPT-2 and GPT-Neo.
-pub(super) fn gpt_common_names(layers: usize) -> Vec<String> {
-    let mut names: Vec<String> = ["transformer.wte.weight", "transformer.wpe.weight"]
-        .map(String::from)
-        .to_vec();
-    let norms = (0..layers)
+/// Shapes of the parameters outside the blocks' attention and MLP, shared by GPT-2 and GPT-Neo.
+pub(super) fn gpt_common_shapes(s: &GptShape) -> Vec<(String, Vec<usize>)> {
+    let mut out = vec![
+        (
+            "transformer.wte.weight".to_string(),
+            vec![s.vocab, s.hidden],
+        ),
+        (
+            "transformer.wpe.weight".to_string(),
+            vec![s.positions, s.hidden],
+        ),
+    ];
+    let norms = (0..s.layers)
         .flat_map(|l| {
             [
                 format!("transformer.h.{l}.ln_1"),
@@ -117,10 +124,10 @@ pub(super) fn gpt_common_names(layers: usize) -> Vec<String> {
         })
         .chain(std::iter::once("transformer.ln_f".to_string()));
     for n in norms {
-        names.push(format!("{n}.weight"));
-        names.push(format!("{n}.bias"));
+        out.push((format!("{n}.weight"), vec![s.hidden]));
+        out.push((format!("{n}.bias"), vec![s.hidden]));
     }
-    names
+    out
 }
 
 /// How GPT-2 and GPT-Neo parameter names map to groups and roles.
@@ -220,15 +227,23 @@ impl Architecture for Gpt2 {
         gpt_forward(p, ids, s, attn, mlp)
     }
 
-    fn parameter_names(&self) -> Vec<String> {
-        let mut names = gpt_common_names(self.shape.layers);
-        for l in 0..self.shape.layers {
-            for m in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"] {
-                names.push(format!("transformer.h.{l}.{m}.weight"));
-                names.push(format!("transformer.h.{l}.{m}.bias"));
+    fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let s = &self.shape;
+        let (h, i) = (s.hidden, s.intermediate);
+        let mut out = gpt_common_shapes(s);
+        for l in 0..s.layers {
+            // Conv1D weights are stored (in, out).
+            for (m, rows, cols) in [
+                ("attn.c_attn", h, 3 * h),
+                ("attn.c_proj", h, h),
+                ("mlp.c_fc", h, i),
+                ("mlp.c_proj", i, h),
+            ] {
+                out.push((format!("transformer.h.{l}.{m}.weight"), vec![rows, cols]));
+                out.push((format!("transformer.h.{l}.{m}.bias"), vec![cols]));
             }
         }
-        names
+        out
     }
 
     fn kind_of(&self, name: &str) -> Option<ParamKind> {

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use serde::Serialize;
 
-use super::gpt2::{gpt_common_names, gpt_forward, gpt_kind_of, Activation, GptShape};
+use super::gpt2::{gpt_common_shapes, gpt_forward, gpt_kind_of, Activation, GptShape};
 use super::ops::{self, linear};
 use super::{cfg_f64, cfg_usize, Architecture, ParamKind, Params};
 
@@ -147,19 +147,27 @@ impl Architecture for GptNeo {
         gpt_forward(p, ids, s, attn, mlp)
     }
 
-    fn parameter_names(&self) -> Vec<String> {
-        let mut names = gpt_common_names(self.cfg.shape.layers);
-        for l in 0..self.cfg.shape.layers {
+    fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let s = &self.cfg.shape;
+        let (h, i) = (s.hidden, s.intermediate);
+        let mut out = gpt_common_shapes(s);
+        for l in 0..s.layers {
             for n in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                names.push(format!("transformer.h.{l}.attn.attention.{n}.weight"));
+                out.push((
+                    format!("transformer.h.{l}.attn.attention.{n}.weight"),
+                    vec![h, h],
+                ));
             }
-            names.push(format!("transformer.h.{l}.attn.attention.out_proj.bias"));
-            for m in ["mlp.c_fc", "mlp.c_proj"] {
-                names.push(format!("transformer.h.{l}.{m}.weight"));
-                names.push(format!("transformer.h.{l}.{m}.bias"));
+            out.push((
+                format!("transformer.h.{l}.attn.attention.out_proj.bias"),
+                vec![h],
+            ));
+            for (m, rows, cols) in [("mlp.c_fc", i, h), ("mlp.c_proj", h, i)] {
+                out.push((format!("transformer.h.{l}.{m}.weight"), vec![rows, cols]));
+                out.push((format!("transformer.h.{l}.{m}.bias"), vec![rows]));
             }
         }
-        names
+        out
     }
 
     fn kind_of(&self, name: &str) -> Option<ParamKind> {

@@ -66,7 +66,7 @@ impl LlamaConfig {
             layers: cfg_usize(cfg, "num_hidden_layers")?,
             heads,
             kv_heads: cfg_usize(cfg, "num_key_value_heads").unwrap_or(heads),
-            head_dim: cfg_usize(cfg, "head_dim").unwrap_or(hidden / heads),
+            head_dim: cfg_usize(cfg, "head_dim").unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
             vocab: cfg_usize(cfg, "vocab_size")?,
             rope_theta: cfg_f64(rope, "rope_theta").unwrap_or(10000.0),
             eps: cfg_f64(cfg, "rms_norm_eps")?,
@@ -85,9 +85,9 @@ impl LlamaConfig {
                 self.heads, self.kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
             return Err(format!(
-                "head_dim {} must be even for rotary embeddings",
+                "head_dim {} must be positive and even for rotary embeddings",
                 self.head_dim
             ));
         }
@@ -115,9 +115,6 @@ impl Llama {
         }
     }
 }
-
-const ATTN: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
-const MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 impl Architecture for Llama {
     fn name(&self) -> &'static str {
@@ -200,32 +197,45 @@ impl Architecture for Llama {
         linear(&x, p.get(self.head_name())?, None)
     }
 
-    fn parameter_names(&self) -> Vec<String> {
+    fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let c = &self.cfg;
-        let mut names = vec![
-            "model.embed_tokens.weight".to_string(),
-            "model.norm.weight".to_string(),
+        let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![c.vocab, c.hidden],
+            ),
+            ("model.norm.weight".to_string(), vec![c.hidden]),
         ];
         if !c.tied_head {
-            names.push("lm_head.weight".into());
+            out.push(("lm_head.weight".into(), vec![c.vocab, c.hidden]));
         }
         for l in 0..c.layers {
-            names.push(format!("model.layers.{l}.input_layernorm.weight"));
-            names.push(format!("model.layers.{l}.post_attention_layernorm.weight"));
-            for proj in ATTN {
-                names.push(format!("model.layers.{l}.self_attn.{proj}.weight"));
-                if c.attention_bias {
-                    names.push(format!("model.layers.{l}.self_attn.{proj}.bias"));
-                }
-            }
-            for proj in MLP {
-                names.push(format!("model.layers.{l}.mlp.{proj}.weight"));
-                if c.mlp_bias {
-                    names.push(format!("model.layers.{l}.mlp.{proj}.bias"));
+            out.push((
+                format!("model.layers.{l}.input_layernorm.weight"),
+                vec![c.hidden],
+            ));
+            out.push((
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                vec![c.hidden],
+            ));
+            let projections = [
+                ("self_attn.q_proj", q, c.hidden, c.attention_bias),
+                ("self_attn.k_proj", kv, c.hidden, c.attention_bias),
+                ("self_attn.v_proj", kv, c.hidden, c.attention_bias),
+                ("self_attn.o_proj", c.hidden, q, c.attention_bias),
+                ("mlp.gate_proj", c.intermediate, c.hidden, c.mlp_bias),
+                ("mlp.up_proj", c.intermediate, c.hidden, c.mlp_bias),
+                ("mlp.down_proj", c.hidden, c.intermediate, c.mlp_bias),
+            ];
+            for (name, rows, cols, bias) in projections {
+                out.push((format!("model.layers.{l}.{name}.weight"), vec![rows, cols]));
+                if bias {
+                    out.push((format!("model.layers.{l}.{name}.bias"), vec![rows]));
                 }
             }
         }
-        names
+        out
     }
 
     fn kind_of(&self, name: &str) -> Option<ParamKind> {

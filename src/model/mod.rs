@@ -90,8 +90,8 @@ pub trait Architecture: Send + Sync {
     fn max_positions(&self) -> Option<usize>;
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
     fn forward(&self, params: &Params, ids: &Tensor) -> candle_core::Result<Tensor>;
-    /// Names of every parameter the forward pass reads.
-    fn parameter_names(&self) -> Vec<String>;
+    /// Name and shape of every parameter the forward pass reads.
+    fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)>;
     /// The group or other role of a parameter.
     fn kind_of(&self, name: &str) -> Option<ParamKind>;
     /// The configuration as JSON, for reports.
@@ -140,20 +140,28 @@ impl Model {
     /// Builds a model after checking that every weight the architecture reads is present.
     pub fn new(
         arch: Box<dyn Architecture>,
-        tensors: BTreeMap<String, Tensor>,
+        mut tensors: BTreeMap<String, Tensor>,
         tokenizer: crate::tokenize::TextTokenizer,
         source: ModelSource,
     ) -> Result<Self> {
-        for name in arch.parameter_names() {
-            if !tensors.contains_key(&name) {
-                return Err(Error::model(&source.path, format!("missing weight {name}")));
+        let shapes = arch.parameter_shapes();
+        for (name, shape) in &shapes {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| Error::model(&source.path, format!("missing weight {name}")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::model(
+                    &source.path,
+                    format!(
+                        "weight {name} has shape {:?} but the configuration implies {shape:?}",
+                        t.dims()
+                    ),
+                ));
             }
         }
-        let wanted: std::collections::BTreeSet<String> =
-            arch.parameter_names().into_iter().collect();
         let mut vars = BTreeMap::new();
-        for (name, t) in tensors {
-            if wanted.contains(&name) {
+        for (name, _) in shapes {
+            if let Some(t) = tensors.remove(&name) {
                 vars.insert(name, Var::from_tensor(&t)?);
             }
         }

@@ -18,8 +18,15 @@ use crate::tokenize::TextTokenizer;
 pub fn load(path: &Path, device: &Device) -> Result<Model> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader)
-        .map_err(|e| Error::model(path, format!("not a GGUF file, or a corrupt one: {e}")))?;
+    let content = Content::read(&mut reader).map_err(|e| {
+        Error::model(
+            path,
+            format!(
+                "not a GGUF file, or a corrupt one: {}",
+                crate::error::candle_reason(&e)
+            ),
+        )
+    })?;
     let meta = Meta {
         path,
         content: &content,
@@ -32,15 +39,23 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
         ));
     }
     let cfg = llama_config(&meta)?;
+    // Before any tensor is read: un-permuting Q/K rows divides by the head counts.
+    cfg.validate().map_err(|r| Error::model(path, r))?;
     let mut tensors = BTreeMap::new();
     let mut dtypes = std::collections::BTreeSet::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
         dtypes.insert(format!("{:?}", content.tensor_infos[name].ggml_dtype).to_lowercase());
-        let q = content
-            .tensor(&mut reader, name, device)
-            .map_err(|e| Error::model(path, format!("tensor {name}: truncated or corrupt: {e}")))?;
+        let q = content.tensor(&mut reader, name, device).map_err(|e| {
+            Error::model(
+                path,
+                format!(
+                    "tensor {name}: truncated or corrupt: {}",
+                    crate::error::candle_reason(&e)
+                ),
+            )
+        })?;
         let t = q.dequantize(device)?;
         let hf =
             hf_name(name).ok_or_else(|| Error::model(path, format!("unexpected tensor {name}")))?;
@@ -127,7 +142,7 @@ fn llama_config(m: &Meta) -> Result<LlamaConfig> {
         kv_heads: m.usize("llama.attention.head_count_kv").unwrap_or(heads),
         head_dim: m
             .usize("llama.rope.dimension_count")
-            .unwrap_or(hidden / heads),
+            .unwrap_or_else(|_| hidden.checked_div(heads).unwrap_or(0)),
         vocab,
         rope_theta: m.f64("llama.rope.freq_base").unwrap_or(10000.0),
         eps: m.f64("llama.attention.layer_norm_rms_epsilon")?,
