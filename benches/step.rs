@@ -6,6 +6,8 @@
 
 use std::time::Instant;
 
+use locus::memory::{peak_rss_mb, reset_peak};
+
 use candle_core::{Device, Tensor};
 use locus::model::{load, ops};
 use locus::trace::{span_and_full_loss, squared_norms};
@@ -17,20 +19,6 @@ const REPS: usize = 5;
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// Resets the kernel's peak-RSS counter so each measurement reports its own peak.
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn timed(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {

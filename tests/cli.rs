@@ -817,12 +817,18 @@ fn a_config_that_disagrees_with_the_weights_is_refused() {
     edit_config(&dir, |c| {
         c.insert("vocab_size".into(), json!(100));
     });
-    bad_model(&dir, &["model.embed_tokens.weight has shape [320, 32] but the configuration implies [100, 32]"]);
+    bad_model(
+        &dir,
+        &["model.embed_tokens.weight has shape [320, 32] but the configuration implies [100, 32]"],
+    );
     let (_tmp, dir) = copy_fixture("llama");
     edit_config(&dir, |c| {
         c.insert("intermediate_size".into(), json!(48));
     });
-    bad_model(&dir, &["mlp.gate_proj.weight has shape [64, 32] but the configuration implies [48, 32]"]);
+    bad_model(
+        &dir,
+        &["mlp.gate_proj.weight has shape [64, 32] but the configuration implies [48, 32]"],
+    );
 }
 
 #[test]

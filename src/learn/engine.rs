@@ -399,7 +399,7 @@ impl Learner {
             _ => current,
         };
         self.norms = Some(merged);
-        if self.selection.is_none() || self.batches % every as u64 == 0 {
+        if self.selection.is_none() || self.batches.is_multiple_of(every as u64) {
             self.reselect();
         }
     }

@@ -225,16 +225,16 @@ impl CustomOp1 for MaskedSoftmax {
             let i = r % t;
             let row = &x[r * keys..(r + 1) * keys];
             let mut max = f32::NEG_INFINITY;
-            for j in 0..keys {
+            for (j, &v) in row.iter().enumerate() {
                 if self.visible(i, j, offset) {
-                    max = max.max(row[j] * self.scale);
+                    max = max.max(v * self.scale);
                 }
             }
             let mut sum = 0f32;
-            for j in 0..keys {
+            for (j, (o, &v)) in o.iter_mut().zip(row).enumerate() {
                 if self.visible(i, j, offset) {
-                    let e = (row[j] * self.scale - max).exp();
-                    o[j] = e;
+                    let e = (v * self.scale - max).exp();
+                    *o = e;
                     sum += e;
                 }
             }

@@ -164,8 +164,9 @@ impl GptShape {
         })
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
-        if self.heads == 0 || self.hidden % self.heads != 0 {
+    /// Checks that the heads divide the hidden size.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             return Err(format!(
                 "hidden size {} must be a multiple of the {} heads",
                 self.hidden, self.heads

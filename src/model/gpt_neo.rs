@@ -45,12 +45,7 @@ impl GptNeoConfig {
                 local.len()
             ));
         }
-        if shape.heads == 0 || hidden % shape.heads != 0 {
-            return Err(format!(
-                "hidden_size {hidden} must be a multiple of num_heads {}",
-                shape.heads
-            ));
-        }
+        shape.validate()?;
         Ok(GptNeoConfig {
             shape,
             local,

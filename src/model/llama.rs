@@ -79,13 +79,13 @@ impl LlamaConfig {
 
     /// Checks the shape relations the forward pass relies on.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 self.heads, self.kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim {} must be positive and even for rotary embeddings",
                 self.head_dim

@@ -1,0 +1,95 @@
+//! Seconds per learning step of 4 x 128 tokens on the default model, CPU: `full`, `tgl-fp` with a
+//! static selection of a third of the groups (layers 20-29), and `tgl-fp` traced every batch.
+//! `cargo bench --bench learn` prints one JSON object. Medians of 3 steps after one warm-up.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use locus::learn::strategy::Localization;
+use locus::learn::{Doc, LearnConfig, Learner, Strategy};
+use locus::model::{load, Model};
+use locus::trace::GroupStat;
+
+const SAMPLE: &str = include_str!("../data/sample/trace.jsonl");
+
+fn docs() -> Vec<Doc> {
+    let text: String = SAMPLE
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["text"].as_str().map(String::from))
+        .collect::<Vec<_>>()
+        .join(" ");
+    (0..4)
+        .map(|i| Doc {
+            text: format!("{} {text} {text}", i),
+            spans: None,
+        })
+        .collect()
+}
+
+fn bench(
+    model: &Arc<Model>,
+    strategy: &str,
+    localization: Localization,
+    fixed: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let cfg = LearnConfig {
+        strategy: Strategy::parse(strategy)?,
+        localization,
+        max_tokens: 128,
+        ..LearnConfig::default()
+    };
+    let mut learner = Learner::new(Arc::clone(model), cfg, vec![], 0)?;
+    if fixed {
+        let stats: Vec<GroupStat> = model
+            .groups()
+            .into_iter()
+            .map(|g| GroupStat {
+                layer: g.layer,
+                module: g.module,
+                span_norm: if g.layer >= 20 { 2.0 } else { 1.0 },
+                full_norm: 1.0,
+                relative: 0.0,
+            })
+            .collect();
+        learner.set_static_norms(&stats);
+    }
+    let batch = docs();
+    learner.step(&batch)?;
+    let mut secs = Vec::new();
+    let mut groups = 0;
+    for _ in 0..3 {
+        let r = learner.step(&batch)?;
+        assert_eq!(r.tokens, 4 * 128, "documents must fill 128 tokens");
+        groups = r.groups.len();
+        secs.push(r.seconds);
+    }
+    secs.sort_by(f64::total_cmp);
+    let (params, state) = learner.optimizer_footprint();
+    Ok(serde_json::json!({
+        "strategy": strategy, "localization": localization, "groups_updated": groups,
+        "seconds_per_batch": secs[1], "optimizer_params": params, "optimizer_state_mb": state as f64 * 4.0 / 1048576.0,
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let model = Arc::new(load::load("default", &Device::Cpu)?);
+    let runs = vec![
+        bench(&model, "full", Localization::Static, false)?,
+        bench(&model, "tgl-fp", Localization::Static, true)?,
+        bench(
+            &model,
+            "tgl-fp",
+            Localization::PerBatch {
+                ema: 0.9,
+                reselect_every: 1,
+            },
+            false,
+        )?,
+    ];
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({"batch": 4, "seq": 128, "runs": runs}))?
+    );
+    Ok(())
+}
