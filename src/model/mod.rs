@@ -76,6 +76,11 @@ impl Params {
             .get(name)
             .ok_or_else(|| candle_core::Error::Msg(format!("missing weight {name}")))
     }
+
+    /// Weights from a name-to-tensor map (an immutable serving snapshot, say).
+    pub fn from_map(map: BTreeMap<String, Tensor>) -> Self {
+        Params { map }
+    }
 }
 
 /// The architecture-specific part of a model: its forward pass and how its parameters group.
