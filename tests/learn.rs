@@ -182,3 +182,34 @@ fn per_batch_localization_traces_every_batch() {
         assert_eq!(r.version, i + 1);
     }
 }
+
+#[test]
+fn lora_trains_adapters_on_the_selected_groups_only() {
+    let model = tiny();
+    let before = snapshot(&model);
+    let mut l = Learner::new(model.clone(), config("lora+tgl-fp"), vec![], 0).unwrap();
+    let first = l.step(&docs()).unwrap();
+    let second = l.step(&docs()).unwrap();
+    assert!(first.applied && second.applied, "{first:?} {second:?}");
+    assert!(
+        second.loss_before < first.loss_before,
+        "adapters take effect in the forward pass"
+    );
+    assert!(
+        changed(&before, &model).is_empty(),
+        "base weights stay untouched until merged"
+    );
+    l.merge_adapters().unwrap();
+    let selected = l.selection().unwrap().to_vec();
+    for name in changed(&before, &model) {
+        let g = match model.arch.kind_of(&name) {
+            Some(ParamKind::Group(g)) => g,
+            other => panic!("{name} ({other:?}) changed"),
+        };
+        assert!(
+            selected.contains(&g) && name.ends_with(".weight"),
+            "{name} changed"
+        );
+    }
+    assert!(!changed(&before, &model).is_empty());
+}

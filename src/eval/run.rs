@@ -155,6 +155,7 @@ pub fn run(
                 touched.extend(r.groups.iter().map(|g| (g.layer, g.module)));
             }
         }
+        learner.merge_adapters()?;
         let metrics = compare(&start, &score(&model, set, max_tokens)?);
         rows.push(StrategyResult {
             name: strategy.name.clone(),

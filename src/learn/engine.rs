@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use rand::seq::IndexedRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::optimizer::AdamW;
@@ -97,6 +97,27 @@ pub struct Learner {
     /// (span, full) norms per group: static, or the moving average.
     norms: Option<BTreeMap<GroupId, (f64, f64)>>,
     selection: Option<Vec<GroupId>>,
+    /// Low-rank adapters by weight name, when the strategy is LoRA.
+    adapters: BTreeMap<String, Adapter>,
+}
+
+/// A LoRA adapter `W + scale * B @ A` on one weight matrix; `B` starts at zero.
+struct Adapter {
+    a: Var,
+    b: Var,
+    scale: f64,
+    group: GroupId,
+}
+
+impl Adapter {
+    fn delta(&self, tracked: bool) -> candle_core::Result<Tensor> {
+        let (a, b) = if tracked {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_detached_tensor(), self.b.as_detached_tensor())
+        };
+        b.matmul(&a)? * self.scale
+    }
 }
 
 impl Learner {
@@ -112,7 +133,12 @@ impl Learner {
                 "mix-review needs a non-empty replay corpus".into(),
             ));
         }
-        let rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        let adapters = if cfg.strategy.lora {
+            adapters_for(&model, &cfg, &mut rng)?
+        } else {
+            BTreeMap::new()
+        };
         let opt = AdamW::new(cfg.betas, cfg.eps, cfg.weight_decay);
         Ok(Learner {
             model,
@@ -125,6 +151,7 @@ impl Learner {
             version,
             norms: None,
             selection: None,
+            adapters,
         })
     }
 
@@ -203,6 +230,91 @@ impl Learner {
             .into_iter()
             .map(|g| (g, scales.get(&g).copied().unwrap_or(1.0)))
             .collect()
+    }
+
+    /// Forward weights: every group records gradients on a trace step, the trainable groups
+    /// otherwise. Under LoRA a group's matrices are `W + scale * B @ A` with the adapters tracked,
+    /// and `W` itself tracked only on trace steps, where its gradient gives the group's norm.
+    fn params_for(&self, traced: bool, trainable: &BTreeMap<GroupId, f64>) -> Result<Params> {
+        let model = &self.model;
+        let group = |name: &str| match model.arch.kind_of(name) {
+            Some(ParamKind::Group(g)) => Some(g),
+            _ => None,
+        };
+        if self.adapters.is_empty() {
+            return Ok(model
+                .params(|name| group(name).is_some_and(|g| traced || trainable.contains_key(&g))));
+        }
+        let mut map = BTreeMap::new();
+        for (name, var) in &model.vars {
+            let w = if traced && group(name).is_some() {
+                var.as_tensor().clone()
+            } else {
+                var.as_detached_tensor()
+            };
+            let t = match self.adapters.get(name) {
+                Some(ad) if traced || trainable.contains_key(&ad.group) => (w + ad.delta(true)?)?,
+                _ => w,
+            };
+            map.insert(name.clone(), t);
+        }
+        Ok(Params::from_map(map))
+    }
+
+    /// The weights as they now serve, adapters included, recording no gradient.
+    pub fn current_params(&self) -> Result<Params> {
+        if self.adapters.is_empty() {
+            return Ok(self.model.params(|_| false));
+        }
+        let mut map = BTreeMap::new();
+        for (name, var) in &self.model.vars {
+            let w = var.as_detached_tensor();
+            let t = match self.adapters.get(name) {
+                Some(ad) => (w + ad.delta(false)?)?,
+                None => w,
+            };
+            map.insert(name.clone(), t);
+        }
+        Ok(Params::from_map(map))
+    }
+
+    /// What an update trains: `(optimizer key, variable, group)`, the weights themselves or,
+    /// under LoRA, the adapters of the trainable groups.
+    fn trainables(&self, trainable: &BTreeMap<GroupId, f64>) -> Vec<(String, Var, GroupId)> {
+        if !self.adapters.is_empty() {
+            return self
+                .adapters
+                .iter()
+                .filter(|(_, ad)| trainable.contains_key(&ad.group))
+                .flat_map(|(n, ad)| {
+                    [
+                        (format!("{n}.lora_a"), ad.a.clone(), ad.group),
+                        (format!("{n}.lora_b"), ad.b.clone(), ad.group),
+                    ]
+                })
+                .collect();
+        }
+        self.model
+            .vars
+            .iter()
+            .filter_map(|(n, v)| match self.model.arch.kind_of(n) {
+                Some(ParamKind::Group(g)) if trainable.contains_key(&g) => {
+                    Some((n.clone(), v.clone(), g))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Folds the LoRA adapters into the weights (`W += scale * B @ A`) and restarts them at zero,
+    /// so the model's variables hold what was learned.
+    pub fn merge_adapters(&mut self) -> Result<()> {
+        for (name, ad) in &self.adapters {
+            let var = &self.model.vars[name];
+            var.set(&(var.as_detached_tensor() + ad.delta(false)?)?)?;
+            ad.b.set(&ad.b.as_detached_tensor().zeros_like()?)?;
+        }
+        Ok(())
     }
 
     fn needs_trace(&self) -> bool {
@@ -296,12 +408,7 @@ impl Learner {
         let traced = self.needs_trace() && has_spans;
         let trainable = self.trainable();
         let model = Arc::clone(&self.model);
-        let kind = |name: &str| match model.arch.kind_of(name) {
-            Some(ParamKind::Group(g)) => Some(g),
-            _ => None,
-        };
-        let params =
-            model.params(|name| kind(name).is_some_and(|g| traced || trainable.contains_key(&g)));
+        let params = self.params_for(traced, &trainable)?;
 
         let logits = model.arch.forward(&params, &ids)?;
         let nll = ops::next_token_nll(&logits, &ids)?;
@@ -324,11 +431,14 @@ impl Learner {
         let span_value = f64::from(span_loss.to_scalar::<f32>()?);
 
         if traced {
+            // Norms are read off the variables: under LoRA `params` holds `W + BA`, whose gradient
+            // candle does not keep.
+            let variables = model.params(|_| true);
             let span_grads = span_loss.backward()?;
-            let span_sq = squared_norms(&model, &params, &span_grads)?;
+            let span_sq = squared_norms(&model, &variables, &span_grads)?;
             drop(span_grads);
             let full_grads = full.backward()?;
-            let full_sq = squared_norms(&model, &params, &full_grads)?;
+            let full_sq = squared_norms(&model, &variables, &full_grads)?;
             self.observe(&span_sq.groups, &full_sq.groups);
             self.finish(
                 start,
@@ -337,7 +447,6 @@ impl Learner {
                 tokens,
                 loss_before,
                 span_value,
-                &params,
                 &ids,
                 &valid,
                 Some(full_grads),
@@ -356,7 +465,6 @@ impl Learner {
                 tokens,
                 loss_before,
                 span_value,
-                &params,
                 &ids,
                 &valid,
                 grads,
@@ -413,7 +521,6 @@ impl Learner {
         tokens: usize,
         loss_before: f64,
         span_loss: f64,
-        params: &Params,
         ids: &Tensor,
         valid: &Tensor,
         grads: Option<GradStore>,
@@ -421,14 +528,7 @@ impl Learner {
     ) -> Result<UpdateReport> {
         let trainable = self.trainable();
         let model = Arc::clone(&self.model);
-        let names: Vec<(String, GroupId)> = model
-            .vars
-            .keys()
-            .filter_map(|n| match model.arch.kind_of(n) {
-                Some(ParamKind::Group(g)) if trainable.contains_key(&g) => Some((n.clone(), g)),
-                _ => None,
-            })
-            .collect();
+        let names = self.trainables(&trainable);
         let mut skipped = None;
         let mut grad_norm = 0.0;
         let mut applied = false;
@@ -437,8 +537,8 @@ impl Learner {
             Some(_) if names.is_empty() => skipped = Some("no trainable groups".to_string()),
             Some(grads) => {
                 let mut sq = 0f64;
-                for (n, _) in &names {
-                    if let Some(g) = grads.get(params.get(n)?) {
+                for (_, var, _) in &names {
+                    if let Some(g) = grads.get(var.as_tensor()) {
                         sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
                     }
                 }
@@ -456,19 +556,15 @@ impl Learner {
                     } else {
                         1.0
                     };
-                    for (n, g) in &names {
-                        if let Some(grad) = grads.get(params.get(n)?) {
+                    for (key, var, g) in &names {
+                        if let Some(grad) = grads.get(var.as_tensor()) {
                             let grad = if clip < 1.0 {
                                 (grad * clip)?
                             } else {
                                 grad.clone()
                             };
-                            self.opt.update(
-                                n,
-                                &model.vars[n],
-                                &grad,
-                                self.cfg.lr * warm * trainable[g],
-                            )?;
+                            self.opt
+                                .update(key, var, &grad, self.cfg.lr * warm * trainable[g])?;
                         }
                     }
                     applied = true;
@@ -478,7 +574,7 @@ impl Learner {
             }
         }
         let loss_after = if applied {
-            let logits = model.arch.forward(&model.params(|_| false), ids)?;
+            let logits = model.arch.forward(&self.current_params()?, ids)?;
             let nll = (ops::next_token_nll(&logits, ids)? * valid)?;
             f64::from(
                 (nll.sum_all()? / valid.sum_all()?.to_scalar::<f32>()? as f64)?
@@ -525,4 +621,37 @@ impl Learner {
         self.batches += 1;
         Ok(report)
     }
+}
+
+/// Adapters for every weight matrix of every layer group: `A` uniform in +-1/sqrt(in) (as PEFT's
+/// Kaiming init), `B` zero, so training starts from the unchanged model.
+fn adapters_for(
+    model: &Model,
+    cfg: &LearnConfig,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<BTreeMap<String, Adapter>> {
+    let r = cfg.lora_rank.max(1);
+    let mut out = BTreeMap::new();
+    for (name, var) in &model.vars {
+        let (Some(ParamKind::Group(group)), &[rows, cols]) = (model.arch.kind_of(name), var.dims())
+        else {
+            continue;
+        };
+        let bound = 1.0 / (cols as f32).sqrt();
+        let a: Vec<f32> = (0..r * cols)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, cols), var.device())?)?;
+        let b = Var::zeros((rows, r), candle_core::DType::F32, var.device())?;
+        out.insert(
+            name.clone(),
+            Adapter {
+                a,
+                b,
+                scale: cfg.lora_alpha / r as f64,
+                group,
+            },
+        );
+    }
+    Ok(out)
 }

@@ -16,6 +16,8 @@ pub struct Strategy {
     pub alr: bool,
     /// Mix each batch with replay text (Mix-Review).
     pub mix_review: bool,
+    /// Train low-rank adapters on the selected groups instead of their weights.
+    pub lora: bool,
 }
 
 /// How the trainable groups are chosen.
@@ -50,6 +52,7 @@ impl Strategy {
             selection: Selection::All,
             alr: false,
             mix_review: false,
+            lora: false,
         };
         let mut chosen = false;
         for part in name.split('+') {
@@ -66,6 +69,10 @@ impl Strategy {
                     s.mix_review = true;
                     None
                 }
+                "lora" => {
+                    s.lora = true;
+                    None
+                }
                 p if p.starts_with("topk") => {
                     let k = p.strip_prefix("topk:").unwrap_or("8");
                     let k = k.parse().map_err(|_| Error::Invalid(format!("strategy `{name}`: topk:K needs a number, got `{k}`")))?;
@@ -73,7 +80,7 @@ impl Strategy {
                 }
                 other => {
                     return Err(Error::Invalid(format!(
-                        "unknown strategy `{other}` (full, tgl-fp, tgl-alr, topk[:K], random-k, frozen, mix-review; combine with +)"
+                        "unknown strategy `{other}` (full, tgl-fp, tgl-alr, topk[:K], random-k, frozen, mix-review, lora; combine with +)"
                     )))
                 }
             };
@@ -152,6 +159,10 @@ pub struct LearnConfig {
     pub replay_per_batch: usize,
     /// Share of tokens the surprisal rule marks.
     pub surprisal_fraction: f64,
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    pub lora_alpha: f64,
 }
 
 impl Default for LearnConfig {
@@ -169,6 +180,8 @@ impl Default for LearnConfig {
             max_tokens: 256,
             replay_per_batch: 2,
             surprisal_fraction: 0.15,
+            lora_rank: 8,
+            lora_alpha: 16.0,
         }
     }
 }
