@@ -213,3 +213,36 @@ fn lora_trains_adapters_on_the_selected_groups_only() {
     }
     assert!(!changed(&before, &model).is_empty());
 }
+
+#[test]
+fn adamw_follows_torch_adamw_step_for_step() {
+    use locus::learn::optimizer::AdamW;
+    let (lr, b1, b2, eps, wd) = (0.1f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
+    let var = candle_core::Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+    let mut opt = AdamW::new((b1, b2), eps, wd);
+    let grads = [[0.3f32, -0.1, 2.0], [0.2, 0.4, -1.0], [-0.5, 0.0, 0.25]];
+    // torch.optim.AdamW written out in f64.
+    let (mut w, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
+    for (t, g) in grads.iter().enumerate() {
+        opt.update("w", &var, &Tensor::new(g, &Device::Cpu).unwrap(), lr)
+            .unwrap();
+        for i in 0..3 {
+            let gi = f64::from(g[i]);
+            w[i] *= 1.0 - lr * wd;
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            let mh = m[i] / (1.0 - b1.powi(t as i32 + 1));
+            let vh = v[i] / (1.0 - b2.powi(t as i32 + 1));
+            w[i] -= lr * mh / (vh.sqrt() + eps);
+        }
+        let got = var.to_vec1::<f32>().unwrap();
+        for i in 0..3 {
+            assert!(
+                (f64::from(got[i]) - w[i]).abs() < 1e-5,
+                "step {t} element {i}: {} vs {}",
+                got[i],
+                w[i]
+            );
+        }
+    }
+}

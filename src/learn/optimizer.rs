@@ -1,15 +1,17 @@
 //! AdamW with decoupled weight decay, holding state only for parameters that have been trained.
+//!
+//! On the CPU a step is two fused in-place passes (moments, then weight) instead of a dozen
+//! allocating tensor ops over every trainable element.
 
 use std::collections::BTreeMap;
 
-use candle_core::{Tensor, Var};
+use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Tensor, Var};
 
 use crate::error::Result;
 
-/// First and second moments and the step count of one parameter.
+/// First and second moments `(2, n)` and the step count of one parameter.
 struct Moments {
-    m: Tensor,
-    v: Tensor,
+    state: Tensor,
     steps: i32,
 }
 
@@ -19,6 +21,86 @@ pub struct AdamW {
     eps: f64,
     weight_decay: f64,
     state: BTreeMap<String, Moments>,
+}
+
+fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("adamw: expected a contiguous tensor")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => bail!("adamw: expected f32"),
+    }
+}
+
+fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("adamw: expected a contiguous tensor")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        _ => bail!("adamw: expected f32"),
+    }
+}
+
+/// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2` on the `(2, n)` state, in place.
+struct MomentsStep {
+    b1: f32,
+    b2: f32,
+}
+
+impl InplaceOp2 for MomentsStep {
+    fn name(&self) -> &'static str {
+        "locus-adamw-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let state = f32_mut(s1, l1)?;
+        let g = f32_ref(s2, l2)?;
+        let (m, v) = state.split_at_mut(g.len());
+        for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+            *m = self.b1 * *m + (1.0 - self.b1) * g;
+            *v = self.b2 * *v + (1.0 - self.b2) * g * g;
+        }
+        Ok(())
+    }
+}
+
+/// `w = w (1 - lr wd) - lr (m / c1) / (sqrt(v / c2) + eps)`, in place.
+struct WeightStep {
+    lr: f32,
+    decay: f32,
+    c1: f32,
+    c2: f32,
+    eps: f32,
+}
+
+impl InplaceOp2 for WeightStep {
+    fn name(&self) -> &'static str {
+        "locus-adamw-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let w = f32_mut(s1, l1)?;
+        let state = f32_ref(s2, l2)?;
+        let (m, v) = state.split_at(w.len());
+        for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+            *w = *w * self.decay - self.lr * (m / self.c1) / ((v / self.c2).sqrt() + self.eps);
+        }
+        Ok(())
+    }
 }
 
 impl AdamW {
@@ -35,30 +117,46 @@ impl AdamW {
     /// One update of `var` with gradient `grad` at learning rate `lr`, as torch.optim.AdamW.
     pub fn update(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64) -> Result<()> {
         let (b1, b2) = self.betas;
+        let n = grad.elem_count();
         let st = match self.state.get_mut(name) {
             Some(s) => s,
             None => {
-                let zeros = grad.zeros_like()?;
-                self.state.entry(name.to_string()).or_insert(Moments {
-                    m: zeros.clone(),
-                    v: zeros,
-                    steps: 0,
-                })
+                let state = Tensor::zeros((2, n), grad.dtype(), grad.device())?;
+                self.state
+                    .entry(name.to_string())
+                    .or_insert(Moments { state, steps: 0 })
             }
         };
         st.steps += 1;
-        st.m = ((&st.m * b1)? + (grad * (1.0 - b1))?)?;
-        st.v = ((&st.v * b2)? + (grad.sqr()? * (1.0 - b2))?)?;
         let c1 = 1.0 - b1.powi(st.steps);
         let c2 = 1.0 - b2.powi(st.steps);
-        let w = var.as_detached_tensor();
-        let decayed = if self.weight_decay > 0.0 {
-            (&w * (1.0 - lr * self.weight_decay))?
-        } else {
-            w
-        };
-        let step = ((&st.m / c1)? / ((&st.v / c2)?.sqrt()? + self.eps)?)?;
-        var.set(&(decayed - (step * lr)?)?)?;
+        let decay = 1.0 - lr * self.weight_decay;
+        let g = grad.flatten_all()?.contiguous()?;
+        if var.device().is_cpu() && var.as_tensor().is_contiguous() {
+            st.state.inplace_op2(
+                &g,
+                &MomentsStep {
+                    b1: b1 as f32,
+                    b2: b2 as f32,
+                },
+            )?;
+            let w = var.as_detached_tensor().flatten_all()?;
+            let step = WeightStep {
+                lr: lr as f32,
+                decay: decay as f32,
+                c1: c1 as f32,
+                c2: c2 as f32,
+                eps: self.eps as f32,
+            };
+            w.inplace_op2(&st.state, &step)?;
+            return Ok(());
+        }
+        let m = ((st.state.get(0)? * b1)? + (&g * (1.0 - b1))?)?;
+        let v = ((st.state.get(1)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+        let step = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
+        let w = (var.as_detached_tensor().flatten_all()? * decay)?;
+        var.set(&(w - (step * lr)?)?.reshape(var.shape())?)?;
+        st.state = Tensor::stack(&[m, v], 0)?;
         Ok(())
     }
 
@@ -69,6 +167,6 @@ impl AdamW {
 
     /// Elements of optimizer state held.
     pub fn state_elements(&self) -> usize {
-        self.state.values().map(|s| 2 * s.m.elem_count()).sum()
+        self.state.values().map(|s| s.state.elem_count()).sum()
     }
 }
