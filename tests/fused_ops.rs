@@ -115,7 +115,7 @@ fn masked_softmax_matches_composed_with_and_without_window() {
 #[test]
 fn rope_matches_candle_rope_slow() {
     let x = randn(&[2, 3, 6, 8], 8);
-    let (cos, sin) = ops::rope_tables(6, 8, 10000.0, &Device::Cpu).unwrap();
+    let (cos, sin) = ops::rope_tables(0, 6, 8, 10000.0, &Device::Cpu).unwrap();
     check(
         "rope",
         &[&x],
@@ -142,4 +142,21 @@ fn cross_entropy_rejects_out_of_vocabulary_targets() {
     let ids = Tensor::new(&[[1u32, 9, 2]], &Device::Cpu).unwrap();
     let err = ops::next_token_nll(&logits, &ids).unwrap_err().to_string();
     assert!(err.contains("outside a vocabulary"), "{err}");
+}
+
+#[test]
+fn masked_softmax_with_cached_keys_matches_composed() {
+    for window in [None, Some(3)] {
+        let s = randn(&[1, 2, 3, 8], 11);
+        check(
+            "masked_softmax over cached keys",
+            &[&s],
+            || {
+                s.as_tensor()
+                    .apply_op1(fused::MaskedSoftmax { scale: 0.5, window })
+                    .unwrap()
+            },
+            || composed::masked_softmax(&s, 0.5, window).unwrap(),
+        );
+    }
 }

@@ -173,3 +173,60 @@ fn every_parameter_gets_the_reference_gradient() {
         }
     }
 }
+
+#[test]
+fn cached_incremental_forward_matches_the_whole_sequence() {
+    use locus::model::cache::KvCache;
+    for name in TINY {
+        let (model, e) = load_tiny(name);
+        let params = model.params(|_| false);
+        let ids = &e.token_ids[2];
+        let all = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let want: Vec<Vec<f32>> = model
+            .arch
+            .forward(&params, &all)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut cache = KvCache::new(model.arch.num_layers());
+        let split = 5;
+        let mut got: Vec<Vec<f32>> = Vec::new();
+        let prefix = all.narrow(1, 0, split).unwrap();
+        got.extend(
+            model
+                .arch
+                .forward_cached(&params, &prefix, &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+        );
+        for j in split..ids.len() {
+            let step = all.narrow(1, j, 1).unwrap();
+            got.extend(
+                model
+                    .arch
+                    .forward_cached(&params, &step, &mut cache)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.len(), ids.len());
+        let worst = got
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{name}: cached logits differ by {worst}");
+    }
+}

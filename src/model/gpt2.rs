@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor};
 use serde::Serialize;
 
+use super::cache::KvCache;
 use super::ops::{self, conv1d, layer_norm};
 use super::{cfg_f64, cfg_usize, layer_group, Architecture, ParamKind, Params};
 
@@ -64,18 +65,22 @@ pub struct GptShape {
 }
 
 /// The GPT block stack: embeddings, `layers` pre-norm blocks whose attention is `attn`, the final
-/// norm and the tied head. `attn(l, h)` maps the normed hidden state of layer `l` to its output.
+/// norm and the tied head. `attn(l, h, cache)` maps the normed hidden state of layer `l` to its
+/// output, appending its keys and values to the cache; positions continue after the cache.
 pub(super) fn gpt_forward(
     p: &Params,
     ids: &Tensor,
     s: &GptShape,
-    attn: impl Fn(usize, &Tensor) -> Result<Tensor>,
+    cache: &mut KvCache,
+    attn: impl Fn(usize, &Tensor, &mut KvCache) -> Result<Tensor>,
     mlp: impl Fn(usize, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
-    if t > s.positions {
+    let start = cache.len();
+    if start + t > s.positions {
         candle_core::bail!(
-            "sequence of {t} tokens exceeds the model's {} positions",
+            "sequence of {} tokens exceeds the model's {} positions",
+            start + t,
             s.positions
         );
     }
@@ -83,7 +88,7 @@ pub(super) fn gpt_forward(
     let tok = wte
         .index_select(&ids.flatten_all()?, 0)?
         .reshape((b, t, s.hidden))?;
-    let pos = p.get("transformer.wpe.weight")?.narrow(0, 0, t)?;
+    let pos = p.get("transformer.wpe.weight")?.narrow(0, start, t)?;
     let mut x = tok.broadcast_add(&pos)?;
     let ln = |name: String, x: &Tensor| -> Result<Tensor> {
         layer_norm(
@@ -95,7 +100,7 @@ pub(super) fn gpt_forward(
     };
     for l in 0..s.layers {
         let h = ln(format!("transformer.h.{l}.ln_1"), &x)?;
-        x = (&x + attn(l, &h)?)?;
+        x = (&x + attn(l, &h, cache)?)?;
         let h = ln(format!("transformer.h.{l}.ln_2"), &x)?;
         x = (&x + mlp(l, &h)?)?;
     }
@@ -206,15 +211,16 @@ impl Architecture for Gpt2 {
         Some(self.shape.positions)
     }
 
-    fn forward(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
+    fn forward_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let s = &self.shape;
         let scale = 1.0 / ((s.hidden / s.heads) as f64).sqrt();
         let w = |l: usize, name: &str| p.get(&format!("transformer.h.{l}.{name}"));
-        let attn = |l: usize, h: &Tensor| -> Result<Tensor> {
+        let attn = |l: usize, h: &Tensor, cache: &mut KvCache| -> Result<Tensor> {
             let qkv = conv1d(h, w(l, "attn.c_attn.weight")?, w(l, "attn.c_attn.bias")?)?;
             let part =
                 |i: usize| ops::split_heads(&qkv.narrow(2, i * s.hidden, s.hidden)?, s.heads);
-            let a = ops::attention(&part(0)?, &part(1)?, &part(2)?, scale, None)?;
+            let (k, v) = cache.append(l, part(1)?, part(2)?)?;
+            let a = ops::attention(&part(0)?, &k, &v, scale, None)?;
             conv1d(&a, w(l, "attn.c_proj.weight")?, w(l, "attn.c_proj.bias")?)
         };
         let mlp = |l: usize, h: &Tensor| -> Result<Tensor> {
@@ -225,7 +231,7 @@ impl Architecture for Gpt2 {
                 w(l, "mlp.c_proj.bias")?,
             )
         };
-        gpt_forward(p, ids, s, attn, mlp)
+        gpt_forward(p, ids, s, cache, attn, mlp)
     }
 
     fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {

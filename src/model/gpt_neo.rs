@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor};
 use serde::Serialize;
 
+use super::cache::KvCache;
 use super::gpt2::{gpt_common_shapes, gpt_forward, gpt_kind_of, Activation, GptShape};
 use super::ops::{self, linear};
 use super::{cfg_f64, cfg_usize, Architecture, ParamKind, Params};
@@ -106,10 +107,10 @@ impl Architecture for GptNeo {
         Some(self.cfg.shape.positions)
     }
 
-    fn forward(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
+    fn forward_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let s = &self.cfg.shape;
         let w = |l: usize, name: &str| p.get(&format!("transformer.h.{l}.{name}"));
-        let attn = |l: usize, h: &Tensor| -> Result<Tensor> {
+        let attn = |l: usize, h: &Tensor, cache: &mut KvCache| -> Result<Tensor> {
             let proj = |n: &str| -> Result<Tensor> {
                 ops::split_heads(
                     &linear(h, w(l, &format!("attn.attention.{n}.weight"))?, None)?,
@@ -118,13 +119,8 @@ impl Architecture for GptNeo {
             };
             let window = self.cfg.local[l].then_some(self.cfg.window_size);
             // GPT-Neo does not scale attention scores by 1/sqrt(head_dim).
-            let a = ops::attention(
-                &proj("q_proj")?,
-                &proj("k_proj")?,
-                &proj("v_proj")?,
-                1.0,
-                window,
-            )?;
+            let (k, v) = cache.append(l, proj("k_proj")?, proj("v_proj")?)?;
+            let a = ops::attention(&proj("q_proj")?, &k, &v, 1.0, window)?;
             linear(
                 &a,
                 w(l, "attn.attention.out_proj.weight")?,
@@ -139,7 +135,7 @@ impl Architecture for GptNeo {
                 Some(w(l, "mlp.c_proj.bias")?),
             )
         };
-        gpt_forward(p, ids, s, attn, mlp)
+        gpt_forward(p, ids, s, cache, attn, mlp)
     }
 
     fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {

@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor};
 use serde::Serialize;
 
+use super::cache::KvCache;
 use super::ops::{self, linear, rms_norm};
 use super::{cfg_f64, cfg_usize, layer_group, Architecture, ParamKind, Params};
 
@@ -133,7 +134,7 @@ impl Architecture for Llama {
         None
     }
 
-    fn forward(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
+    fn forward_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t) = ids.dims2()?;
         let dev = ids.device();
@@ -141,7 +142,7 @@ impl Architecture for Llama {
         let mut x = embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden))?;
-        let (cos, sin) = ops::rope_tables(t, c.head_dim, c.rope_theta, dev)?;
+        let (cos, sin) = ops::rope_tables(cache.len(), t, c.head_dim, c.rope_theta, dev)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let bias = |has: bool, name: String| -> Result<Option<&Tensor>> {
             if has {
@@ -168,6 +169,7 @@ impl Architecture for Llama {
             let q = ops::rope(&ops::split_heads(&proj("q_proj")?, c.heads)?, &cos, &sin)?;
             let k = ops::rope(&ops::split_heads(&proj("k_proj")?, c.kv_heads)?, &cos, &sin)?;
             let v = ops::split_heads(&proj("v_proj")?, c.kv_heads)?;
+            let (k, v) = cache.append(l, k, v)?;
             let rep = c.heads / c.kv_heads;
             let k = ops::repeat_kv(&k, rep)?;
             let v = ops::repeat_kv(&v, rep)?;

@@ -1,5 +1,6 @@
 //! Causal language models with a forward pass that is differentiable end to end.
 
+pub mod cache;
 pub mod fused;
 pub mod gpt2;
 pub mod gpt_neo;
@@ -93,8 +94,18 @@ pub trait Architecture: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// Longest sequence the model accepts, if it has a hard limit (learned positions).
     fn max_positions(&self) -> Option<usize>;
-    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
-    fn forward(&self, params: &Params, ids: &Tensor) -> candle_core::Result<Tensor>;
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` that follow the positions held in
+    /// `cache`, whose keys and values this call appends.
+    fn forward_cached(
+        &self,
+        params: &Params,
+        ids: &Tensor,
+        cache: &mut cache::KvCache,
+    ) -> candle_core::Result<Tensor>;
+    /// Logits `(batch, seq, vocab)` for whole sequences of token ids `(batch, seq)`.
+    fn forward(&self, params: &Params, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_cached(params, ids, &mut cache::KvCache::new(self.num_layers()))
+    }
     /// Name and shape of every parameter the forward pass reads.
     fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)>;
     /// The group or other role of a parameter.

@@ -56,13 +56,16 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
         .broadcast_add(b)
 }
 
-/// Additive attention mask `(t, t)`: 0 where query `i` may see key `j`, -inf elsewhere.
-/// `window` limits how far back a query sees (GPT-Neo's local attention).
-pub fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+/// Additive attention mask `(t, s)` for `t` new queries over `s >= t` keys (the last `t` keys
+/// are the queries' own positions): 0 where a query may see a key, -inf elsewhere. `window`
+/// limits how far back a query sees (GPT-Neo's local attention).
+pub fn causal_mask(t: usize, s: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let offset = s - t;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
-            (0..t).map(move |j| {
-                let visible = j <= i && window.is_none_or(|w| i - j < w);
+            (0..s).map(move |j| {
+                let q = i + offset;
+                let visible = j <= q && window.is_none_or(|w| q - j < w);
                 if visible {
                     0.0
                 } else {
@@ -71,10 +74,11 @@ pub fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<T
             })
         })
         .collect();
-    Tensor::from_vec(mask, (t, t), device)
+    Tensor::from_vec(mask, (t, s), device)
 }
 
-/// Causal scaled dot-product attention over `(b, h, t, d)` heads, optionally limited to a local
+/// Causal scaled dot-product attention of `(b, h, t, d)` queries over `(b, h, s, d)` keys and
+/// values (`s >= t`; the last `t` are the queries' own positions), optionally limited to a local
 /// `window`; returns `(b, t, h * d)`.
 pub fn attention(
     q: &Tensor,
@@ -115,8 +119,9 @@ pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
         .reshape((b, kv * n, t, d))
 }
 
-/// Rotary-embedding tables `(cos, sin)`, each `(t, d / 2)`, for positions `0..t`.
+/// Rotary-embedding tables `(cos, sin)`, each `(t, d / 2)`, for positions `start..start + t`.
 pub fn rope_tables(
+    start: usize,
     t: usize,
     head_dim: usize,
     theta: f64,
@@ -126,7 +131,7 @@ pub fn rope_tables(
         .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
         .collect();
     let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
-    let pos = Tensor::arange(0u32, t as u32, device)?
+    let pos = Tensor::arange(start as u32, (start + t) as u32, device)?
         .to_dtype(DType::F32)?
         .reshape((t, 1))?;
     let freqs = pos.broadcast_mul(&inv)?;
@@ -179,8 +184,8 @@ pub mod composed {
 
     /// Scaled scores plus an additive causal mask, then softmax.
     pub fn masked_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
-        let t = scores.dim(D::Minus2)?;
-        let mask = causal_mask(t, window, scores.device())?;
+        let (t, s) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+        let mask = causal_mask(t, s, window, scores.device())?;
         candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
     }
 
