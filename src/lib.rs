@@ -1,13 +1,17 @@
 //! locus: keeps a deployed language model up to date by finding where new knowledge belongs
 //! (per-layer gradient localization) and updating only those layers.
 
+pub mod client;
 pub mod error;
 pub mod eval;
 pub mod learn;
 pub mod memory;
 pub mod model;
 pub mod plot;
+pub mod proto;
 pub mod select;
+pub mod server;
+pub mod snapshot;
 pub mod spans;
 pub mod tokenize;
 pub mod trace;

@@ -1,7 +1,10 @@
 //! Subcommands of the `locus` binary.
 
+mod client;
+mod demo;
 mod eval;
 mod select;
+mod serve;
 mod trace;
 
 use std::time::Instant;
@@ -25,6 +28,12 @@ enum Command {
     Select(select::SelectArgs),
     /// Train every strategy on a drift set from the same weights and measure uptake and forgetting.
     Eval(eval::EvalArgs),
+    /// Serve the model over gRPC, learning from streamed documents while answering queries.
+    Serve(serve::ServeArgs),
+    /// Talk to a running `locus serve`: ingest, score, complete, perplexity, info, versions.
+    Client(client::ClientArgs),
+    /// Start a server on a free port, stream drifted facts through gRPC, and compare probe answers.
+    Demo(demo::DemoArgs),
 }
 
 /// Runs the parsed command.
@@ -33,6 +42,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(a) => trace::run(a),
         Command::Select(a) => select::run(a),
         Command::Eval(a) => eval::run_eval(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Client(a) => client::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 

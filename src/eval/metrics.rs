@@ -5,15 +5,14 @@ use serde::Serialize;
 
 use super::data::DriftSet;
 use crate::error::Result;
-use crate::model::{ops, Model};
+use crate::model::{ops, Model, Params};
 use crate::spans::{find_all, span_targets};
 
 /// Sequences scored per forward pass.
 const CHUNK: usize = 16;
 
 /// Negative log-likelihood of each target `j >= 1` of each sequence, from graph-free forwards.
-pub fn target_nll(model: &Model, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-    let params = model.params(|_| false);
+pub fn target_nll(model: &Model, params: &Params, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(CHUNK) {
         let t = chunk.iter().map(Vec::len).max().unwrap_or(0);
@@ -23,7 +22,7 @@ pub fn target_nll(model: &Model, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         }
         let ids = Tensor::from_vec(ids, (chunk.len(), t), model.device())?;
         let nll: Vec<Vec<f32>> =
-            ops::next_token_nll(&model.arch.forward(&params, &ids)?, &ids)?.to_vec2()?;
+            ops::next_token_nll(&model.arch.forward(params, &ids)?, &ids)?.to_vec2()?;
         out.extend(
             chunk
                 .iter()
@@ -44,7 +43,7 @@ pub fn answer_logprobs(model: &Model, pairs: &[(&str, &str)]) -> Result<Vec<(f64
         lens.push((p.len(), a.len()));
         seqs.push([p, a].concat());
     }
-    let nll = target_nll(model, &seqs)?;
+    let nll = target_nll(model, &model.params(|_| false), &seqs)?;
     Ok(nll
         .iter()
         .zip(lens)
@@ -125,7 +124,9 @@ pub fn score(model: &Model, set: &DriftSet, max_tokens: usize) -> Result<Scores>
         .into_iter()
         .filter(|s| s.len() >= 2)
         .collect();
-    let general_ppl = ppl(target_nll(model, &general)?.into_iter().flatten());
+    let general_ppl = ppl(target_nll(model, &model.params(|_| false), &general)?
+        .into_iter()
+        .flatten());
     let mut docs = Vec::new();
     let mut masks = Vec::new();
     for u in &set.updates {
@@ -139,7 +140,7 @@ pub fn score(model: &Model, set: &DriftSet, max_tokens: usize) -> Result<Scores>
             docs.push(enc.ids);
         }
     }
-    let doc_nll = target_nll(model, &docs)?;
+    let doc_nll = target_nll(model, &model.params(|_| false), &docs)?;
     let entity_span_ppl = ppl(doc_nll
         .iter()
         .zip(&masks)

@@ -1,0 +1,314 @@
+//! `locus client`: talks to a running `locus serve` through the typed client.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use locus::client::Client;
+use locus::proto::v1 as pb;
+use serde::Deserialize;
+use tokio_stream::StreamExt;
+
+/// Arguments of `locus client`.
+#[derive(Args)]
+pub struct ClientArgs {
+    /// Server address, `host:port` or `http://host:port`.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "LOCUS_ADDR")]
+    addr: String,
+    /// Bearer token sent with every call.
+    #[arg(long, env = "LOCUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: ClientCommand,
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Stream a JSONL file of `{"text", "spans"?: [[start, end]], "salient"?: [...], "source"?}` lines to the server.
+    Ingest {
+        /// The JSONL file.
+        file: PathBuf,
+        /// Documents per batch sent.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
+    /// Rank candidate continuations of a prompt by log-probability.
+    Score {
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Candidate continuations (include the leading space: " Paris").
+        #[arg(required = true)]
+        candidates: Vec<String>,
+    },
+    /// Continue a prompt, printing tokens as they arrive.
+    Complete {
+        /// The prompt.
+        prompt: String,
+        /// Tokens to generate at most (0: the server's default).
+        #[arg(long, default_value_t = 0)]
+        max_tokens: u32,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Stop before this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Sampler seed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Perplexity of each text.
+    Perplexity {
+        /// The texts.
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
+    /// The model, its version and the learning settings.
+    Info,
+    /// The model versions the server retains.
+    Versions,
+    /// Pause learning.
+    Pause,
+    /// Resume learning.
+    Resume,
+    /// Restore a retained version as a new version.
+    Rollback {
+        /// The version to restore.
+        version: u64,
+    },
+}
+
+/// One line of an ingest file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    text: String,
+    #[serde(default)]
+    spans: Vec<(u64, u64)>,
+    #[serde(default)]
+    salient: Vec<String>,
+    #[serde(default)]
+    source: String,
+}
+
+/// Runs `locus client`.
+pub fn run(a: ClientArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut client = Client::connect(&a.addr, a.token.as_deref()).await?;
+        match a.command {
+            ClientCommand::Ingest { file, batch_size } => {
+                ingest(&mut client, &file, batch_size).await
+            }
+            ClientCommand::Score { prompt, candidates } => {
+                let r = client.score(&prompt, &candidates).await?;
+                println!("model version {}", r.version);
+                for c in r.ranked {
+                    println!(
+                        "{:>10.4}  {:>3} tokens  {:?}",
+                        c.logprob, c.tokens, c.candidate
+                    );
+                }
+                Ok(())
+            }
+            ClientCommand::Complete {
+                prompt,
+                max_tokens,
+                temperature,
+                top_p,
+                stop,
+                seed,
+            } => {
+                let request = pb::CompleteRequest {
+                    prompt: prompt.clone(),
+                    max_tokens,
+                    temperature,
+                    top_p,
+                    stop,
+                    seed,
+                };
+                let mut stream = client.complete(request).await?;
+                let mut out = std::io::stdout();
+                write!(out, "{prompt}")?;
+                let mut last = None;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk?;
+                    write!(out, "{}", chunk.text)?;
+                    out.flush()?;
+                    last = Some(chunk);
+                }
+                writeln!(out)?;
+                if let Some(c) = last {
+                    eprintln!(
+                        "locus: {} tokens, finished by {}, model version {}",
+                        c.tokens,
+                        c.finish_reason().as_str_name(),
+                        c.version
+                    );
+                }
+                Ok(())
+            }
+            ClientCommand::Perplexity { texts } => {
+                let r = client.perplexity(texts.clone()).await?;
+                println!("model version {}", r.version);
+                for (t, p) in texts.iter().zip(r.texts) {
+                    println!("{:>10.3}  {:>4} tokens  {t:?}", p.perplexity, p.tokens);
+                }
+                Ok(())
+            }
+            ClientCommand::Info => {
+                let r = client.info().await?;
+                let selection: Vec<String> = r.selection.iter().map(group_name).collect();
+                println!(
+                    "model        {} ({} layers, {} parameters) from {}",
+                    r.architecture, r.layers, r.parameters, r.source
+                );
+                println!("version      {}", r.version);
+                println!(
+                    "strategy     {} ({}), lr {}, batch size {}",
+                    r.strategy, r.localization, r.lr, r.batch_size
+                );
+                println!(
+                    "learning     {}, {} steps, {} batches queued",
+                    if r.paused { "paused" } else { "on" },
+                    r.steps,
+                    r.queue_depth
+                );
+                println!(
+                    "selection    {}",
+                    if selection.is_empty() {
+                        "-".to_string()
+                    } else {
+                        selection.join(" ")
+                    }
+                );
+                Ok(())
+            }
+            ClientCommand::Versions => {
+                let r = client.list_versions().await?;
+                for v in r.versions {
+                    let changed: Vec<String> = v.changed.iter().map(group_name).collect();
+                    let mark = if v.version == r.current { '*' } else { ' ' };
+                    println!(
+                        "{mark}{:>5}  {:<14} {}",
+                        v.version,
+                        v.origin,
+                        changed.join(" ")
+                    );
+                }
+                Ok(())
+            }
+            ClientCommand::Pause => {
+                let r = client.pause().await?;
+                println!("learning paused at version {}", r.version);
+                Ok(())
+            }
+            ClientCommand::Resume => {
+                let r = client.resume().await?;
+                println!("learning resumed at version {}", r.version);
+                Ok(())
+            }
+            ClientCommand::Rollback { version } => {
+                let r = client.rollback(version).await?;
+                println!(
+                    "restored version {} as version {}",
+                    r.restored_from, r.version
+                );
+                Ok(())
+            }
+        }
+    })
+}
+
+/// `3.attn` for a layer group.
+pub fn group_name(g: &pb::UpdatedGroup) -> String {
+    let module = match g.module() {
+        pb::Module::Attn => "attn",
+        pb::Module::Mlp => "mlp",
+        pb::Module::Unspecified => "?",
+    };
+    format!("{}.{module}", g.layer)
+}
+
+/// Streams a JSONL file in batches and prints one line per answered batch.
+async fn ingest(client: &mut Client, file: &PathBuf, batch_size: usize) -> anyhow::Result<()> {
+    let content = std::fs::read_to_string(file).map_err(|e| locus::Error::io(file, e))?;
+    let mut docs = Vec::new();
+    let mut lines = Vec::new();
+    for (i, raw) in content.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let l: Line = serde_json::from_str(raw)
+            .map_err(|e| anyhow::anyhow!("{} line {}: {e}", file.display(), i + 1))?;
+        docs.push(pb::Document {
+            text: l.text,
+            spans: l
+                .spans
+                .into_iter()
+                .map(|(start, end)| pb::Span { start, end })
+                .collect(),
+            salient: l.salient,
+            source: if l.source.is_empty() {
+                file.display().to_string()
+            } else {
+                l.source
+            },
+            timestamp: None,
+        });
+        lines.push(i + 1);
+    }
+    if docs.is_empty() {
+        anyhow::bail!("{}: no documents", file.display());
+    }
+    let batch_size = batch_size.max(1);
+    let batches: Vec<pb::IngestRequest> = docs
+        .chunks(batch_size)
+        .enumerate()
+        .map(|(k, chunk)| pb::IngestRequest {
+            documents: chunk.to_vec(),
+            client_batch_id: k.to_string(),
+        })
+        .collect();
+    let total = batches.len();
+    let mut answers = client.ingest(tokio_stream::iter(batches)).await?;
+    let mut done = 0;
+    while let Some(r) = answers.next().await {
+        let r = r?;
+        done += 1;
+        let k: usize = r.client_batch_id.parse().unwrap_or(0);
+        let groups: Vec<String> = r
+            .steps
+            .iter()
+            .flat_map(|s| s.groups.iter().map(group_name))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (before, after) = (
+            r.steps.first().map_or(f64::NAN, |s| s.loss_before),
+            r.steps.last().map_or(f64::NAN, |s| s.loss_after),
+        );
+        let seconds: f64 = r.steps.iter().map(|s| s.seconds).sum();
+        eprintln!(
+            "[{done}/{total}] batch {k}: version {}, {} accepted, {} rejected, loss {before:.3} -> {after:.3}, {seconds:.1} s, groups {}",
+            r.version,
+            r.accepted.len(),
+            r.rejected.len(),
+            if groups.is_empty() { "-".to_string() } else { groups.join(" ") }
+        );
+        for j in &r.rejected {
+            let line = lines
+                .get(k * batch_size + j.index as usize)
+                .copied()
+                .unwrap_or(0);
+            eprintln!("  line {line}: {}: {}", j.field, j.reason);
+        }
+    }
+    Ok(())
+}

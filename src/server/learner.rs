@@ -1,0 +1,282 @@
+//! The learner thread: the only code that changes the model's weights.
+//!
+//! candle's work is blocking and CPU-bound, so it runs on its own OS thread fed by a bounded tokio
+//! queue; a full queue makes ingest streams wait, which pushes back on their clients. Every
+//! update is followed by a new snapshot, so queries see whole updates or none.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::ServerError;
+use crate::learn::{Doc, LearnConfig, Learner, UpdateReport};
+use crate::model::{GroupId, Model};
+use crate::snapshot::Snapshots;
+use crate::spans::SpanText;
+use crate::trace::{prepare, trace, Trace};
+
+/// A reply channel for a job's result.
+type Reply<T> = oneshot::Sender<Result<T, ServerError>>;
+
+/// Work for the learner thread.
+pub(crate) enum Job {
+    /// Learn from documents in steps of at most `batch_size`.
+    Learn {
+        docs: Vec<Doc>,
+        reply: Reply<Vec<UpdateReport>>,
+    },
+    /// Measure gradient norms without updating; answers with the version measured.
+    Trace {
+        texts: Vec<SpanText>,
+        reply: Reply<(u64, Trace)>,
+    },
+    /// Restore a retained version as a new one; answers `(new version, restored version)`.
+    Rollback {
+        version: u64,
+        reply: Reply<(u64, u64)>,
+    },
+}
+
+/// What the learner has done, for Admin.Info.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Progress {
+    /// Groups the strategy selects now.
+    pub selection: Vec<GroupId>,
+    /// Learning steps taken.
+    pub steps: u64,
+}
+
+/// What the learner thread needs.
+pub(crate) struct Setup {
+    pub model: Arc<Model>,
+    pub snapshots: Arc<Snapshots>,
+    pub learn: LearnConfig,
+    pub replay: Vec<String>,
+    pub batch_size: usize,
+    pub queue_depth: usize,
+    pub paused: Arc<AtomicBool>,
+}
+
+/// The server's side of the learner thread.
+pub(crate) struct Handle {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    progress: Arc<Mutex<Progress>>,
+}
+
+impl Handle {
+    /// Starts the thread.
+    pub fn spawn(setup: Setup) -> Result<Handle, ServerError> {
+        let learner = Learner::new(
+            Arc::clone(&setup.model),
+            setup.learn.clone(),
+            setup.replay.clone(),
+            setup.snapshots.current().version(),
+        )?;
+        let (tx, rx) = mpsc::channel(setup.queue_depth);
+        let progress = Arc::new(Mutex::new(Progress::default()));
+        let worker = Worker {
+            learner,
+            setup,
+            progress: Arc::clone(&progress),
+        };
+        let thread = std::thread::Builder::new()
+            .name("locus-learner".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| ServerError::Internal(format!("starting the learner thread: {e}")))?;
+        Ok(Handle {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            progress,
+        })
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Job>, ServerError> {
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(ServerError::ShuttingDown)
+    }
+
+    /// Queues a job, waiting while the queue is full: this wait is the ingest flow control.
+    pub async fn submit(&self, job: Job) -> Result<(), ServerError> {
+        self.sender()?
+            .send(job)
+            .await
+            .map_err(|_| ServerError::Internal("the learner thread has stopped".into()))
+    }
+
+    /// Queues a job and waits for its result.
+    pub async fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, ServerError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(job(reply)).await?;
+        answer
+            .await
+            .map_err(|_| ServerError::Internal("the learner thread dropped a job".into()))?
+    }
+
+    /// Jobs waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.sender()
+            .map(|tx| tx.max_capacity() - tx.capacity())
+            .unwrap_or(0)
+    }
+
+    /// What the learner has done so far.
+    pub fn progress(&self) -> Progress {
+        self.progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Closes the queue and waits until the thread has finished the jobs already queued.
+    pub async fn stop(&self) {
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            if tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .is_err()
+            {
+                tracing::error!("the learner thread panicked");
+            }
+        }
+    }
+}
+
+/// The thread's own state.
+struct Worker {
+    learner: Learner,
+    setup: Setup,
+    progress: Arc<Mutex<Progress>>,
+}
+
+impl Worker {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(job) = rx.blocking_recv() {
+            match job {
+                Job::Learn { docs, reply } => {
+                    let _ = reply.send(self.guarded(|w| w.learn(&docs)));
+                }
+                Job::Trace { texts, reply } => {
+                    let _ = reply.send(self.guarded(|w| w.trace(&texts)));
+                }
+                Job::Rollback { version, reply } => {
+                    let _ = reply.send(self.guarded(|w| w.rollback(version)));
+                }
+            }
+        }
+        tracing::info!("learner thread stopped");
+    }
+
+    /// Runs a job, turning a panic into an error so one bad job does not take the server down.
+    fn guarded<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, ServerError>,
+    ) -> Result<T, ServerError> {
+        catch_unwind(AssertUnwindSafe(|| f(self))).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(ServerError::Internal(format!(
+                "the learner panicked: {what}"
+            )))
+        })
+    }
+
+    fn learn(&mut self, docs: &[Doc]) -> Result<Vec<UpdateReport>, ServerError> {
+        if self.setup.paused.load(Ordering::SeqCst) {
+            return Err(ServerError::Paused);
+        }
+        let mut reports = Vec::new();
+        for chunk in docs.chunks(self.setup.batch_size) {
+            let span = tracing::info_span!("update", documents = chunk.len());
+            let _entered = span.enter();
+            let report = self.learner.step(chunk)?;
+            if report.applied {
+                let changed: Vec<GroupId> = report
+                    .groups
+                    .iter()
+                    .map(|g| GroupId {
+                        layer: g.layer,
+                        module: g.module,
+                    })
+                    .collect();
+                let weights = self.learner.current_params()?;
+                let next = self.setup.snapshots.current().after_update(
+                    report.version,
+                    &changed,
+                    &weights,
+                )?;
+                self.setup.snapshots.publish(next)?;
+            }
+            tracing::info!(
+                version = report.version,
+                applied = report.applied,
+                groups = report.groups.len(),
+                loss_before = report.loss_before,
+                loss_after = report.loss_after,
+                seconds = report.seconds,
+                "update step"
+            );
+            let mut progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+            progress.steps += 1;
+            progress.selection = self.learner.selection().unwrap_or_default().to_vec();
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    fn trace(&mut self, texts: &[SpanText]) -> Result<(u64, Trace), ServerError> {
+        // On this thread the variables are exactly the current snapshot's weights.
+        let version = self.setup.snapshots.current().version();
+        let prepared = prepare(&self.setup.model, "texts", texts)?;
+        Ok((version, trace(&self.setup.model, &prepared)?))
+    }
+
+    fn rollback(&mut self, version: u64) -> Result<(u64, u64), ServerError> {
+        let snapshots = &self.setup.snapshots;
+        let target = snapshots
+            .get(version)
+            .ok_or_else(|| ServerError::UnknownVersion {
+                version,
+                retained: snapshots
+                    .retained()
+                    .iter()
+                    .map(|s| s.version().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let current = snapshots.current();
+        let next = current.version() + 1;
+        let restored = target.restore(&current, next)?;
+        // The optimizer moments and norms belonged to the abandoned weights; start afresh.
+        self.learner = Learner::new(
+            Arc::clone(&self.setup.model),
+            self.setup.learn.clone(),
+            self.setup.replay.clone(),
+            next,
+        )?;
+        snapshots.publish(restored)?;
+        self.progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .selection
+            .clear();
+        Ok((next, version))
+    }
+}

@@ -1,0 +1,293 @@
+//! `locus serve`: the gRPC services (Learn, Query, Admin), health and reflection, auth and limits.
+//!
+//! The server holds one live model. A dedicated learner thread applies batches from a bounded
+//! queue and publishes an immutable snapshot after every update; queries compute on the snapshot
+//! they took when they started. Conversions between the API and the library live in this module.
+
+mod admin;
+mod auth;
+mod convert;
+mod error;
+mod ingest;
+mod learner;
+mod query;
+
+use std::future::Future;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
+
+use crate::learn::LearnConfig;
+use crate::model::Model;
+use crate::proto::v1::admin_server::AdminServer;
+use crate::proto::v1::learn_server::LearnServer;
+use crate::proto::v1::query_server::QueryServer;
+use crate::snapshot::{Snapshot, Snapshots};
+
+pub use auth::{Auth, Token};
+pub use error::ServerError;
+
+/// The services whose health is reported, besides the whole server (`""`).
+const SERVICES: [&str; 3] = [
+    crate::proto::v1::learn_server::SERVICE_NAME,
+    crate::proto::v1::query_server::SERVICE_NAME,
+    crate::proto::v1::admin_server::SERVICE_NAME,
+];
+
+/// Limits on what one request or client may ask of the server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest encoded message in either direction, in bytes.
+    pub max_message_bytes: usize,
+    /// Longest document or query text, in tokens.
+    pub max_document_tokens: usize,
+    /// Documents in one ingest batch, texts in one trace or perplexity request.
+    pub max_documents: usize,
+    /// Candidates in one score request.
+    pub max_candidates: usize,
+    /// Tokens one completion may generate.
+    pub max_complete_tokens: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Queries computed at once (each occupies a CPU thread pool for its forward passes).
+    pub query_concurrency: usize,
+    /// How long a query waits for a free slot before RESOURCE_EXHAUSTED.
+    pub query_wait: Duration,
+    /// Batches waiting for the learner; a full queue makes ingest streams wait (flow control).
+    pub queue_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 4 << 20,
+            max_document_tokens: 512,
+            max_documents: 64,
+            max_candidates: 64,
+            max_complete_tokens: 256,
+            max_concurrent_streams: 64,
+            query_concurrency: 2,
+            query_wait: Duration::from_secs(30),
+            queue_depth: 4,
+        }
+    }
+}
+
+/// Everything the server is configured with besides the model.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Learning settings (strategy, localization, learning rate, ...).
+    pub learn: LearnConfig,
+    /// Documents per learning step; a larger batch is learned in consecutive steps.
+    pub batch_size: usize,
+    /// Replay paragraphs for Mix-Review strategies.
+    pub replay: Vec<String>,
+    /// Model versions retained for rollback (each shares unchanged tensors with its neighbours).
+    pub keep_versions: usize,
+    /// Request limits.
+    pub limits: Limits,
+    /// Bearer tokens.
+    pub auth: Auth,
+    /// How long shutdown waits for streams in flight before it drops them.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            learn: LearnConfig::default(),
+            batch_size: 8,
+            replay: Vec::new(),
+            keep_versions: 4,
+            limits: Limits::default(),
+            auth: Auth::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The live model once loaded: its snapshots, the learner and the query slots.
+struct Loaded {
+    model: Arc<Model>,
+    snapshots: Arc<Snapshots>,
+    learner: learner::Handle,
+    queries: Arc<Semaphore>,
+    paused: Arc<AtomicBool>,
+}
+
+/// The state the services share; the model is installed once it has loaded.
+pub struct State {
+    config: Config,
+    health: HealthReporter,
+    loaded: OnceLock<Loaded>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl State {
+    /// A server state without a model: health says NOT_SERVING and the services UNAVAILABLE until
+    /// [`State::install`].
+    pub async fn new(mut config: Config) -> Arc<State> {
+        // Accepted documents are within the token limit; the learner must not truncate them.
+        config.learn.max_tokens = config.limits.max_document_tokens;
+        let health = HealthReporter::new();
+        for name in std::iter::once("").chain(SERVICES) {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        Arc::new(State {
+            config,
+            health,
+            loaded: OnceLock::new(),
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    /// Installs the model: copies its weights into the first snapshot, starts the learner thread
+    /// and reports SERVING.
+    pub async fn install(&self, model: Model) -> Result<(), ServerError> {
+        let model = Arc::new(model);
+        let m = Arc::clone(&model);
+        let keep = self.config.keep_versions;
+        let snapshots = tokio::task::spawn_blocking(move || Snapshot::load(m, 0))
+            .await
+            .map_err(|e| ServerError::Internal(format!("loading the snapshot: {e}")))??;
+        let snapshots = Arc::new(Snapshots::new(snapshots, keep));
+        let paused = Arc::new(AtomicBool::new(false));
+        let learner = learner::Handle::spawn(learner::Setup {
+            model: Arc::clone(&model),
+            snapshots: Arc::clone(&snapshots),
+            learn: self.config.learn.clone(),
+            replay: self.config.replay.clone(),
+            batch_size: self.config.batch_size.max(1),
+            queue_depth: self.config.limits.queue_depth.max(1),
+            paused: Arc::clone(&paused),
+        })?;
+        let loaded = Loaded {
+            model,
+            snapshots,
+            learner,
+            queries: Arc::new(Semaphore::new(self.config.limits.query_concurrency.max(1))),
+            paused,
+        };
+        if self.loaded.set(loaded).is_err() {
+            return Err(ServerError::Internal("a model is already installed".into()));
+        }
+        if !*self.shutdown.borrow() {
+            self.set_health(ServingStatus::Serving).await;
+        }
+        tracing::info!("model installed; serving");
+        Ok(())
+    }
+
+    fn loaded(&self) -> Result<&Loaded, ServerError> {
+        self.loaded.get().ok_or(ServerError::NotLoaded)
+    }
+
+    fn shutting_down(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    async fn set_health(&self, status: ServingStatus) {
+        for name in std::iter::once("").chain(SERVICES) {
+            self.health.set_service_status(name, status).await;
+        }
+    }
+
+    /// Reports NOT_SERVING and tells open ingest streams to stop reading new batches.
+    async fn begin_shutdown(&self) {
+        self.set_health(ServingStatus::NotServing).await;
+        self.shutdown.send_replace(true);
+        tracing::info!("shutting down: health NOT_SERVING, ingest streams finishing");
+    }
+
+    /// Stops the learner thread once the batches already queued are done.
+    async fn stop_learner(&self) {
+        if let Some(loaded) = self.loaded.get() {
+            loaded.learner.stop().await;
+        }
+    }
+}
+
+/// Serves every service on `listener` until `shutdown` completes, then shuts down gracefully:
+/// health NOT_SERVING first, no new connections, ingest streams finish the batches they already
+/// read, and after `Config::shutdown_grace` whatever is left is dropped. The learner thread is
+/// stopped before this returns.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let limits = &state.config.limits;
+    let bytes = limits.max_message_bytes;
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        HealthService::from_health_reporter(state.health.clone()),
+    );
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e: tonic_reflection::server::Error| {
+        ServerError::Internal(format!("reflection descriptors: {e}"))
+    };
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+    let auth = &state.config.auth;
+    let learn = InterceptedService::new(
+        LearnServer::new(ingest::LearnService::new(Arc::clone(&state)))
+            .max_decoding_message_size(bytes)
+            .max_encoding_message_size(bytes),
+        auth::Bearer::write(auth),
+    );
+    let query = InterceptedService::new(
+        QueryServer::new(query::QueryService::new(Arc::clone(&state)))
+            .max_decoding_message_size(bytes)
+            .max_encoding_message_size(bytes),
+        auth::Bearer::query(auth),
+    );
+    let admin = InterceptedService::new(
+        AdminServer::new(admin::AdminService::new(Arc::clone(&state)))
+            .max_decoding_message_size(bytes)
+            .max_encoding_message_size(bytes),
+        auth::Bearer::write(auth),
+    );
+    let (fired, signalled) = tokio::sync::oneshot::channel::<()>();
+    let signal_state = Arc::clone(&state);
+    let signal = async move {
+        shutdown.await;
+        signal_state.begin_shutdown().await;
+        let _ = fired.send(());
+    };
+    let serve = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .layer(tower::layer::layer_fn(error::OversizeAsLimit::new))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(learn)
+        .add_service(query)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    tokio::pin!(serve);
+    let grace = state.config.shutdown_grace;
+    let result = tokio::select! {
+        r = &mut serve => r,
+        _ = signalled => match tokio::time::timeout(grace, &mut serve).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!("streams still open after {grace:?}; dropping them");
+                Ok(())
+            }
+        },
+    };
+    state.stop_learner().await;
+    result.map_err(ServerError::from)
+}

@@ -1,0 +1,283 @@
+//! The Query service: Score, Complete and Perplexity, each computed on one snapshot.
+//!
+//! candle's forward passes block, so they run on tokio's blocking pool, at most
+//! `Limits::query_concurrency` at a time.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::{Loaded, ServerError, State};
+use crate::proto::v1 as pb;
+use crate::proto::v1::query_server::Query;
+use crate::snapshot::{Finish, Sampling, Snapshot};
+
+/// The Query service.
+pub struct QueryService {
+    state: Arc<State>,
+}
+
+impl QueryService {
+    /// The service over the shared state.
+    pub fn new(state: Arc<State>) -> Self {
+        QueryService { state }
+    }
+}
+
+impl Loaded {
+    /// A query slot, waiting at most `query_wait` for one.
+    async fn slot(&self, state: &State) -> Result<OwnedSemaphorePermit, ServerError> {
+        let wait = state.config.limits.query_wait;
+        match tokio::time::timeout(wait, Arc::clone(&self.queries).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(ServerError::ShuttingDown),
+            Err(_) => Err(ServerError::limit(
+                "queries",
+                format!(
+                    "all {} query slots stayed busy for {wait:?}",
+                    state.config.limits.query_concurrency
+                ),
+            )),
+        }
+    }
+}
+
+/// Runs blocking work on the snapshot current now, holding a query slot.
+async fn on_snapshot<T: Send + 'static>(
+    state: &State,
+    work: impl FnOnce(&Snapshot) -> Result<T, ServerError> + Send + 'static,
+) -> Result<(u64, T), ServerError> {
+    let loaded = state.loaded()?;
+    let permit = loaded.slot(state).await?;
+    let snapshot = loaded.snapshots.current();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work(&snapshot).map(|v| (snapshot.version(), v))
+    })
+    .await
+    .map_err(|e| ServerError::Internal(format!("query task: {e}")))?
+}
+
+/// Token ids of `text`, at least `min` and at most `max` of them, or an error naming `field`.
+fn tokens(
+    snapshot: &Snapshot,
+    field: &str,
+    text: &str,
+    min: usize,
+    max: usize,
+) -> Result<Vec<u32>, ServerError> {
+    let ids = snapshot.model().tokenizer.encode(text)?.ids;
+    if ids.len() > max {
+        return Err(ServerError::limit(
+            field,
+            format!("{} tokens; the limit is {max}", ids.len()),
+        ));
+    }
+    if ids.len() < min {
+        return Err(ServerError::invalid(
+            field,
+            format!("{} token(s); at least {min} needed", ids.len()),
+        ));
+    }
+    Ok(ids)
+}
+
+/// The longest text in tokens a query may bring.
+fn max_tokens(snapshot: &Snapshot, state: &State) -> usize {
+    let limit = state.config.limits.max_document_tokens;
+    snapshot
+        .model()
+        .arch
+        .max_positions()
+        .map_or(limit, |p| p.min(limit))
+}
+
+type CompleteStream = Pin<Box<dyn Stream<Item = Result<pb::CompleteChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    #[tracing::instrument(skip_all, name = "Score")]
+    async fn score(
+        &self,
+        request: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let r = request.into_inner();
+        let limits = &self.state.config.limits;
+        if r.candidates.is_empty() {
+            return Err(ServerError::invalid("candidates", "nothing to score").into());
+        }
+        if r.candidates.len() > limits.max_candidates {
+            return Err(ServerError::limit(
+                "candidates",
+                format!(
+                    "{} candidates; at most {}",
+                    r.candidates.len(),
+                    limits.max_candidates
+                ),
+            )
+            .into());
+        }
+        let state = Arc::clone(&self.state);
+        let (version, ranked) = on_snapshot(&self.state, move |s| {
+            let max = max_tokens(s, &state);
+            let prompt = tokens(s, "prompt", &r.prompt, 1, max)?;
+            let continuations = r
+                .candidates
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    tokens(
+                        s,
+                        &format!("candidates[{i}]"),
+                        c,
+                        1,
+                        max - prompt.len().min(max),
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let logprobs = s.logprobs(&prompt, &continuations)?;
+            let mut ranked: Vec<pb::CandidateScore> = r
+                .candidates
+                .into_iter()
+                .zip(logprobs)
+                .zip(&continuations)
+                .enumerate()
+                .map(|(i, ((candidate, logprob), ids))| pb::CandidateScore {
+                    index: i as u32,
+                    candidate,
+                    logprob,
+                    tokens: ids.len() as u32,
+                })
+                .collect();
+            ranked.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+            Ok(ranked)
+        })
+        .await?;
+        Ok(Response::new(pb::ScoreResponse { version, ranked }))
+    }
+
+    type CompleteStream = CompleteStream;
+
+    #[tracing::instrument(skip_all, name = "Complete")]
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<CompleteStream>, Status> {
+        let r = request.into_inner();
+        let limits = &self.state.config.limits;
+        let max_new = match r.max_tokens as usize {
+            0 => limits.max_complete_tokens.min(64),
+            n if n > limits.max_complete_tokens => {
+                return Err(ServerError::limit(
+                    "max_tokens",
+                    format!("{n}; at most {}", limits.max_complete_tokens),
+                )
+                .into())
+            }
+            n => n,
+        };
+        if !(r.temperature.is_finite() && r.temperature >= 0.0) {
+            return Err(
+                ServerError::invalid("temperature", "must be 0 (greedy) or positive").into(),
+            );
+        }
+        if !(r.top_p.is_finite() && (0.0..=1.0).contains(&r.top_p)) {
+            return Err(ServerError::invalid("top_p", "must be in (0, 1], or 0 for 1").into());
+        }
+        if let Some(i) = r.stop.iter().position(String::is_empty) {
+            return Err(ServerError::invalid(format!("stop[{i}]"), "empty").into());
+        }
+        let sampling = Sampling {
+            max_tokens: max_new,
+            temperature: f64::from(r.temperature),
+            top_p: if r.top_p == 0.0 {
+                1.0
+            } else {
+                f64::from(r.top_p)
+            },
+            stop: r.stop,
+            seed: r.seed.unwrap_or_else(rand::random),
+        };
+        let loaded = self.state.loaded()?;
+        let permit = loaded.slot(&self.state).await?;
+        let snapshot = loaded.snapshots.current();
+        let version = snapshot.version();
+        // Check the prompt before the stream starts, so a bad one is an error status, not a chunk.
+        let prompt = tokens(
+            &snapshot,
+            "prompt",
+            &r.prompt,
+            1,
+            max_tokens(&snapshot, &self.state),
+        )?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let chunk = |text: &str, tokens: usize, finish: pb::FinishReason| pb::CompleteChunk {
+                version,
+                text: text.to_string(),
+                tokens: tokens as u32,
+                finish_reason: finish as i32,
+            };
+            let mut count = 0;
+            let finish = snapshot.generate(&prompt, &sampling, |text, n| {
+                count = n;
+                tx.blocking_send(Ok(chunk(text, n, pb::FinishReason::Unspecified)))
+                    .is_ok()
+            });
+            let last = match finish {
+                Ok(Finish::Length) => Ok(chunk("", count, pb::FinishReason::Length)),
+                Ok(Finish::Stop) => Ok(chunk("", count, pb::FinishReason::Stop)),
+                Ok(Finish::Cancelled) => return,
+                Err(e) => Err(Status::from(ServerError::from(e))),
+            };
+            let _ = tx.blocking_send(last);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, name = "Perplexity")]
+    async fn perplexity(
+        &self,
+        request: Request<pb::PerplexityRequest>,
+    ) -> Result<Response<pb::PerplexityResponse>, Status> {
+        let texts = request.into_inner().texts;
+        let limits = &self.state.config.limits;
+        if texts.is_empty() {
+            return Err(ServerError::invalid("texts", "nothing to score").into());
+        }
+        if texts.len() > limits.max_documents {
+            return Err(ServerError::limit(
+                "texts",
+                format!("{} texts; at most {}", texts.len(), limits.max_documents),
+            )
+            .into());
+        }
+        let state = Arc::clone(&self.state);
+        let (version, texts) = on_snapshot(&self.state, move |s| {
+            let max = max_tokens(s, &state);
+            let seqs = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| tokens(s, &format!("texts[{i}]"), t, 2, max))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(s.target_nll(&seqs)?
+                .iter()
+                .map(|row| {
+                    let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / row.len() as f64;
+                    pb::TextPerplexity {
+                        perplexity: mean.exp(),
+                        mean_nll: mean,
+                        tokens: (row.len() + 1) as u64,
+                    }
+                })
+                .collect())
+        })
+        .await?;
+        Ok(Response::new(pb::PerplexityResponse { version, texts }))
+    }
+}
