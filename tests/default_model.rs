@@ -4,9 +4,8 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{expected, fixture, rel_err};
+use common::{assert_trace_matches, expected, fixture, span_texts};
 use locus::model::load;
-use locus::spans::SpanText;
 use locus::trace::{prepare, trace};
 
 #[test]
@@ -15,58 +14,19 @@ fn default_model_matches_transformers_gguf() {
     let path = load::default::ensure().unwrap();
     let model = load::gguf::load(&path, &Device::Cpu).unwrap();
     assert_eq!(model.arch.num_layers(), 30);
-    let texts: Vec<SpanText> = e
-        .texts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| SpanText {
-            line: i + 1,
-            text: t.text.clone(),
-            spans: t.spans.clone(),
-        })
-        .collect();
+    let texts = span_texts(&e);
     let prepared = prepare(&model, "reference", &texts).unwrap();
     for (i, p) in prepared.iter().enumerate() {
         assert_eq!(p.ids, e.token_ids[i], "token ids of text {i}");
     }
-    let t = trace(&model, &prepared).unwrap();
-    for (i, s) in t.per_text.iter().enumerate() {
-        assert!(
-            rel_err(s.span_loss, e.span_loss[i]) < 1e-3,
-            "span loss {} vs {}",
-            s.span_loss,
-            e.span_loss[i]
-        );
-        assert!(
-            rel_err(s.full_loss, e.full_loss[i]) < 1e-3,
-            "full loss {} vs {}",
-            s.full_loss,
-            e.full_loss[i]
-        );
-    }
-    assert_eq!(t.groups.len(), 60);
-    for (g, want) in t.groups.iter().zip(&e.groups) {
-        assert_eq!(
-            (g.layer, g.module.to_string()),
-            (want.layer, want.module.clone())
-        );
-        assert!(
-            rel_err(g.span_norm, want.span_norm) < 1e-3,
-            "{}.{} span {} vs {}",
-            g.layer,
-            g.module,
-            g.span_norm,
-            want.span_norm
-        );
-        assert!(
-            rel_err(g.full_norm, want.full_norm) < 1e-3,
-            "{}.{} full {} vs {}",
-            g.layer,
-            g.module,
-            g.full_norm,
-            want.full_norm
-        );
-    }
+    assert_eq!(e.groups.len(), 60);
+    assert_trace_matches(
+        "SmolLM2",
+        &trace(&model, &prepared).unwrap(),
+        &e,
+        1e-3,
+        1e-3,
+    );
 }
 
 #[test]

@@ -4,9 +4,8 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{expected, fixture, rel_err, Expected, TINY};
-use locus::model::{load, ops, Model, Module};
-use locus::spans::SpanText;
+use common::{assert_trace_matches, expected, fixture, rel_err, span_texts, Expected, TINY};
+use locus::model::{load, ops, Model};
 use locus::trace::{param_squared_norms, prepare, span_and_full_loss, trace};
 use std::collections::BTreeMap;
 
@@ -14,18 +13,6 @@ fn load_tiny(name: &str) -> (Model, Expected) {
     let dir = fixture(name);
     let model = load::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     (model, expected(dir.join("expected.json")))
-}
-
-fn span_texts(e: &Expected) -> Vec<SpanText> {
-    e.texts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| SpanText {
-            line: i + 1,
-            text: t.text.clone(),
-            spans: t.spans.clone(),
-        })
-        .collect()
 }
 
 #[test]
@@ -78,44 +65,7 @@ fn losses_and_group_norms_match_transformers() {
     for name in TINY {
         let (model, e) = load_tiny(name);
         let prepared = prepare(&model, name, &span_texts(&e)).unwrap();
-        let t = trace(&model, &prepared).unwrap();
-        for (i, s) in t.per_text.iter().enumerate() {
-            assert!(
-                rel_err(s.span_loss, e.span_loss[i]) < 1e-4,
-                "{name} span loss {} vs {}",
-                s.span_loss,
-                e.span_loss[i]
-            );
-            assert!(
-                rel_err(s.full_loss, e.full_loss[i]) < 1e-4,
-                "{name} full loss {} vs {}",
-                s.full_loss,
-                e.full_loss[i]
-            );
-        }
-        assert_eq!(t.groups.len(), e.groups.len(), "{name} group count");
-        for (g, want) in t.groups.iter().zip(&e.groups) {
-            let module = match g.module {
-                Module::Attn => "attn",
-                Module::Mlp => "mlp",
-            };
-            assert_eq!(
-                (g.layer, module),
-                (want.layer, want.module.as_str()),
-                "{name} group order"
-            );
-            for (what, a, b) in [
-                ("span", g.span_norm, want.span_norm),
-                ("full", g.full_norm, want.full_norm),
-                ("relative", g.relative, want.relative),
-            ] {
-                assert!(
-                    rel_err(a, b) < 1e-3,
-                    "{name} {}.{module} {what}: {a} vs {b}",
-                    g.layer
-                );
-            }
-        }
+        assert_trace_matches(name, &trace(&model, &prepared).unwrap(), &e, 1e-4, 1e-3);
     }
 }
 

@@ -430,7 +430,7 @@ impl Learner {
         let loss_before = f64::from(full.to_scalar::<f32>()?);
         let span_value = f64::from(span_loss.to_scalar::<f32>()?);
 
-        if traced {
+        let grads = if traced {
             // Norms are read off the variables: under LoRA `params` holds `W + BA`, whose gradient
             // candle does not keep.
             let variables = model.params(|_| true);
@@ -440,37 +440,24 @@ impl Learner {
             let full_grads = full.backward()?;
             let full_sq = squared_norms(&model, &variables, &full_grads)?;
             self.observe(&span_sq.groups, &full_sq.groups);
-            self.finish(
-                start,
-                rows,
-                replay,
-                tokens,
-                loss_before,
-                span_value,
-                &ids,
-                &valid,
-                Some(full_grads),
-                true,
-            )
+            Some(full_grads)
+        } else if trainable.is_empty() {
+            None
         } else {
-            let grads = if trainable.is_empty() {
-                None
-            } else {
-                Some(full.backward()?)
-            };
-            self.finish(
-                start,
-                rows,
-                replay,
-                tokens,
-                loss_before,
-                span_value,
-                &ids,
-                &valid,
-                grads,
-                false,
-            )
-        }
+            Some(full.backward()?)
+        };
+        self.finish(
+            start,
+            rows,
+            replay,
+            tokens,
+            loss_before,
+            span_value,
+            &ids,
+            &valid,
+            grads,
+            traced,
+        )
     }
 
     /// Folds one batch's norms into the static or moving-average norms and re-selects when due.

@@ -62,3 +62,60 @@ pub fn expected(path: PathBuf) -> Expected {
 pub fn rel_err(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
+
+/// The fixture's texts as trace input.
+pub fn span_texts(e: &Expected) -> Vec<locus::spans::SpanText> {
+    e.texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| locus::spans::SpanText {
+            line: i + 1,
+            text: t.text.clone(),
+            spans: t.spans.clone(),
+        })
+        .collect()
+}
+
+/// Asserts per-text losses within `loss_tol` and every group's norms within `norm_tol` (relative).
+pub fn assert_trace_matches(
+    name: &str,
+    t: &locus::trace::Trace,
+    e: &Expected,
+    loss_tol: f64,
+    norm_tol: f64,
+) {
+    for (i, s) in t.per_text.iter().enumerate() {
+        assert!(
+            rel_err(s.span_loss, e.span_loss[i]) < loss_tol,
+            "{name} span loss {} vs {}",
+            s.span_loss,
+            e.span_loss[i]
+        );
+        assert!(
+            rel_err(s.full_loss, e.full_loss[i]) < loss_tol,
+            "{name} full loss {} vs {}",
+            s.full_loss,
+            e.full_loss[i]
+        );
+    }
+    assert_eq!(t.groups.len(), e.groups.len(), "{name} group count");
+    for (g, want) in t.groups.iter().zip(&e.groups) {
+        let module = g.module.to_string();
+        assert_eq!(
+            (g.layer, module.as_str()),
+            (want.layer, want.module.as_str()),
+            "{name} group order"
+        );
+        for (what, a, b) in [
+            ("span", g.span_norm, want.span_norm),
+            ("full", g.full_norm, want.full_norm),
+            ("relative", g.relative, want.relative),
+        ] {
+            assert!(
+                rel_err(a, b) < norm_tol,
+                "{name} {}.{module} {what}: {a} vs {b}",
+                g.layer
+            );
+        }
+    }
+}
