@@ -6,7 +6,7 @@ use tokio_stream::Stream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status, Streaming};
 
 use crate::proto::v1 as pb;
@@ -31,6 +31,14 @@ pub enum ClientError {
         /// The address given.
         address: String,
         /// The innermost cause (the layers above it repeat it).
+        reason: String,
+    },
+    /// The TLS settings were refused (an unusable certificate authority, say).
+    #[error("TLS for `{address}`: {reason}")]
+    Tls {
+        /// The address given.
+        address: String,
+        /// Why.
         reason: String,
     },
     /// The token cannot travel in an HTTP header.
@@ -75,15 +83,41 @@ impl Client {
     /// Connects to `address` (`host:port` or a URI such as `http://host:port`), sending `token`
     /// as a bearer token with every call when given.
     pub async fn connect(address: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        Self::open(address, "http", None, token).await
+    }
+
+    /// Connects over TLS to `address` (`host:port` or `https://host:port`), trusting the server
+    /// certificate only if the PEM certificate authority `ca_pem` signed it.
+    pub async fn connect_tls(
+        address: &str,
+        token: Option<&str>,
+        ca_pem: &[u8],
+    ) -> Result<Self, ClientError> {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+        Self::open(address, "https", Some(tls), token).await
+    }
+
+    async fn open(
+        address: &str,
+        scheme: &str,
+        tls: Option<ClientTlsConfig>,
+        token: Option<&str>,
+    ) -> Result<Self, ClientError> {
         let uri = if address.contains("://") {
             address.to_string()
         } else {
-            format!("http://{address}")
+            format!("{scheme}://{address}")
         };
-        let endpoint = Endpoint::from_shared(uri).map_err(|e| ClientError::Address {
+        let mut endpoint = Endpoint::from_shared(uri).map_err(|e| ClientError::Address {
             address: address.to_string(),
             reason: e.to_string(),
         })?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).map_err(|e| ClientError::Tls {
+                address: address.to_string(),
+                reason: e.to_string(),
+            })?;
+        }
         let channel = endpoint.connect().await.map_err(|e| {
             let mut cause: &dyn std::error::Error = &e;
             while let Some(inner) = cause.source() {

@@ -13,6 +13,8 @@ pub mod select;
 pub mod server;
 pub mod snapshot;
 pub mod spans;
+pub mod store;
+pub mod telemetry;
 pub mod tokenize;
 pub mod trace;
 

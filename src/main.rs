@@ -2,17 +2,22 @@
 
 mod cli;
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let args = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    let args = match cli::parse() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("locus: error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // Dropped when main returns, which flushes the spans still waiting for export.
+    let _telemetry = match locus::telemetry::init() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("locus: error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -12,12 +12,15 @@ use tokio_stream::StreamExt;
 /// Arguments of `locus client`.
 #[derive(Args)]
 pub struct ClientArgs {
-    /// Server address, `host:port` or `http://host:port`.
+    /// Server address, `host:port`, `http://host:port` or (with --ca-cert) `https://host:port`.
     #[arg(long, default_value = "127.0.0.1:50051", env = "LOCUS_ADDR")]
     addr: String,
     /// Bearer token sent with every call.
     #[arg(long, env = "LOCUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Connect over TLS, trusting the server certificate if this PEM certificate authority signed it.
+    #[arg(long, env = "LOCUS_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     command: ClientCommand,
 }
@@ -101,7 +104,13 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut client = Client::connect(&a.addr, a.token.as_deref()).await?;
+        let mut client = match &a.ca_cert {
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|e| locus::Error::io(ca, e))?;
+                Client::connect_tls(&a.addr, a.token.as_deref(), &pem).await?
+            }
+            None => Client::connect(&a.addr, a.token.as_deref()).await?,
+        };
         match a.command {
             ClientCommand::Ingest { file, batch_size } => {
                 ingest(&mut client, &file, batch_size).await

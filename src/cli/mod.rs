@@ -9,7 +9,10 @@ mod trace;
 
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use locus::model::{load, Model};
 
 /// locus: finds where new knowledge belongs in a language model and updates only those layers.
@@ -29,11 +32,31 @@ enum Command {
     /// Train every strategy on a drift set from the same weights and measure uptake and forgetting.
     Eval(eval::EvalArgs),
     /// Serve the model over gRPC, learning from streamed documents while answering queries.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Talk to a running `locus serve`: ingest, score, complete, perplexity, info, versions.
     Client(client::ClientArgs),
     /// Start a server on a free port, stream drifted facts through gRPC, and compare probe answers.
     Demo(demo::DemoArgs),
+}
+
+/// Parses the command line (exiting on a usage error or `--help`); `locus serve` also takes the
+/// settings of its file that no flag or environment variable gives.
+pub fn parse() -> anyhow::Result<Cli> {
+    let mut argv: Vec<OsString> = std::env::args_os().collect();
+    let command = Cli::command();
+    let matches = command.clone().get_matches_from(&argv);
+    if let (Some(("serve", given)), Some(serve)) =
+        (matches.subcommand(), command.find_subcommand("serve"))
+    {
+        if let Some((file, flags)) = serve::config_flags(serve, given)? {
+            // The command line alone parsed, so an error now comes from the file's values.
+            argv.extend(flags.into_iter().map(OsString::from));
+            return Cli::try_parse_from(argv)
+                .map_err(|e| anyhow::anyhow!("{}", e.render()))
+                .with_context(|| format!("settings from {}", file.display()));
+        }
+    }
+    Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
 }
 
 /// Runs the parsed command.
@@ -42,7 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(a) => trace::run(a),
         Command::Select(a) => select::run(a),
         Command::Eval(a) => eval::run_eval(a),
-        Command::Serve(a) => serve::run(a),
+        Command::Serve(a) => serve::run(*a),
         Command::Client(a) => client::run(a),
         Command::Demo(a) => demo::run(a),
     }

@@ -1,25 +1,49 @@
 //! `locus serve`: the gRPC server that learns from streamed text while it answers queries.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, Args, Command};
 use locus::learn::{LearnConfig, Localization, Strategy};
-use locus::server::{self, Auth, Config, Limits, State, Token};
+use locus::server::{self, Auth, Config, Limits, State, Tls, Token};
 
 /// The replay corpus Mix-Review samples when no `--replay` is given.
 const REPLAY: &str = include_str!("../../data/replay/general.txt");
 
+/// The settings file read when `--config` is not given, if it exists.
+const DEFAULT_CONFIG: &str = "locus.toml";
+
 /// Arguments of `locus serve`; every flag can also come from the environment variable it names.
 #[derive(Args)]
+#[command(
+    after_help = "Every flag can also be set in the settings file (`--config`, else \
+./locus.toml when it exists) under its long name without the leading `--`, such as \
+`grpc-addr = \"0.0.0.0:50051\"` or `lr = 1e-4`. A flag beats its environment variable, which \
+beats the file, which beats the default. OpenTelemetry: spans are exported over plaintext OTLP/gRPC when \
+OTEL_EXPORTER_OTLP_ENDPOINT is set (the standard OTEL_* variables apply); RUST_LOG filters the \
+log on stderr."
+)]
 pub struct ServeArgs {
+    /// Settings file in TOML with the flags' long names as keys (default: ./locus.toml if it exists).
+    #[arg(long, env = "LOCUS_CONFIG")]
+    config: Option<PathBuf>,
     /// A Hugging Face model directory, a .gguf file, or `default` (SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long, default_value = "default", env = "LOCUS_MODEL")]
     model: String,
     /// Address to serve gRPC on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:50051", env = "LOCUS_GRPC_ADDR")]
     grpc_addr: String,
+    /// Address for Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP (unset: not served).
+    #[arg(long, env = "LOCUS_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// PEM certificate chain: serve gRPC over TLS (rustls); needs --tls-key.
+    #[arg(long, env = "LOCUS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "LOCUS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(flatten)]
     learn: LearnArgs,
     /// Model versions kept in memory for Admin.Rollback (unchanged tensors are shared between them).
@@ -36,6 +60,15 @@ pub struct ServeArgs {
     /// Seconds shutdown waits for open streams before it drops them.
     #[arg(long, default_value_t = 30, env = "LOCUS_SHUTDOWN_GRACE")]
     shutdown_grace: u64,
+    /// Data directory for the batch journal and checkpoints; restored on start (unset: in memory only).
+    #[arg(long, env = "LOCUS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Applied updates between checkpoints (0: only on shutdown, rollback and Admin.Checkpoint).
+    #[arg(long, default_value_t = 100, env = "LOCUS_CHECKPOINT_EVERY")]
+    checkpoint_every: u64,
+    /// Checkpoints kept in the data directory, newest first.
+    #[arg(long, default_value_t = 3, env = "LOCUS_KEEP_CHECKPOINTS")]
+    keep_checkpoints: usize,
 }
 
 /// Learning settings shared by `serve` and `demo`.
@@ -161,9 +194,91 @@ impl LimitArgs {
     }
 }
 
+/// The settings file: `--config`, else `./locus.toml` when it exists.
+fn config_file(explicit: Option<&Path>) -> Option<PathBuf> {
+    explicit.map(Path::to_path_buf).or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG);
+        default.is_file().then_some(default)
+    })
+}
+
+/// The settings file and, as `--flag=value` arguments, its settings that neither the command line
+/// nor the environment gives (`None`: no file); `serve` is the `serve` command as parsed into
+/// `matches`. Appended to the command line, these give the file its place in the precedence.
+pub fn config_flags(
+    serve: &Command,
+    matches: &ArgMatches,
+) -> anyhow::Result<Option<(PathBuf, Vec<String>)>> {
+    let explicit = matches.get_one::<PathBuf>("config");
+    let Some(path) = config_file(explicit.map(PathBuf::as_path)) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| locus::Error::io(&path, e))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{}", path.display()))?;
+    let mut flags = Vec::new();
+    for (key, value) in &table {
+        let arg = serve
+            .get_arguments()
+            .filter(|a| a.get_id() != "config")
+            .filter(|a| {
+                a.get_action().takes_values() || matches!(a.get_action(), ArgAction::SetTrue)
+            })
+            .find(|a| a.get_long() == Some(key.as_str()))
+            .with_context(|| {
+                format!(
+                    "{}: unknown key `{key}` (the keys are the long flags of `locus serve --help`)",
+                    path.display()
+                )
+            })?;
+        if matches!(
+            matches.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let values = match value {
+            toml::Value::Array(items) => items.iter().collect(),
+            v => vec![v],
+        };
+        for v in values {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) if !arg.get_action().takes_values() => {
+                    if *b {
+                        flags.push(format!("--{key}"));
+                    }
+                    continue;
+                }
+                toml::Value::Boolean(b) => b.to_string(),
+                other => anyhow::bail!(
+                    "{}: `{key}` must be a string, number or boolean, not {}",
+                    path.display(),
+                    other.type_str()
+                ),
+            };
+            flags.push(format!("--{key}={text}"));
+        }
+    }
+    Ok(Some((path, flags)))
+}
+
 /// Runs `locus serve` until SIGTERM or Ctrl-C.
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    if let Some(file) = config_file(a.config.as_deref()) {
+        eprintln!("locus: settings from {}", file.display());
+    }
     let (learn, replay) = a.learn.config()?;
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls {
+            cert_pem: std::fs::read(cert).map_err(|e| locus::Error::io(cert, e))?,
+            key_pem: std::fs::read(key).map_err(|e| locus::Error::io(key, e))?,
+        }),
+        _ => None,
+    };
     let config = Config {
         learn,
         batch_size: a.learn.batch_size,
@@ -175,6 +290,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             query: a.query_token.as_deref().map(Token::new),
         },
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
+        tls,
+        durability: a.data_dir.clone().map(|dir| locus::store::Durability {
+            dir,
+            checkpoint_every: a.checkpoint_every,
+            keep_checkpoints: a.keep_checkpoints,
+        }),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -184,10 +305,29 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("--grpc-addr {}", a.grpc_addr))?;
         eprintln!(
-            "locus: serving gRPC on {} (health NOT_SERVING until the model is loaded)",
+            "locus: serving gRPC{} on {} (health NOT_SERVING until the model is loaded)",
+            if config.tls.is_some() {
+                " over TLS"
+            } else {
+                ""
+            },
             listener.local_addr()?
         );
         let state = State::new(config).await;
+        if let Some(addr) = &a.metrics_addr {
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-addr {addr}"))?;
+            eprintln!(
+                "locus: metrics on http://{}/metrics (and /healthz, /readyz)",
+                metrics.local_addr()?
+            );
+            // Ends with the runtime, after gRPC has drained: /readyz answers 503 meanwhile.
+            tokio::spawn(server::serve_metrics(
+                metrics,
+                std::sync::Arc::clone(&state),
+            ));
+        }
         let (failed, load_failure) = tokio::sync::oneshot::channel();
         let loading = std::sync::Arc::clone(&state);
         let spec = a.model.clone();

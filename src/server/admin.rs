@@ -1,4 +1,4 @@
-//! The Admin service: info, pause and resume, versions and rollback.
+//! The Admin service: info, pause and resume, versions, rollback and checkpoints.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -129,6 +129,32 @@ impl Admin for AdminService {
         Ok(Response::new(pb::RollbackResponse {
             version: new,
             restored_from: restored,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "Checkpoint")]
+    async fn checkpoint(
+        &self,
+        _request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let loaded = self.state.loaded()?;
+        let written = loaded
+            .learner
+            .ask(|reply| Job::Checkpoint { reply })
+            .await?
+            .ok_or_else(|| {
+                ServerError::invalid(
+                    "data_dir",
+                    "the server keeps no data directory; start it with --data-dir",
+                )
+            })?;
+        Ok(Response::new(pb::CheckpointResponse {
+            version: written.meta.version,
+            parent: written.meta.parent,
+            journal_seq: written.meta.journal_seq,
+            path: written.path.display().to_string(),
+            bytes: written.bytes,
+            groups: written.meta.groups,
         }))
     }
 }

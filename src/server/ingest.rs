@@ -341,6 +341,7 @@ async fn read_batch(state: &Arc<State>, req: pb::IngestRequest) -> Pending {
     }
     let (reply, answer) = oneshot::channel();
     let job = Job::Learn {
+        batch_id: validated.client_batch_id.clone(),
         docs: std::mem::take(&mut validated.docs),
         reply,
     };

@@ -16,6 +16,7 @@ use crate::learn::{Doc, LearnConfig, Learner, UpdateReport};
 use crate::model::{GroupId, Model};
 use crate::snapshot::Snapshots;
 use crate::spans::SpanText;
+use crate::store::{Durability, Restored, Store, StoreError, Written};
 use crate::trace::{prepare, trace, Trace};
 
 /// A reply channel for a job's result.
@@ -23,8 +24,9 @@ type Reply<T> = oneshot::Sender<Result<T, ServerError>>;
 
 /// Work for the learner thread.
 pub(crate) enum Job {
-    /// Learn from documents in steps of at most `batch_size`.
+    /// Learn from documents in steps of at most `batch_size`, journaling them first.
     Learn {
+        batch_id: String,
         docs: Vec<Doc>,
         reply: Reply<Vec<UpdateReport>>,
     },
@@ -38,6 +40,13 @@ pub(crate) enum Job {
         version: u64,
         reply: Reply<(u64, u64)>,
     },
+    /// Apply journal records left after the restored checkpoint; answers the steps taken.
+    Replay {
+        restored: Restored,
+        reply: Reply<usize>,
+    },
+    /// Write a checkpoint now; answers `None` when the server keeps no data directory.
+    Checkpoint { reply: Reply<Option<Written>> },
 }
 
 /// What the learner has done, for Admin.Info.
@@ -58,6 +67,8 @@ pub(crate) struct Setup {
     pub batch_size: usize,
     pub queue_depth: usize,
     pub paused: Arc<AtomicBool>,
+    /// The data directory, when the server is durable.
+    pub store: Option<Store>,
 }
 
 /// The server's side of the learner thread.
@@ -119,6 +130,16 @@ impl Handle {
             .map_err(|_| ServerError::Internal("the learner thread dropped a job".into()))?
     }
 
+    /// Replays what `Store::open` left to replay, before the server takes new batches.
+    pub async fn replay(&self, restored: Restored) -> Result<(), ServerError> {
+        let records = restored.replay.len();
+        let steps = self.ask(|reply| Job::Replay { restored, reply }).await?;
+        if records > 0 {
+            tracing::info!(records, steps, "journal replayed");
+        }
+        Ok(())
+    }
+
     /// Jobs waiting in the queue.
     pub fn queued(&self) -> usize {
         self.sender()
@@ -167,8 +188,12 @@ impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         while let Some(job) = rx.blocking_recv() {
             match job {
-                Job::Learn { docs, reply } => {
-                    let _ = reply.send(self.guarded(|w| w.learn(&docs)));
+                Job::Learn {
+                    batch_id,
+                    docs,
+                    reply,
+                } => {
+                    let _ = reply.send(self.guarded(|w| w.ingest(&batch_id, &docs)));
                 }
                 Job::Trace { texts, reply } => {
                     let _ = reply.send(self.guarded(|w| w.trace(&texts)));
@@ -176,6 +201,17 @@ impl Worker {
                 Job::Rollback { version, reply } => {
                     let _ = reply.send(self.guarded(|w| w.rollback(version)));
                 }
+                Job::Replay { restored, reply } => {
+                    let _ = reply.send(self.guarded(|w| w.replay(&restored)));
+                }
+                Job::Checkpoint { reply } => {
+                    let _ = reply.send(self.guarded(|w| w.checkpoint()));
+                }
+            }
+        }
+        if self.setup.store.as_ref().is_some_and(Store::pending) {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!("checkpoint at shutdown: {e}");
             }
         }
         tracing::info!("learner thread stopped");
@@ -198,10 +234,77 @@ impl Worker {
         })
     }
 
-    fn learn(&mut self, docs: &[Doc]) -> Result<Vec<UpdateReport>, ServerError> {
+    /// A client's batch: journaled (and synced) before it is learned, so that once the client
+    /// hears back, a restart replays it.
+    fn ingest(&mut self, batch_id: &str, docs: &[Doc]) -> Result<Vec<UpdateReport>, ServerError> {
         if self.setup.paused.load(Ordering::SeqCst) {
             return Err(ServerError::Paused);
         }
+        let Some(store) = self.setup.store.as_mut() else {
+            return self.learn(docs);
+        };
+        let seq = store.journal(batch_id, docs).map_err(store_error)?;
+        let result = self.learn(docs);
+        self.applied(seq);
+        result
+    }
+
+    /// Records that journal record `seq` has been learned, and checkpoints when one is due.
+    fn applied(&mut self, seq: u64) {
+        let Some(store) = self.setup.store.as_mut() else {
+            return;
+        };
+        store.applied(seq);
+        if store.due() {
+            // The batch is journaled and applied; a failed checkpoint only lengthens the replay.
+            if let Err(e) = self.checkpoint() {
+                tracing::error!("periodic checkpoint: {e}");
+            }
+        }
+    }
+
+    /// Learns the journal records after the restored checkpoint, in their order; a record that
+    /// fails (or panics) fails as it did when it first arrived, and the rest go on, so one bad
+    /// record cannot keep the server from starting.
+    fn replay(&mut self, restored: &Restored) -> Result<usize, ServerError> {
+        let mut steps = 0;
+        for record in &restored.replay {
+            match self.guarded(|w| w.learn(&record.docs())) {
+                Ok(reports) => steps += reports.len(),
+                Err(e) => tracing::warn!(
+                    seq = record.seq,
+                    batch = %record.batch_id,
+                    "replayed batch failed: {e}"
+                ),
+            }
+            self.applied(record.seq);
+        }
+        Ok(steps)
+    }
+
+    /// Writes the served snapshot as a checkpoint, if the server has a data directory.
+    fn checkpoint(&mut self) -> Result<Option<Written>, ServerError> {
+        let Some(store) = self.setup.store.as_mut() else {
+            return Ok(None);
+        };
+        let snapshot = self.setup.snapshots.current();
+        let selection = self.learner.selection().unwrap_or_default();
+        let written = store
+            .checkpoint(&snapshot, selection)
+            .map_err(store_error)?;
+        tracing::info!(
+            version = written.meta.version,
+            parent = ?written.meta.parent,
+            journal_seq = written.meta.journal_seq,
+            groups = written.meta.groups.len(),
+            bytes = written.bytes,
+            path = %written.path.display(),
+            "checkpoint written"
+        );
+        Ok(Some(written))
+    }
+
+    fn learn(&mut self, docs: &[Doc]) -> Result<Vec<UpdateReport>, ServerError> {
         let mut reports = Vec::new();
         for chunk in docs.chunks(self.setup.batch_size) {
             let span = tracing::info_span!("update", documents = chunk.len());
@@ -223,6 +326,9 @@ impl Worker {
                     &weights,
                 )?;
                 self.setup.snapshots.publish(next)?;
+                if let Some(store) = self.setup.store.as_mut() {
+                    store.updated(changed);
+                }
             }
             tracing::info!(
                 version = report.version,
@@ -271,7 +377,16 @@ impl Worker {
             self.setup.replay.clone(),
             next,
         )?;
-        snapshots.publish(restored)?;
+        let published = snapshots.publish(restored)?;
+        if let Some(store) = self.setup.store.as_mut() {
+            // The journal cannot replay a rollback, so it is made durable by a checkpoint now.
+            store.updated(published.changed().iter().copied());
+            self.checkpoint().map_err(|e| {
+                ServerError::Internal(format!(
+                    "rolled back to {version} as version {next}, but it is not durable: {e}"
+                ))
+            })?;
+        }
         self.progress
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -279,4 +394,56 @@ impl Worker {
             .clear();
         Ok((next, version))
     }
+}
+
+/// Opens the data directory when there is one: its newest good checkpoint goes into `model`'s
+/// weights, and what was restored is logged.
+pub(crate) fn open_store(
+    model: &Model,
+    durability: Option<Durability>,
+    strategy: &str,
+) -> Result<(Option<Store>, Option<Restored>), ServerError> {
+    let Some(durability) = durability else {
+        return Ok((None, None));
+    };
+    let dir = durability.dir.display().to_string();
+    let (store, restored) = Store::open(durability, model, strategy).map_err(store_error)?;
+    if let Some(meta) = restored
+        .checkpoint
+        .as_ref()
+        .filter(|m| m.strategy != strategy)
+    {
+        // Replay learns with the settings given now; they differ from the ones that first learned.
+        tracing::warn!(
+            checkpoint = %meta.strategy,
+            now = %strategy,
+            "the strategy changed since the checkpoint; the journal is replayed with the new one"
+        );
+    }
+    for path in &restored.rejected {
+        tracing::error!(path = %path.display(), "checkpoint failed verification; set aside");
+    }
+    match &restored.checkpoint {
+        Some(meta) => tracing::info!(
+            data_dir = %dir,
+            version = meta.version,
+            journal_seq = meta.journal_seq,
+            groups = meta.groups.len(),
+            strategy = %meta.strategy,
+            to_replay = restored.replay.len(),
+            torn_bytes = restored.torn_bytes,
+            "restored checkpoint"
+        ),
+        None => tracing::info!(
+            data_dir = %dir,
+            to_replay = restored.replay.len(),
+            torn_bytes = restored.torn_bytes,
+            "no checkpoint; starting from the base model"
+        ),
+    }
+    Ok((Some(store), Some(restored)))
+}
+
+fn store_error(e: StoreError) -> ServerError {
+    ServerError::Internal(format!("data directory: {e}"))
 }

@@ -10,6 +10,7 @@ mod convert;
 mod error;
 mod ingest;
 mod learner;
+mod metrics;
 mod query;
 
 use std::future::Future;
@@ -33,6 +34,7 @@ use crate::snapshot::{Snapshot, Snapshots};
 
 pub use auth::{Auth, Token};
 pub use error::ServerError;
+pub use metrics::serve as serve_metrics;
 
 /// The services whose health is reported, besides the whole server (`""`).
 const SERVICES: [&str; 3] = [
@@ -97,6 +99,26 @@ pub struct Config {
     pub auth: Auth,
     /// How long shutdown waits for streams in flight before it drops them.
     pub shutdown_grace: Duration,
+    /// Serve over TLS with this certificate and key (`None`: plaintext).
+    pub tls: Option<Tls>,
+    /// Journal and checkpoints in a data directory (`None`: in memory only).
+    pub durability: Option<crate::store::Durability>,
+}
+
+/// A PEM certificate chain and its PEM private key.
+#[derive(Clone)]
+pub struct Tls {
+    /// The certificate chain, leaf first.
+    pub cert_pem: Vec<u8>,
+    /// The private key of the leaf certificate.
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key is a secret; say only that there is one.
+        f.write_str("Tls(<certificate and key>)")
+    }
 }
 
 impl Default for Config {
@@ -109,6 +131,8 @@ impl Default for Config {
             limits: Limits::default(),
             auth: Auth::default(),
             shutdown_grace: Duration::from_secs(30),
+            tls: None,
+            durability: None,
         }
     }
 }
@@ -128,6 +152,7 @@ pub struct State {
     health: HealthReporter,
     loaded: OnceLock<Loaded>,
     shutdown: watch::Sender<bool>,
+    metrics: metrics::Metrics,
 }
 
 impl State {
@@ -147,6 +172,7 @@ impl State {
             health,
             loaded: OnceLock::new(),
             shutdown: watch::channel(false).0,
+            metrics: metrics::Metrics::new(),
         })
     }
 
@@ -156,9 +182,16 @@ impl State {
         let model = Arc::new(model);
         let m = Arc::clone(&model);
         let keep = self.config.keep_versions;
-        let snapshots = tokio::task::spawn_blocking(move || Snapshot::load(m, 0))
-            .await
-            .map_err(|e| ServerError::Internal(format!("loading the snapshot: {e}")))??;
+        let durability = self.config.durability.clone();
+        let strategy = self.config.learn.strategy.name.clone();
+        // The data directory's checkpoint goes into the weights before the first snapshot.
+        let (snapshots, store, restored) = tokio::task::spawn_blocking(move || {
+            let (store, restored) = learner::open_store(&m, durability, &strategy)?;
+            let version = restored.as_ref().map_or(0, |r| r.version);
+            Ok::<_, ServerError>((Snapshot::load(m, version)?, store, restored))
+        })
+        .await
+        .map_err(|e| ServerError::Internal(format!("loading the snapshot: {e}")))??;
         let snapshots = Arc::new(Snapshots::new(snapshots, keep));
         let paused = Arc::new(AtomicBool::new(false));
         let learner = learner::Handle::spawn(learner::Setup {
@@ -169,7 +202,11 @@ impl State {
             batch_size: self.config.batch_size.max(1),
             queue_depth: self.config.limits.queue_depth.max(1),
             paused: Arc::clone(&paused),
+            store,
         })?;
+        if let Some(restored) = restored {
+            learner.replay(restored).await?;
+        }
         let loaded = Loaded {
             model,
             snapshots,
@@ -242,9 +279,12 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
     let auth = &state.config.auth;
     let learn = InterceptedService::new(
-        LearnServer::new(ingest::LearnService::new(Arc::clone(&state)))
-            .max_decoding_message_size(bytes)
-            .max_encoding_message_size(bytes),
+        LearnServer::new(metrics::MeteredLearn::new(
+            ingest::LearnService::new(Arc::clone(&state)),
+            Arc::clone(&state),
+        ))
+        .max_decoding_message_size(bytes)
+        .max_encoding_message_size(bytes),
         auth::Bearer::write(auth),
     );
     let query = InterceptedService::new(
@@ -266,8 +306,16 @@ pub async fn run(
         signal_state.begin_shutdown().await;
         let _ = fired.send(());
     };
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &state.config.tls {
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        ))?;
+    }
+    let serve = builder
         .max_concurrent_streams(limits.max_concurrent_streams)
+        // One span per RPC, health and reflection included; handlers' spans nest inside it.
+        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
         .layer(tower::layer::layer_fn(error::OversizeAsLimit::new))
         .add_service(health)
         .add_service(reflection_v1)

@@ -105,6 +105,7 @@ impl Query for QueryService {
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let _timer = self.state.metrics.query_timer("Score");
         let r = request.into_inner();
         let limits = &self.state.config.limits;
         if r.candidates.is_empty() {
@@ -167,6 +168,8 @@ impl Query for QueryService {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<CompleteStream>, Status> {
+        // Moved into the generating task, so the latency covers the whole stream.
+        let timer = self.state.metrics.query_timer("Complete");
         let r = request.into_inner();
         let limits = &self.state.config.limits;
         let max_new = match r.max_tokens as usize {
@@ -217,6 +220,7 @@ impl Query for QueryService {
         let (tx, rx) = mpsc::channel(16);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _timer = timer;
             let chunk = |text: &str, tokens: usize, finish: pb::FinishReason| pb::CompleteChunk {
                 version,
                 text: text.to_string(),
@@ -245,6 +249,7 @@ impl Query for QueryService {
         &self,
         request: Request<pb::PerplexityRequest>,
     ) -> Result<Response<pb::PerplexityResponse>, Status> {
+        let _timer = self.state.metrics.query_timer("Perplexity");
         let texts = request.into_inner().texts;
         let limits = &self.state.config.limits;
         if texts.is_empty() {

@@ -1,6 +1,6 @@
 //! Seconds per learning step of 4 x 128 tokens on the default model, CPU: `full`, `tgl-fp` with a
 //! static selection of a third of the groups (layers 20-29), and `tgl-fp` traced every batch.
-//! `cargo bench --bench learn` prints one JSON object. Medians of 3 steps after one warm-up.
+//! `cargo bench --bench update_step` prints one JSON object. Medians of 3 steps after one warm-up.
 
 use std::sync::Arc;
 

@@ -1,0 +1,179 @@
+//! Query latency of the live server: `Query.Score` p50/p99 over a fixed number of requests on the
+//! default model, first idle, then while an ingest stream keeps the learner busy. The goal is a
+//! p99 under ingest at most twice the idle p99. `cargo bench --bench load` prints one JSON object.
+//!
+//! The server runs in-process on 127.0.0.1:0 and is spoken to over gRPC with the public client,
+//! one request at a time, so each latency is a full round trip.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use locus::client::Client;
+use locus::model::load;
+use locus::proto::v1 as pb;
+use locus::server::{self, Config, State};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Score requests measured in each phase (after `WARMUP` unmeasured ones).
+const REQUESTS: usize = 200;
+const WARMUP: usize = 10;
+/// Documents per ingest batch.
+const BATCH: usize = 8;
+
+const STABLE: &str = include_str!("../data/drift/stable.jsonl");
+const UPDATES: &str = include_str!("../data/drift/updates.jsonl");
+
+/// `(prompt, [gold, foil])` probes to score, cycled through.
+fn probes() -> Vec<(String, Vec<String>)> {
+    STABLE
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let field = |k: &str| v[k].as_str().map(String::from);
+            Some((field("prompt")?, vec![field("gold")?, field("foil")?]))
+        })
+        .collect()
+}
+
+/// The drifted documents, in batches, to ingest in a loop.
+fn batches() -> Vec<pb::IngestRequest> {
+    let docs: Vec<pb::Document> = UPDATES
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .flat_map(|v| {
+            v["docs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d.as_str())
+                .map(|text| pb::Document {
+                    text: text.to_string(),
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    docs.chunks(BATCH)
+        .enumerate()
+        .map(|(i, chunk)| pb::IngestRequest {
+            documents: chunk.to_vec(),
+            client_batch_id: format!("load-{i}"),
+        })
+        .collect()
+}
+
+/// Latencies in milliseconds of `n` sequential Score calls after the warm-up.
+async fn measure(
+    client: &mut Client,
+    probes: &[(String, Vec<String>)],
+    n: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    for (i, (prompt, candidates)) in probes.iter().cycle().take(WARMUP + n).enumerate() {
+        let start = Instant::now();
+        client.score(prompt, candidates).await?;
+        if i >= WARMUP {
+            out.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(out)
+}
+
+/// p50, p99, mean and max of latencies in milliseconds.
+fn summary(mut ms: Vec<f64>) -> serde_json::Value {
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    serde_json::json!({
+        "requests": ms.len(),
+        "p50_ms": at(0.50),
+        "p99_ms": at(0.99),
+        "mean_ms": ms.iter().sum::<f64>() / ms.len() as f64,
+        "max_ms": ms[ms.len() - 1],
+    })
+}
+
+/// The CPU's model name, as /proc/cpuinfo gives it.
+fn machine() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let model = load::load("default", &Device::Cpu)?;
+        let model_name = model.arch.name().to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let state = State::new(Config::default()).await;
+        state.install(model).await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(server::run(listener, Arc::clone(&state), async {
+            let _ = stopped.await;
+        }));
+
+        let probes = probes();
+        let mut client = Client::connect(&addr, None).await?;
+        let idle = measure(&mut client, &probes, REQUESTS).await?;
+
+        // Keep the learner busy: batches go out as fast as flow control admits them.
+        let (tx, rx) = mpsc::channel(1);
+        let mut ingest_client = client.clone();
+        let answers = ingest_client.ingest(ReceiverStream::new(rx)).await?;
+        let feeder = tokio::spawn(async move {
+            for batch in batches().into_iter().cycle() {
+                if tx.send(batch).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Measure only once the first update is under way, not while the queue fills.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let steps_before = client.info().await?.steps;
+        let busy_start = Instant::now();
+        let busy = measure(&mut client, &probes, REQUESTS).await?;
+        let busy_seconds = busy_start.elapsed().as_secs_f64();
+        let info = client.info().await?;
+        // Ending the feeder and the answers ends the stream; queued batches are still learned.
+        feeder.abort();
+        drop(answers);
+
+        let _ = stop.send(());
+        // The learner finishes the queued batches before `run` returns; that is not measured.
+        server.await??;
+
+        let idle = summary(idle);
+        let busy = summary(busy);
+        let ratio = busy["p99_ms"].as_f64().unwrap_or(f64::NAN)
+            / idle["p99_ms"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "machine": machine(),
+                "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+                "model": model_name,
+                "rpc": "Score",
+                "candidates": 2,
+                "idle": idle,
+                "during_ingest": busy,
+                "update_steps_during_measurement": info.steps - steps_before,
+                "measurement_seconds": busy_seconds,
+                "final_version": info.version,
+                "p99_ratio": ratio,
+                "goal_p99_ratio_at_most_2": ratio <= 2.0,
+            }))?
+        );
+        anyhow::Ok(())
+    })
+}

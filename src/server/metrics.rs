@@ -1,0 +1,283 @@
+//! Prometheus metrics and the probes beside them: `/metrics`, `/healthz` and `/readyz` over plain
+//! HTTP/1.1 on their own port, so scrapers and Kubernetes HTTP probes need no gRPC.
+//!
+//! Counters and histograms are recorded as requests and updates happen; the model version, queue
+//! depth and selection are read from the live state at scrape time, so they cannot go stale.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramTimer, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+
+use super::ingest::LearnService;
+use super::State;
+use crate::proto::v1 as pb;
+use crate::proto::v1::learn_server::Learn;
+
+/// The server's metrics, in a registry of its own so that several servers in one process (tests,
+/// the demo) do not mix their numbers.
+pub(crate) struct Metrics {
+    registry: Registry,
+    ingest_tokens: IntCounter,
+    ingest_documents: IntCounterVec,
+    update_steps: IntCounterVec,
+    update_seconds: Histogram,
+    query_seconds: HistogramVec,
+    queue_depth: IntGauge,
+    model_version: IntGauge,
+    selected_groups: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub(crate) fn new() -> Metrics {
+        // The names, labels and buckets are constants: registering them fails only on a bug.
+        Self::register().expect("the metric definitions are valid")
+    }
+
+    fn register() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let ingest_tokens = IntCounter::new(
+            "locus_ingest_tokens_total",
+            "Tokens of ingested documents learned from (rate() gives tokens/s)",
+        )?;
+        let ingest_documents = IntCounterVec::new(
+            Opts::new(
+                "locus_ingest_documents_total",
+                "Ingested documents by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let update_steps = IntCounterVec::new(
+            Opts::new(
+                "locus_update_steps_total",
+                "Learning steps, by whether they changed the weights",
+            ),
+            &["outcome"],
+        )?;
+        let update_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "locus_update_seconds",
+                "Wall-clock seconds of a learning step",
+            )
+            .buckets(exponential_buckets(0.05, 2.0, 14)?),
+        )?;
+        let query_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "locus_query_seconds",
+                "Query latency in seconds by RPC (Complete: until its last token)",
+            )
+            .buckets(exponential_buckets(0.002, 2.0, 15)?),
+            &["rpc"],
+        )?;
+        let queue_depth =
+            IntGauge::new("locus_queue_depth", "Jobs waiting for the learner thread")?;
+        let model_version = IntGauge::new(
+            "locus_model_version",
+            "Version of the snapshot queries are served from",
+        )?;
+        let selected_groups = IntGaugeVec::new(
+            Opts::new(
+                "locus_selected_groups",
+                "1 for each layer group the strategy updates now, 0 for the others",
+            ),
+            &["layer", "module"],
+        )?;
+        // Series that exist from the start read 0 rather than absent, so rates and alerts work
+        // before the first event.
+        for outcome in ["accepted", "rejected"] {
+            ingest_documents.with_label_values(&[outcome]);
+        }
+        for outcome in ["applied", "skipped"] {
+            update_steps.with_label_values(&[outcome]);
+        }
+        for rpc in ["Score", "Complete", "Perplexity"] {
+            query_seconds.with_label_values(&[rpc]);
+        }
+        registry.register(Box::new(ingest_tokens.clone()))?;
+        registry.register(Box::new(ingest_documents.clone()))?;
+        registry.register(Box::new(update_steps.clone()))?;
+        registry.register(Box::new(update_seconds.clone()))?;
+        registry.register(Box::new(query_seconds.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(model_version.clone()))?;
+        registry.register(Box::new(selected_groups.clone()))?;
+        Ok(Metrics {
+            registry,
+            ingest_tokens,
+            ingest_documents,
+            update_steps,
+            update_seconds,
+            query_seconds,
+            queue_depth,
+            model_version,
+            selected_groups,
+        })
+    }
+
+    /// A timer that records the latency of one query RPC when dropped.
+    pub(crate) fn query_timer(&self, rpc: &str) -> HistogramTimer {
+        self.query_seconds.with_label_values(&[rpc]).start_timer()
+    }
+
+    /// Records one answered ingest batch and its learning steps.
+    fn ingested(&self, response: &pb::IngestResponse) {
+        self.ingest_documents
+            .with_label_values(&["accepted"])
+            .inc_by(response.accepted.len() as u64);
+        self.ingest_documents
+            .with_label_values(&["rejected"])
+            .inc_by(response.rejected.len() as u64);
+        for step in &response.steps {
+            self.ingest_tokens.inc_by(step.tokens);
+            self.update_seconds.observe(step.seconds);
+            let outcome = if step.applied { "applied" } else { "skipped" };
+            self.update_steps.with_label_values(&[outcome]).inc();
+        }
+    }
+
+    /// The metrics in the Prometheus text format, with the live gauges read from `state` now.
+    fn render(&self, state: &State) -> Vec<u8> {
+        if let Ok(loaded) = state.loaded() {
+            self.model_version
+                .set(loaded.snapshots.current().version() as i64);
+            self.queue_depth.set(loaded.learner.queued() as i64);
+            let selection = loaded.learner.progress().selection;
+            for g in loaded.model.groups() {
+                let layer = g.layer.to_string();
+                let module = g.module.to_string();
+                self.selected_groups
+                    .with_label_values(&[layer.as_str(), module.as_str()])
+                    .set(i64::from(selection.contains(&g)));
+            }
+        }
+        let mut out = Vec::new();
+        // Encoding into a Vec fails only for invalid metric names, which `new` already rejected.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+/// The Learn service with ingest metrics: it watches the answers the inner service streams back,
+/// which carry each batch's documents and learning steps (so the learner itself needs no hook; a
+/// batch whose client hung up before its answer was sent is learned but not counted).
+pub struct MeteredLearn {
+    inner: LearnService,
+    state: Arc<State>,
+}
+
+impl MeteredLearn {
+    /// Wraps the Learn service.
+    pub fn new(inner: LearnService, state: Arc<State>) -> Self {
+        MeteredLearn { inner, state }
+    }
+}
+
+type IngestStream = Pin<Box<dyn Stream<Item = Result<pb::IngestResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Learn for MeteredLearn {
+    type IngestStream = IngestStream;
+
+    async fn ingest(
+        &self,
+        request: GrpcRequest<Streaming<pb::IngestRequest>>,
+    ) -> Result<GrpcResponse<IngestStream>, Status> {
+        let answers = self.inner.ingest(request).await?;
+        let state = Arc::clone(&self.state);
+        Ok(answers.map(|stream| {
+            Box::pin(stream.map(move |answer| {
+                if let Ok(response) = &answer {
+                    state.metrics.ingested(response);
+                }
+                answer
+            })) as IngestStream
+        }))
+    }
+
+    async fn trace(
+        &self,
+        request: GrpcRequest<pb::TraceRequest>,
+    ) -> Result<GrpcResponse<pb::TraceResponse>, Status> {
+        self.inner.trace(request).await
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped; it keeps
+/// answering while the gRPC server drains, so probes see `/readyz` fail during shutdown.
+pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Running out of file descriptors is transient; back off instead of spinning.
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let answer = respond(&state, &request);
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection");
+            }
+        });
+    }
+}
+
+/// The answer to one HTTP request.
+fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &'static str| (status, "text/plain", Bytes::from(body));
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            Bytes::from(state.metrics.render(state)),
+        ),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if state.loaded().is_err() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "model not loaded\n")
+            } else if *state.shutdown.borrow() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/readyz") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: /metrics, /healthz, /readyz\n",
+        ),
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}

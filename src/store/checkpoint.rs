@@ -1,0 +1,232 @@
+//! Checkpoints: the layer groups changed since the base model, with the state that places them.
+//!
+//! A file is `MAGIC | metadata length (u64 LE) | metadata JSON | tensors length (u64 LE) |
+//! safetensors | SHA-256 of everything before it`. It is written to a temporary file, synced,
+//! renamed into place and the directory synced, so a crash leaves either the old set of
+//! checkpoints or the new one, never half a file under a checkpoint's name. A file that fails its
+//! checksum on load is renamed aside and the next older one is used.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{sync_dir, Result, StoreError};
+use crate::model::{GroupId, Module};
+
+/// The file format version in [`Meta::format`].
+pub const FORMAT: u32 = 1;
+const MAGIC: &[u8; 8] = b"LOCUSCK1";
+const DIGEST: usize = 32;
+const EXT: &str = "ckpt";
+
+/// What a checkpoint is, besides its tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// File format version.
+    pub format: u32,
+    /// The model version it holds.
+    pub version: u64,
+    /// The version of the checkpoint before it (`None`: made from the base model).
+    pub parent: Option<u64>,
+    /// [`super::model_hash`] of the base model the groups replace parts of.
+    pub base_hash: String,
+    /// The learning strategy in force.
+    pub strategy: String,
+    /// The groups the strategy selected when it was written (`layer.module`).
+    pub selection: Vec<String>,
+    /// The groups it holds: every group changed since the base (`layer.module`).
+    pub groups: Vec<String>,
+    /// The last journal record whose batch it includes.
+    pub journal_seq: u64,
+    /// When it was written, in seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+impl Meta {
+    /// The groups it holds, parsed (names that do not parse are skipped: they name no group).
+    pub fn group_ids(&self) -> Vec<GroupId> {
+        self.groups
+            .iter()
+            .filter_map(|g| {
+                let (layer, module) = g.split_once('.')?;
+                let module = match module {
+                    "attn" => Module::Attn,
+                    "mlp" => Module::Mlp,
+                    _ => return None,
+                };
+                Some(GroupId {
+                    layer: layer.parse().ok()?,
+                    module,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A checkpoint read back: its metadata and the tensors of its groups.
+pub struct Checkpoint {
+    /// Metadata.
+    pub meta: Meta,
+    /// Tensors by parameter name.
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// Encodes a checkpoint file.
+pub fn encode(meta: &Meta, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
+    let meta_json = serde_json::to_vec(meta).expect("metadata always serializes");
+    let payload = safetensors::serialize(tensors.iter(), None)
+        .map_err(|e| StoreError::Mismatch(format!("serializing checkpoint tensors: {e}")))?;
+    let mut out = Vec::with_capacity(8 + 16 + meta_json.len() + payload.len() + DIGEST);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(meta_json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&meta_json);
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&payload);
+    let digest = Sha256::digest(&out);
+    out.extend_from_slice(&digest);
+    Ok(out)
+}
+
+/// Verifies and decodes a checkpoint file's bytes.
+pub fn decode(path: &Path, bytes: &[u8], device: &Device) -> Result<Checkpoint> {
+    let bad = |reason: &str| StoreError::corrupt(path, reason);
+    if bytes.len() < MAGIC.len() + 16 + DIGEST || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(bad("too short or not a locus checkpoint"));
+    }
+    let (body, digest) = bytes.split_at(bytes.len() - DIGEST);
+    if Sha256::digest(body).as_slice() != digest {
+        return Err(bad("checksum mismatch (truncated or damaged)"));
+    }
+    let take = |at: usize| -> Result<(usize, usize)> {
+        let n = body
+            .get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+            .ok_or_else(|| bad("length field past the end"))?;
+        let end = (at + 8)
+            .checked_add(n)
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| bad("section past the end"))?;
+        Ok((at + 8, end))
+    };
+    let (m0, m1) = take(MAGIC.len())?;
+    let (t0, t1) = take(m1)?;
+    if t1 != body.len() {
+        return Err(bad("trailing bytes"));
+    }
+    let meta: Meta =
+        serde_json::from_slice(&body[m0..m1]).map_err(|e| bad(&format!("metadata: {e}")))?;
+    if meta.format != FORMAT {
+        return Err(bad(&format!(
+            "format {} (this build reads {FORMAT})",
+            meta.format
+        )));
+    }
+    let tensors = candle_core::safetensors::load_buffer(&body[t0..t1], device)?
+        .into_iter()
+        .collect();
+    Ok(Checkpoint { meta, tensors })
+}
+
+/// Reads and verifies the checkpoint at `path`.
+pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let bytes = fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    decode(path, &bytes, device)
+}
+
+/// The checkpoint directory.
+pub struct Checkpoints {
+    dir: PathBuf,
+}
+
+impl Checkpoints {
+    /// Opens (or creates) the directory and removes temporary files a crash left behind.
+    pub fn open(dir: PathBuf) -> Result<Checkpoints> {
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        for entry in fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))? {
+            let path = entry.map_err(|e| StoreError::io(&dir, e))?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                tracing::info!(path = %path.display(), "removing an unfinished checkpoint");
+                fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            }
+        }
+        Ok(Checkpoints { dir })
+    }
+
+    /// Where the checkpoint of `version` goes.
+    pub fn path_of(&self, version: u64) -> PathBuf {
+        self.dir.join(format!("{version:020}.{EXT}"))
+    }
+
+    /// Checkpoint files by version, newest first.
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(|e| StoreError::io(&self.dir, e))? {
+            let path = entry.map_err(|e| StoreError::io(&self.dir, e))?.path();
+            let version = path
+                .extension()
+                .filter(|e| *e == EXT)
+                .and_then(|_| path.file_stem()?.to_str()?.parse::<u64>().ok());
+            if let Some(v) = version {
+                out.push((v, path));
+            }
+        }
+        out.sort_by_key(|c| std::cmp::Reverse(c.0));
+        Ok(out)
+    }
+
+    /// The newest checkpoint that verifies, and the files that did not (renamed to `*.corrupt`,
+    /// kept for inspection, and reported).
+    pub fn newest_good(&self, device: &Device) -> Result<(Option<Checkpoint>, Vec<PathBuf>)> {
+        let mut rejected = Vec::new();
+        for (_, path) in self.list()? {
+            match load(&path, device) {
+                Ok(c) => return Ok((Some(c), rejected)),
+                Err(e) => {
+                    tracing::error!("{e}; falling back to an older checkpoint");
+                    let aside = path.with_extension("corrupt");
+                    fs::rename(&path, &aside).map_err(|e| StoreError::io(&path, e))?;
+                    sync_dir(&self.dir)?;
+                    rejected.push(aside);
+                }
+            }
+        }
+        Ok((None, rejected))
+    }
+
+    /// Writes a checkpoint atomically; returns its path and size.
+    pub fn write(&self, meta: &Meta, tensors: &BTreeMap<String, Tensor>) -> Result<(PathBuf, u64)> {
+        let bytes = encode(meta, tensors)?;
+        let path = self.path_of(meta.version);
+        let tmp = path.with_extension("tmp");
+        let written = File::create(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+            .and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io(&path, e));
+        }
+        sync_dir(&self.dir)?;
+        Ok((path, bytes.len() as u64))
+    }
+
+    /// Removes all but the newest `keep` checkpoints; returns the removed paths.
+    pub fn prune(&self, keep: usize) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for (_, path) in self.list()?.into_iter().skip(keep) {
+            fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            removed.push(path);
+        }
+        if !removed.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(removed)
+    }
+}
