@@ -74,14 +74,7 @@ fn tgl_fp_changes_exactly_the_selected_groups() {
     assert!(r.applied && r.traced, "{r:?}");
     let selected: Vec<GroupId> = l.selection().unwrap().to_vec();
     assert!(!selected.is_empty() && selected.len() < model.groups().len());
-    let reported: Vec<GroupId> = r
-        .groups
-        .iter()
-        .map(|g| GroupId {
-            layer: g.layer,
-            module: g.module,
-        })
-        .collect();
+    let reported: Vec<GroupId> = r.groups.iter().map(|g| g.id()).collect();
     assert_eq!(reported, selected);
     for name in model.vars.keys() {
         let in_selection =

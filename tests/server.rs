@@ -837,14 +837,7 @@ fn snapshots_hold_copies_and_share_only_unchanged_tensors() {
                 assert_eq!(bits(previous.tensor(n).unwrap()), loaded[n], "{n}");
             }
         }
-        let changed: Vec<_> = report
-            .groups
-            .iter()
-            .map(|g| locus::model::GroupId {
-                layer: g.layer,
-                module: g.module,
-            })
-            .collect();
+        let changed: Vec<_> = report.groups.iter().map(|g| g.id()).collect();
         let weights = learner.current_params().unwrap();
         let next = previous
             .after_update(report.version, &changed, &weights)

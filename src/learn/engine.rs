@@ -41,6 +41,16 @@ pub struct UpdatedGroup {
     pub lr_scale: f64,
 }
 
+impl UpdatedGroup {
+    /// The group this entry names.
+    pub fn id(&self) -> GroupId {
+        GroupId {
+            layer: self.layer,
+            module: self.module,
+        }
+    }
+}
+
 /// What one call of [`Learner::step`] did.
 #[derive(Debug, Clone, Serialize)]
 pub struct UpdateReport {

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ServerError;
+use crate::learn::engine::UpdatedGroup;
 use crate::learn::{Doc, LearnConfig, Learner, UpdateReport};
 use crate::model::{GroupId, Model};
 use crate::snapshot::Snapshots;
@@ -311,14 +312,7 @@ impl Worker {
             let _entered = span.enter();
             let report = self.learner.step(chunk)?;
             if report.applied {
-                let changed: Vec<GroupId> = report
-                    .groups
-                    .iter()
-                    .map(|g| GroupId {
-                        layer: g.layer,
-                        module: g.module,
-                    })
-                    .collect();
+                let changed: Vec<GroupId> = report.groups.iter().map(UpdatedGroup::id).collect();
                 let weights = self.learner.current_params()?;
                 let next = self.setup.snapshots.current().after_update(
                     report.version,
