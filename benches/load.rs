@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Score requests measured in each phase (after `WARMUP` unmeasured ones).
-const REQUESTS: usize = 200;
+const REQUESTS: usize = 40;
 const WARMUP: usize = 10;
 /// Documents per ingest batch.
 const BATCH: usize = 8;
