@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Tensor, Var};
 
 use crate::error::Result;
+use crate::model::fused::slice;
 
 /// First and second moments `(2, n)` and the step count of one parameter.
 struct Moments {
@@ -33,16 +34,6 @@ fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut
     }
 }
 
-fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("adamw: expected a contiguous tensor")
-    };
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => bail!("adamw: expected f32"),
-    }
-}
-
 /// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2` on the `(2, n)` state, in place.
 struct MomentsStep {
     b1: f32,
@@ -62,7 +53,7 @@ impl InplaceOp2 for MomentsStep {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         let state = f32_mut(s1, l1)?;
-        let g = f32_ref(s2, l2)?;
+        let g = slice(s2, l2, "adamw gradient")?;
         let (m, v) = state.split_at_mut(g.len());
         for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
             *m = self.b1 * *m + (1.0 - self.b1) * g;
@@ -94,7 +85,7 @@ impl InplaceOp2 for WeightStep {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         let w = f32_mut(s1, l1)?;
-        let state = f32_ref(s2, l2)?;
+        let state = slice(s2, l2, "adamw state")?;
         let (m, v) = state.split_at(w.len());
         for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
             *w = *w * self.decay - self.lr * (m / self.c1) / ((v / self.c2).sqrt() + self.eps);

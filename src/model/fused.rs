@@ -12,7 +12,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 /// The f32 data of a contiguous CPU tensor.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{what}: expected f32, got {:?}", s.dtype())
     };
