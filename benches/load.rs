@@ -16,9 +16,11 @@ use locus::server::{self, Config, State};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
-/// Score requests measured in each phase (after `WARMUP` unmeasured ones).
+/// Score requests measured in each phase at least (after `WARMUP` unmeasured ones); under
+/// ingest, measuring goes on until `STEPS` learning steps have finished during it.
 const REQUESTS: usize = 40;
 const WARMUP: usize = 10;
+const STEPS: u64 = 3;
 /// Documents per ingest batch.
 const BATCH: usize = 8;
 
@@ -64,17 +66,18 @@ fn batches() -> Vec<pb::IngestRequest> {
         .collect()
 }
 
-/// Latencies in milliseconds of `n` sequential Score calls after the warm-up.
+/// Latencies in milliseconds of `n` sequential Score calls after `warmup` unmeasured ones.
 async fn measure(
     client: &mut Client,
     probes: &[(String, Vec<String>)],
+    warmup: usize,
     n: usize,
 ) -> anyhow::Result<Vec<f64>> {
     let mut out = Vec::with_capacity(n);
-    for (i, (prompt, candidates)) in probes.iter().cycle().take(WARMUP + n).enumerate() {
+    for (i, (prompt, candidates)) in probes.iter().cycle().take(warmup + n).enumerate() {
         let start = Instant::now();
         client.score(prompt, candidates).await?;
-        if i >= WARMUP {
+        if i >= warmup {
             out.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
@@ -108,6 +111,7 @@ fn machine() -> String {
 }
 
 fn main() -> anyhow::Result<()> {
+    server::inline_elementwise_ops();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -116,7 +120,13 @@ fn main() -> anyhow::Result<()> {
         let model_name = model.arch.name().to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
-        let state = State::new(Config::default()).await;
+        // `LOCUS_LEARNER_NICE` as for `locus serve`, to compare priorities.
+        let mut config = Config::default();
+        if let Ok(nice) = std::env::var("LOCUS_LEARNER_NICE") {
+            config.learner_nice = nice.parse()?;
+        }
+        let learner_nice = config.learner_nice;
+        let state = State::new(config).await;
         state.install(model).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server::run(listener, Arc::clone(&state), async {
@@ -125,7 +135,7 @@ fn main() -> anyhow::Result<()> {
 
         let probes = probes();
         let mut client = Client::connect(&addr, None).await?;
-        let idle = measure(&mut client, &probes, REQUESTS).await?;
+        let idle = measure(&mut client, &probes, WARMUP, REQUESTS).await?;
 
         // Keep the learner busy: batches go out as fast as flow control admits them.
         let (tx, rx) = mpsc::channel(1);
@@ -142,7 +152,10 @@ fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let steps_before = client.info().await?.steps;
         let busy_start = Instant::now();
-        let busy = measure(&mut client, &probes, REQUESTS).await?;
+        let mut busy = measure(&mut client, &probes, WARMUP, REQUESTS).await?;
+        while client.info().await?.steps < steps_before + STEPS {
+            busy.extend(measure(&mut client, &probes, 0, REQUESTS / 4).await?);
+        }
         let busy_seconds = busy_start.elapsed().as_secs_f64();
         let info = client.info().await?;
         // Ending the feeder and the answers ends the stream; queued batches are still learned.
@@ -164,6 +177,7 @@ fn main() -> anyhow::Result<()> {
                 "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
                 "model": model_name,
                 "rpc": "Score",
+                "learner_nice": learner_nice,
                 "candidates": 2,
                 "idle": idle,
                 "during_ingest": busy,

@@ -3,6 +3,8 @@
 mod cli;
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: the server's queries and learner must not share candle's pool.
+    locus::server::inline_elementwise_ops();
     let args = match cli::parse() {
         Ok(args) => args,
         Err(e) => {

@@ -49,6 +49,11 @@ pub struct ServeArgs {
     /// Model versions kept in memory for Admin.Rollback (unchanged tensors are shared between them).
     #[arg(long, default_value_t = 4, env = "LOCUS_KEEP_VERSIONS")]
     keep_versions: usize,
+    /// CPU priority of learning below queries, as a `nice` increment: 0 shares the cores equally,
+    /// 19 learns almost only in CPU time that queries leave idle.
+    #[arg(long, default_value_t = 10, env = "LOCUS_LEARNER_NICE",
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    learner_nice: i32,
     /// Bearer token required by Learn and Admin (unset: open).
     #[arg(long, env = "LOCUS_WRITE_TOKEN", hide_env_values = true)]
     write_token: Option<String>,

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::ServerError;
+use super::{priority, ServerError};
 use crate::learn::engine::UpdatedGroup;
 use crate::learn::{Doc, LearnConfig, Learner, UpdateReport};
 use crate::model::{GroupId, Model};
@@ -67,6 +67,8 @@ pub(crate) struct Setup {
     pub replay: Vec<String>,
     pub batch_size: usize,
     pub queue_depth: usize,
+    /// The learner's CPU priority below queries (a `nice` increment).
+    pub nice: i32,
     pub paused: Arc<AtomicBool>,
     /// The data directory, when the server is durable.
     pub store: Option<Store>,
@@ -88,6 +90,9 @@ impl Handle {
             setup.replay.clone(),
             setup.snapshots.current().version(),
         )?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool = priority::background_pool(threads, setup.nice)
+            .map_err(|e| ServerError::Internal(format!("starting the learner's threads: {e}")))?;
         let (tx, rx) = mpsc::channel(setup.queue_depth);
         let progress = Arc::new(Mutex::new(Progress::default()));
         let worker = Worker {
@@ -97,7 +102,7 @@ impl Handle {
         };
         let thread = std::thread::Builder::new()
             .name("locus-learner".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || worker.run(rx, &pool))
             .map_err(|e| ServerError::Internal(format!("starting the learner thread: {e}")))?;
         Ok(Handle {
             tx: Mutex::new(Some(tx)),
@@ -186,36 +191,42 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>, pool: &rayon::ThreadPool) {
+        priority::lower_this_thread(self.setup.nice);
         while let Some(job) = rx.blocking_recv() {
-            match job {
-                Job::Learn {
-                    batch_id,
-                    docs,
-                    reply,
-                } => {
-                    let _ = reply.send(self.guarded(|w| w.ingest(&batch_id, &docs)));
-                }
-                Job::Trace { texts, reply } => {
-                    let _ = reply.send(self.guarded(|w| w.trace(&texts)));
-                }
-                Job::Rollback { version, reply } => {
-                    let _ = reply.send(self.guarded(|w| w.rollback(version)));
-                }
-                Job::Replay { restored, reply } => {
-                    let _ = reply.send(self.guarded(|w| w.replay(&restored)));
-                }
-                Job::Checkpoint { reply } => {
-                    let _ = reply.send(self.guarded(|w| w.checkpoint()));
-                }
-            }
+            pool.install(|| self.serve(job));
         }
         if self.setup.store.as_ref().is_some_and(Store::pending) {
-            if let Err(e) = self.checkpoint() {
+            if let Err(e) = pool.install(|| self.checkpoint()) {
                 tracing::error!("checkpoint at shutdown: {e}");
             }
         }
         tracing::info!("learner thread stopped");
+    }
+
+    /// Runs one job and answers it.
+    fn serve(&mut self, job: Job) {
+        match job {
+            Job::Learn {
+                batch_id,
+                docs,
+                reply,
+            } => {
+                let _ = reply.send(self.guarded(|w| w.ingest(&batch_id, &docs)));
+            }
+            Job::Trace { texts, reply } => {
+                let _ = reply.send(self.guarded(|w| w.trace(&texts)));
+            }
+            Job::Rollback { version, reply } => {
+                let _ = reply.send(self.guarded(|w| w.rollback(version)));
+            }
+            Job::Replay { restored, reply } => {
+                let _ = reply.send(self.guarded(|w| w.replay(&restored)));
+            }
+            Job::Checkpoint { reply } => {
+                let _ = reply.send(self.guarded(|w| w.checkpoint()));
+            }
+        }
     }
 
     /// Runs a job, turning a panic into an error so one bad job does not take the server down.

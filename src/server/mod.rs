@@ -11,6 +11,7 @@ mod error;
 mod ingest;
 mod learner;
 mod metrics;
+mod priority;
 mod query;
 
 use std::future::Future;
@@ -35,6 +36,7 @@ use crate::snapshot::{Snapshot, Snapshots};
 pub use auth::{Auth, Token};
 pub use error::ServerError;
 pub use metrics::serve as serve_metrics;
+pub use priority::inline_elementwise_ops;
 
 /// The services whose health is reported, besides the whole server (`""`).
 const SERVICES: [&str; 3] = [
@@ -42,6 +44,9 @@ const SERVICES: [&str; 3] = [
     crate::proto::v1::query_server::SERVICE_NAME,
     crate::proto::v1::admin_server::SERVICE_NAME,
 ];
+
+/// Bytes a client may send on one stream before the server reads them.
+const STREAM_WINDOW: u32 = 1 << 20;
 
 /// Limits on what one request or client may ask of the server.
 #[derive(Debug, Clone)]
@@ -93,6 +98,8 @@ pub struct Config {
     pub replay: Vec<String>,
     /// Model versions retained for rollback (each shares unchanged tensors with its neighbours).
     pub keep_versions: usize,
+    /// How far below queries the learner computes, as a `nice` increment (0 to 19).
+    pub learner_nice: i32,
     /// Request limits.
     pub limits: Limits,
     /// Bearer tokens.
@@ -128,6 +135,7 @@ impl Default for Config {
             batch_size: 8,
             replay: Vec::new(),
             keep_versions: 4,
+            learner_nice: 10,
             limits: Limits::default(),
             auth: Auth::default(),
             shutdown_grace: Duration::from_secs(30),
@@ -201,6 +209,7 @@ impl State {
             replay: self.config.replay.clone(),
             batch_size: self.config.batch_size.max(1),
             queue_depth: self.config.limits.queue_depth.max(1),
+            nice: self.config.learner_nice,
             paused: Arc::clone(&paused),
             store,
         })?;
@@ -314,6 +323,12 @@ pub async fn run(
     }
     let serve = builder
         .max_concurrent_streams(limits.max_concurrent_streams)
+        // HTTP/2 flow control is per connection as well as per stream: an ingest stream waiting
+        // for the learner leaves up to one stream window unread, and with equal windows that
+        // would stall every query sharing its connection. The connection window has room for
+        // many stalled streams.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(STREAM_WINDOW * 16)
         // One span per RPC, health and reflection included; handlers' spans nest inside it.
         .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
         .layer(tower::layer::layer_fn(error::OversizeAsLimit::new))
