@@ -4,6 +4,7 @@
 pub mod client;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod learn;
 pub mod memory;
 pub mod model;

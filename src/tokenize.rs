@@ -19,10 +19,25 @@ pub struct Encoded {
     pub offsets: Vec<(usize, usize)>,
 }
 
+/// What a `tokenizer.json` alone does not say: which tokens begin, end and pad a sequence, and
+/// the chat template, where the model's files say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenizerInfo {
+    /// Beginning-of-sequence token id.
+    pub bos: Option<u32>,
+    /// End-of-sequence token ids (some models stop on several).
+    pub eos: Vec<u32>,
+    /// Padding token id.
+    pub pad: Option<u32>,
+    /// The Jinja chat template.
+    pub chat_template: Option<String>,
+}
+
 /// A tokenizer as the rest of locus uses it.
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    info: TokenizerInfo,
 }
 
 /// GGUF token types that llama.cpp marks as control (special) tokens.
@@ -35,7 +50,10 @@ impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = Tokenizer::from_file(path)
             .map_err(|e| Error::model(path, format!("tokenizer.json: {e}")))?;
-        Ok(TextTokenizer { inner })
+        Ok(TextTokenizer {
+            inner,
+            info: TokenizerInfo::default(),
+        })
     }
 
     /// Rebuilds the byte-level BPE a GGUF file describes (`tokenizer.ggml.model = gpt2`):
@@ -80,7 +98,32 @@ impl TextTokenizer {
         };
         inner.add_special_tokens(&added(GGUF_CONTROL, true));
         inner.add_tokens(&added(GGUF_USER_DEFINED, false));
-        Ok(TextTokenizer { inner })
+        Ok(TextTokenizer {
+            inner,
+            info: TokenizerInfo::default(),
+        })
+    }
+
+    /// The same tokenizer with `info` attached.
+    pub fn with_info(self, info: TokenizerInfo) -> Self {
+        TextTokenizer { info, ..self }
+    }
+
+    /// Special token ids and chat template, where the model's files say.
+    pub fn info(&self) -> &TokenizerInfo {
+        &self.info
+    }
+
+    /// The tokenizer as `tokenizer.json` text, which `tokenizers` and transformers load as is.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The string of token `id`, if the vocabulary has it.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// Encodes `text` without adding special tokens, with character offsets.

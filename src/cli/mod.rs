@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod eval;
+mod export;
 mod select;
 mod serve;
 mod trace;
@@ -37,6 +38,8 @@ enum Command {
     Client(client::ClientArgs),
     /// Start a server on a free port, stream drifted facts through gRPC, and compare probe answers.
     Demo(demo::DemoArgs),
+    /// Write the model (with a data directory's newest checkpoint) as a Hugging Face directory.
+    Export(export::ExportArgs),
 }
 
 /// Parses the command line (exiting on a usage error or `--help`); `locus serve` also takes the
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(*a),
         Command::Client(a) => client::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Export(a) => export::run(a),
     }
 }
 

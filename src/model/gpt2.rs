@@ -33,6 +33,16 @@ impl Activation {
         }
     }
 
+    /// The Hugging Face `activation_function` name, the inverse of [`Activation::from_hf`] (the
+    /// tanh spellings compute one function, so `gelu_new` stands for all of them).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Activation::GeluTanh => "gelu_new",
+            Activation::GeluErf => "gelu",
+            Activation::Relu => "relu",
+        }
+    }
+
     /// Applies the activation elementwise.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -259,5 +269,26 @@ impl Architecture for Gpt2 {
 
     fn describe(&self) -> serde_json::Value {
         serde_json::to_value(&self.shape).unwrap_or_default()
+    }
+
+    fn hf_config(&self) -> std::result::Result<serde_json::Value, String> {
+        let s = &self.shape;
+        Ok(serde_json::json!({
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "n_embd": s.hidden,
+            "n_inner": s.intermediate,
+            "n_layer": s.layers,
+            "n_head": s.heads,
+            "vocab_size": s.vocab,
+            "n_positions": s.positions,
+            "layer_norm_epsilon": s.eps,
+            "activation_function": s.activation.hf_name(),
+            "tie_word_embeddings": true,
+            // transformers' defaults, written out because they are what this forward pass computes.
+            "scale_attn_weights": true,
+            "scale_attn_by_inverse_layer_idx": false,
+            "reorder_and_upcast_attn": false,
+        }))
     }
 }

@@ -78,6 +78,22 @@ fn expand_attention_types(v: Option<&serde_json::Value>) -> std::result::Result<
     Ok(out)
 }
 
+/// The inverse of [`expand_attention_types`]: the shortest repeating pattern of the flags and its
+/// repeat count, so `[global, local] x 12` is written back as it is usually read.
+fn compress_attention_types(local: &[bool]) -> serde_json::Value {
+    let n = local.len();
+    let Some(period) =
+        (1..=n).find(|&p| n.is_multiple_of(p) && (0..n).all(|i| local[i] == local[i % p]))
+    else {
+        return serde_json::json!([]);
+    };
+    let kinds: Vec<&str> = local[..period]
+        .iter()
+        .map(|&l| if l { "local" } else { "global" })
+        .collect();
+    serde_json::json!([[kinds, n / period]])
+}
+
 /// GPT-Neo's forward pass.
 pub struct GptNeo {
     cfg: GptNeoConfig,
@@ -167,5 +183,24 @@ impl Architecture for GptNeo {
 
     fn describe(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+
+    fn hf_config(&self) -> std::result::Result<serde_json::Value, String> {
+        let s = &self.cfg.shape;
+        Ok(serde_json::json!({
+            "model_type": "gpt_neo",
+            "architectures": ["GPTNeoForCausalLM"],
+            "hidden_size": s.hidden,
+            "intermediate_size": s.intermediate,
+            "num_layers": s.layers,
+            "num_heads": s.heads,
+            "vocab_size": s.vocab,
+            "max_position_embeddings": s.positions,
+            "layer_norm_epsilon": s.eps,
+            "activation_function": s.activation.hf_name(),
+            "attention_types": compress_attention_types(&self.cfg.local),
+            "window_size": self.cfg.window_size,
+            "tie_word_embeddings": true,
+        }))
     }
 }

@@ -25,6 +25,9 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     /// Vocabulary size.
     pub vocab: usize,
+    /// Positions it was trained for (`max_position_embeddings`), if known; rotary positions set
+    /// no hard limit, so only an export uses it.
+    pub max_positions: Option<usize>,
     /// Rotary base frequency.
     pub rope_theta: f64,
     /// RMS norm epsilon.
@@ -69,6 +72,7 @@ impl LlamaConfig {
             kv_heads: cfg_usize(cfg, "num_key_value_heads").unwrap_or(heads),
             head_dim: cfg_usize(cfg, "head_dim").unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
             vocab: cfg_usize(cfg, "vocab_size")?,
+            max_positions: cfg_usize(cfg, "max_position_embeddings").ok(),
             rope_theta: cfg_f64(rope, "rope_theta").unwrap_or(10000.0),
             eps: cfg_f64(cfg, "rms_norm_eps")?,
             tied_head: flag("tie_word_embeddings").unwrap_or(false),
@@ -256,5 +260,50 @@ impl Architecture for Llama {
 
     fn describe(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+
+    fn hf_config(&self) -> std::result::Result<serde_json::Value, String> {
+        let c = &self.cfg;
+        let mut v = serde_json::json!({
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": c.hidden,
+            "intermediate_size": c.intermediate,
+            "num_hidden_layers": c.layers,
+            "num_attention_heads": c.heads,
+            "num_key_value_heads": c.kv_heads,
+            "head_dim": c.head_dim,
+            "vocab_size": c.vocab,
+            "hidden_act": "silu",
+            "rms_norm_eps": c.eps,
+            // transformers 5 reads `rope_parameters`, 4.x the top-level `rope_theta`.
+            "rope_theta": c.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "tie_word_embeddings": c.tied_head,
+            "attention_bias": c.attention_bias,
+            "mlp_bias": c.mlp_bias,
+        });
+        if let Some(n) = c.max_positions {
+            v["max_position_embeddings"] = n.into();
+        }
+        if let Some(window) = c.sliding_window {
+            // transformers' Llama ignores `sliding_window`; its Mistral honours it but has no biases.
+            if c.attention_bias || c.mlp_bias {
+                return Err(
+                    "a sliding attention window together with projection biases has no transformers architecture"
+                        .into(),
+                );
+            }
+            let m = v.as_object_mut().expect("a JSON object");
+            m.remove("attention_bias");
+            m.remove("mlp_bias");
+            m.insert("model_type".into(), "mistral".into());
+            m.insert(
+                "architectures".into(),
+                serde_json::json!(["MistralForCausalLM"]),
+            );
+            m.insert("sliding_window".into(), window.into());
+        }
+        Ok(v)
     }
 }

@@ -112,6 +112,9 @@ pub trait Architecture: Send + Sync {
     fn kind_of(&self, name: &str) -> Option<ParamKind>;
     /// The configuration as JSON, for reports.
     fn describe(&self) -> serde_json::Value;
+    /// The configuration as a Hugging Face `config.json` (model type, architecture class and
+    /// every size and switch the forward pass uses), or why transformers has no equivalent.
+    fn hf_config(&self) -> std::result::Result<serde_json::Value, String>;
 }
 
 /// Parses `{prefix}{layer}.{segment}...` names into a group, shared by all architectures.

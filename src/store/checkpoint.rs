@@ -138,6 +138,29 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     decode(path, &bytes, device)
 }
 
+/// Checkpoint files in `dir` by version, newest first, changing nothing (a directory that does
+/// not exist holds none): readers of a directory a server writes use this.
+pub fn list_in(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io(dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| StoreError::io(dir, e))?.path();
+        let version = path
+            .extension()
+            .filter(|e| *e == EXT)
+            .and_then(|_| path.file_stem()?.to_str()?.parse::<u64>().ok());
+        if let Some(v) = version {
+            out.push((v, path));
+        }
+    }
+    out.sort_by_key(|c| std::cmp::Reverse(c.0));
+    Ok(out)
+}
+
 /// The checkpoint directory.
 pub struct Checkpoints {
     dir: PathBuf,
@@ -167,19 +190,7 @@ impl Checkpoints {
 
     /// Checkpoint files by version, newest first.
     pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(|e| StoreError::io(&self.dir, e))? {
-            let path = entry.map_err(|e| StoreError::io(&self.dir, e))?.path();
-            let version = path
-                .extension()
-                .filter(|e| *e == EXT)
-                .and_then(|_| path.file_stem()?.to_str()?.parse::<u64>().ok());
-            if let Some(v) = version {
-                out.push((v, path));
-            }
-        }
-        out.sort_by_key(|c| std::cmp::Reverse(c.0));
-        Ok(out)
+        list_in(&self.dir)
     }
 
     /// The newest checkpoint that verifies, and the files that did not (renamed to `*.corrupt`,

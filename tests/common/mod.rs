@@ -1,9 +1,89 @@
-//! Helpers shared by the integration tests: fixture paths and reference JSON.
+//! Helpers shared by the integration tests: fixture paths, reference JSON and running the binary.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::Command;
 
 use serde::Deserialize;
+
+/// What one run of the binary did.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `locus` with `args`. `RUST_BACKTRACE=1` is forced so that a backtrace leaking into an error
+/// message, or a panic, shows up; `LOCUS_MODEL` is cleared so nothing falls back to the default model.
+pub fn locus(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_locus"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("LOCUS_MODEL")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running the locus binary");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `locus` and insists that it succeeds.
+pub fn ok(args: &[&str]) -> Run {
+    let r = locus(args);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "locus {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    r
+}
+
+/// Runs `locus`, insists that it fails cleanly (exit status 1, no panic, one error line and no
+/// backtrace), that the error names every `needle`, and returns the error line.
+pub fn fails(args: &[&str], needles: &[&str]) -> String {
+    let r = locus(args);
+    assert!(
+        !r.stderr.contains("panicked"),
+        "locus {args:?} panicked:\n{}",
+        r.stderr
+    );
+    assert_eq!(
+        r.code,
+        Some(1),
+        "locus {args:?} should fail with status 1:\nstdout:\n{}\nstderr:\n{}",
+        r.stdout,
+        r.stderr
+    );
+    let lines: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| !l.starts_with("locus: loaded "))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "locus {args:?}: expected exactly one error line, got:\n{}",
+        r.stderr
+    );
+    let line = lines[0];
+    assert!(
+        line.starts_with("locus: error: "),
+        "locus {args:?}: not an error line: {line}"
+    );
+    for needle in needles {
+        assert!(
+            line.contains(needle),
+            "locus {args:?}: error does not mention {needle:?}:\n{line}"
+        );
+    }
+    line.to_string()
+}
 
 /// The directory of a committed fixture.
 pub fn fixture(name: &str) -> PathBuf {

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::llama::{Llama, LlamaConfig};
 use crate::model::{Model, ModelSource};
-use crate::tokenize::TextTokenizer;
+use crate::tokenize::{TextTokenizer, TokenizerInfo};
 
 /// Loads a Llama-family GGUF file.
 pub fn load(path: &Path, device: &Device) -> Result<Model> {
@@ -144,6 +144,7 @@ fn llama_config(m: &Meta) -> Result<LlamaConfig> {
             .usize("llama.rope.dimension_count")
             .unwrap_or_else(|_| hidden.checked_div(heads).unwrap_or(0)),
         vocab,
+        max_positions: m.usize("llama.context_length").ok(),
         rope_theta: m.f64("llama.rope.freq_base").unwrap_or(10000.0),
         eps: m.f64("llama.attention.layer_norm_rms_epsilon")?,
         tied_head: true,
@@ -177,12 +178,20 @@ fn gguf_tokenizer(m: &Meta) -> Result<TextTokenizer> {
             .collect::<Result<Vec<_>>>()?,
         Err(_) => Vec::new(),
     };
-    TextTokenizer::from_gguf_bpe(
+    let id = |key: &str| m.usize(key).ok().map(|v| v as u32);
+    let info = TokenizerInfo {
+        bos: id("tokenizer.ggml.bos_token_id"),
+        eos: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        pad: id("tokenizer.ggml.padding_token_id"),
+        chat_template: m.str("tokenizer.chat_template").ok(),
+    };
+    Ok(TextTokenizer::from_gguf_bpe(
         strings("tokenizer.ggml.tokens")?,
         strings("tokenizer.ggml.merges")?,
         types,
     )
-    .map_err(|r| Error::model(m.path, r))
+    .map_err(|r| Error::model(m.path, r))?
+    .with_info(info))
 }
 
 /// Maps llama.cpp tensor names to the Hugging Face Llama names.

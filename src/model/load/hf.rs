@@ -10,7 +10,7 @@ use crate::model::gpt2::{Gpt2, GptShape};
 use crate::model::gpt_neo::{GptNeo, GptNeoConfig};
 use crate::model::llama::{Llama, LlamaConfig};
 use crate::model::{Architecture, Model, ModelSource};
-use crate::tokenize::TextTokenizer;
+use crate::tokenize::{TextTokenizer, TokenizerInfo};
 
 /// Loads a model directory; every tensor is converted to f32 on `device`.
 pub fn load(dir: &Path, device: &Device) -> Result<Model> {
@@ -20,7 +20,8 @@ pub fn load(dir: &Path, device: &Device) -> Result<Model> {
     let cfg: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::model(dir, format!("config.json is not valid JSON: {e}")))?;
     let arch = architecture(&cfg).map_err(|r| Error::model(dir, r))?;
-    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let tokenizer =
+        TextTokenizer::from_file(&dir.join("tokenizer.json"))?.with_info(tokenizer_info(dir, &cfg));
     let prefix_gpt = matches!(arch.name(), "gpt2" | "gpt_neo");
     let mut tensors = BTreeMap::new();
     let mut dtypes = BTreeSet::new();
@@ -79,6 +80,34 @@ fn architecture(cfg: &serde_json::Value) -> std::result::Result<Box<dyn Architec
             ))
         }
     })
+}
+
+/// Special token ids from `config.json` and the chat template from `chat_template.jinja` or
+/// `tokenizer_config.json`. Only an export reads them, so a damaged optional file costs what it
+/// would add rather than the whole model.
+fn tokenizer_info(dir: &Path, cfg: &serde_json::Value) -> TokenizerInfo {
+    let id = |key: &str| cfg.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+    // transformers accepts one end-of-sequence id or a list of them.
+    let eos = match cfg.get("eos_token_id") {
+        Some(serde_json::Value::Array(ids)) => ids
+            .iter()
+            .filter_map(|v| v.as_u64().map(|v| v as u32))
+            .collect(),
+        _ => id("eos_token_id").into_iter().collect(),
+    };
+    let chat_template = std::fs::read_to_string(dir.join("chat_template.jinja"))
+        .ok()
+        .or_else(|| {
+            let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            v.get("chat_template")?.as_str().map(String::from)
+        });
+    TokenizerInfo {
+        bos: id("bos_token_id"),
+        eos,
+        pad: id("pad_token_id"),
+        chat_template,
+    }
 }
 
 /// The safetensors files of a directory: the shards an index names, else every `*.safetensors`.
