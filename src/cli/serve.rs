@@ -289,6 +289,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         batch_size: a.learn.batch_size,
         replay,
         keep_versions: a.keep_versions,
+        learner_nice: a.learner_nice,
         limits: a.limits.limits(),
         auth: Auth {
             write: a.write_token.as_deref().map(Token::new),
