@@ -220,4 +220,10 @@ impl Client {
         let request = pb::RollbackRequest { version };
         Ok(self.admin.rollback(request).await?.into_inner())
     }
+
+    /// Writes a checkpoint of the served version to the server's data directory now.
+    pub async fn checkpoint(&mut self) -> Result<pb::CheckpointResponse, ClientError> {
+        let request = pb::CheckpointRequest {};
+        Ok(self.admin.checkpoint(request).await?.into_inner())
+    }
 }

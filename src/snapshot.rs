@@ -133,6 +133,26 @@ impl Snapshot {
         ))
     }
 
+    /// The tensors of `groups`, by parameter name.
+    pub fn tensors_of(&self, groups: &[GroupId]) -> BTreeMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter(|(name, _)| {
+                matches!(self.model.arch.kind_of(name),
+                    Some(ParamKind::Group(g)) if groups.contains(&g))
+            })
+            .map(|(name, t)| (name.clone(), t.clone()))
+            .collect()
+    }
+
+    /// Bytes of all its weights: what a full copy of the model would take.
+    pub fn bytes(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+
     /// The version number.
     pub fn version(&self) -> u64 {
         self.version

@@ -1,10 +1,13 @@
 //! Black-box tests of the `locus` binary: `locus trace` and `locus select` on the tiny fixtures,
-//! their outputs (JSON, table, heatmaps), and how every kind of bad input or model is refused.
+//! their outputs (JSON, table, heatmaps), and how every kind of bad input or model is refused;
+//! `--device`; and `locus client ingest` and `checkpoint` against a `locus serve` process.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file::{self, Value as GgufValue};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -1003,4 +1006,277 @@ fn select_from_a_file_that_is_not_a_trace_fails() {
         &["select", "--from", path_str(&junk)],
         &["junk.json", "unknown module `ffn`"],
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// --device
+
+/// Every subcommand that loads a model, with the arguments it needs besides `--device`.
+fn model_commands(dir: &Path) -> Vec<Vec<String>> {
+    let model = fixture_str("llama");
+    let out = dir.join("export").to_str().unwrap().to_string();
+    let m = |cmd: &str, rest: &[&str]| {
+        let mut v = vec![cmd.to_string(), "--model".to_string(), model.clone()];
+        v.extend(rest.iter().map(|s| s.to_string()));
+        v
+    };
+    vec![
+        m("trace", &[]),
+        m("eval", &[]),
+        m("demo", &[]),
+        m("export", &["--hf", &out]),
+        m("serve", &["--grpc-addr", "127.0.0.1:0"]),
+    ]
+}
+
+#[test]
+fn device_cpu_gives_the_default_trace() {
+    let dir = TempDir::new().unwrap();
+    let input = good_input(dir.path());
+    let model = fixture_str("llama");
+    let r = ok(&[
+        "trace",
+        "--model",
+        &model,
+        "--input",
+        path_str(&input),
+        "--json",
+        "--device",
+        "cpu",
+    ]);
+    assert!(r.stderr.contains(" on cpu in "), "{}", r.stderr);
+    let on_cpu: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        without_seconds(on_cpu),
+        without_seconds(trace_json(&model, &input))
+    );
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn device_cuda_without_the_feature_is_refused_before_loading() {
+    let dir = TempDir::new().unwrap();
+    for command in model_commands(dir.path()) {
+        let mut args: Vec<&str> = command.iter().map(String::as_str).collect();
+        args.extend(["--device", "cuda:0"]);
+        let r = locus(&args);
+        assert!(
+            !r.stderr.contains("locus: loaded "),
+            "{args:?} loaded the model first:\n{}",
+            r.stderr
+        );
+        fails(
+            &args,
+            &[
+                "--device cuda:0",
+                "built without the `cuda` feature",
+                "--features cuda",
+                "deploy/Dockerfile.cuda",
+            ],
+        );
+    }
+}
+
+#[test]
+fn an_unknown_device_is_refused_naming_the_flag() {
+    let dir = TempDir::new().unwrap();
+    for command in model_commands(dir.path()) {
+        let mut args: Vec<&str> = command.iter().map(String::as_str).collect();
+        args.extend(["--device", "tpu"]);
+        fails(&args, &["--device tpu", "`cpu`", "`cuda:N`"]);
+    }
+    let model = fixture_str("llama");
+    for bad in ["cuda", "cuda:", "cuda:x", "cuda:-1", "gpu:0", "CPU", ""] {
+        fails(
+            &["trace", "--model", &model, "--device", bad],
+            &[&format!("--device {bad}:"), "`cpu`", "`cuda:N`"],
+        );
+    }
+    // From the environment too.
+    let out = Command::new(env!("CARGO_BIN_EXE_locus"))
+        .args(["trace", "--model", &model])
+        .env("LOCUS_DEVICE", "tpu")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--device tpu:"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// locus client against a locus serve process
+
+/// A `locus serve` process on the llama fixture, killed when dropped.
+struct Serve {
+    child: Child,
+    addr: String,
+    /// Its working directory, without a locus.toml.
+    _cwd: TempDir,
+}
+
+impl Serve {
+    /// Starts a server (with `--data-dir data` when given) and waits until it answers Info.
+    fn start(data: Option<&Path>) -> Serve {
+        let cwd = TempDir::new().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_locus"));
+        command
+            .args([
+                "serve",
+                "--model",
+                &fixture_str("llama"),
+                "--grpc-addr",
+                &addr,
+            ])
+            // Every batch takes a step, so it makes a new version.
+            .args(["--strategy", "full", "--checkpoint-every", "0"]);
+        if let Some(data) = data {
+            command.arg("--data-dir").arg(data);
+        }
+        let child = command
+            .env_remove("LOCUS_CONFIG")
+            .env_remove("LOCUS_DATA_DIR")
+            .env_remove("LOCUS_DEVICE")
+            .current_dir(cwd.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut serve = Serve {
+            child,
+            addr,
+            _cwd: cwd,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = serve.client(&["info"]);
+            if r.code == Some(0) {
+                return serve;
+            }
+            if let Some(status) = serve.child.try_wait().unwrap() {
+                panic!("locus serve exited with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not come up: {}",
+                r.stderr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `locus client --addr ADDR args`.
+    fn client(&self, args: &[&str]) -> common::Run {
+        let mut all = vec!["client", "--addr", &self.addr];
+        all.extend(args);
+        locus(&all)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `locus client ARGS` must succeed.
+fn client_ok(serve: &Serve, args: &[&str]) -> common::Run {
+    let r = serve.client(args);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "locus client {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
+        r.stdout,
+        r.stderr
+    );
+    r
+}
+
+/// The value after `key` on the line of `out` that starts with it.
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no `{key}` line in:\n{out}"))
+        .trim()
+}
+
+#[test]
+fn client_ingest_prints_batches_and_a_summary_then_checkpoint_writes_the_file() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("data");
+    let serve = Serve::start(Some(&data));
+
+    let mut lines = spans_form(&ref_texts("llama"));
+    // The server rejects this one, span past the end; the client names its line.
+    lines.push(json!({"text": "Ada wrote.", "spans": [[0, 99]]}).to_string());
+    let file = write_lines(tmp.path(), "docs.jsonl", &lines);
+    let r = client_ok(&serve, &["ingest", path_str(&file), "--batch-size", "2"]);
+    // stderr is not a terminal: no bar, no cursor movement, just the lines.
+    assert!(
+        !r.stderr.contains('\r') && !r.stderr.contains('\x1b'),
+        "{:?}",
+        r.stderr
+    );
+    let err: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(err.len(), 4, "{}", r.stderr);
+    assert!(err[0].starts_with("[1/2] batch 0: version "), "{}", err[0]);
+    assert!(err[0].contains("2 accepted, 0 rejected"), "{}", err[0]);
+    assert!(err[1].starts_with("[2/2] batch 1: version "), "{}", err[1]);
+    assert!(err[1].contains("1 accepted, 1 rejected"), "{}", err[1]);
+    assert!(
+        err[2].starts_with("  line 4: documents[1].spans"),
+        "{}",
+        err[2]
+    );
+    let summary = err[3];
+    assert!(
+        summary.starts_with(
+            "locus: ingested 4 documents in 2/2 batches: 3 accepted, 1 rejected, model version "
+        ),
+        "{summary}"
+    );
+    let version: u64 = summary
+        .split("model version ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no version in {summary}"));
+
+    let r = client_ok(&serve, &["checkpoint"]);
+    assert_eq!(
+        field(&r.stdout, "version"),
+        version.to_string(),
+        "{}",
+        r.stdout
+    );
+    let path = PathBuf::from(field(&r.stdout, "path"));
+    let bytes: u64 = field(&r.stdout, "bytes").parse().unwrap();
+    assert!(
+        path.starts_with(&data),
+        "{} not in {}",
+        path.display(),
+        data.display()
+    );
+    let meta =
+        std::fs::metadata(&path).unwrap_or_else(|e| panic!("checkpoint {}: {e}", path.display()));
+    assert!(meta.is_file());
+    assert_eq!(meta.len(), bytes);
+    assert_ne!(
+        field(&r.stdout, "groups"),
+        "-",
+        "every group changed under `full`"
+    );
+}
+
+#[test]
+fn client_checkpoint_without_a_data_directory_fails_cleanly() {
+    let serve = Serve::start(None);
+    let addr = serve.addr.clone();
+    fails(&["client", "--addr", &addr, "checkpoint"], &["--data-dir"]);
 }

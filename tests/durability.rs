@@ -138,6 +138,7 @@ fn meta(version: u64, parent: Option<u64>) -> Meta {
         groups: vec!["0.attn".into(), "1.mlp".into()],
         journal_seq: version * 2,
         created_unix: 0,
+        learner: None,
     }
 }
 
@@ -263,7 +264,7 @@ fn store_restores_changed_groups_into_the_model_and_checks_the_base() {
     }]);
     store.applied(2);
     let snapshot = Snapshot::load(Arc::clone(&model), 2).unwrap();
-    let written = store.checkpoint(&snapshot, &[]).unwrap();
+    let written = store.checkpoint(&snapshot, &[], None).unwrap();
     assert_eq!(written.meta.journal_seq, 2);
     assert_eq!(written.meta.groups, ["1.mlp"]);
     let saved = checkpoint::load(&written.path, &Device::Cpu).unwrap();
@@ -554,4 +555,92 @@ fn checkpoint_without_a_data_directory_is_refused() {
         );
         server.kill();
     });
+}
+
+/// The weights of `model`, by name, as exact bits.
+fn weight_bits(model: &locus::model::Model) -> BTreeMap<String, Vec<u32>> {
+    model
+        .vars
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                values(v.as_tensor()).iter().map(|x| x.to_bits()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn learning_resumed_from_a_checkpoint_matches_learning_never_stopped() {
+    use locus::learn::{LearnConfig, Learner, Localization, Strategy};
+    let config = LearnConfig {
+        strategy: Strategy::parse("tgl-fp").unwrap(),
+        localization: Localization::PerBatch {
+            ema: 0.5,
+            reselect_every: 1,
+        },
+        lr: 1e-2,
+        ..LearnConfig::default()
+    };
+    let batches: Vec<Vec<Doc>> = [
+        "On 3 May 2021, Ada Lovelace opened a museum in London.",
+        "The new museum director, Ada Lovelace, spoke on 4 May 2021.",
+        "Charles Babbage's engines drew crowds to the museum in 2022.",
+    ]
+    .iter()
+    .map(|t| vec![doc(t)])
+    .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let durability = Durability {
+        dir: dir.path().to_path_buf(),
+        checkpoint_every: 0,
+        keep_checkpoints: 1,
+    };
+
+    // Two steps, a checkpoint with the learner's state, then the third step.
+    let model = Arc::new(load_model("llama"));
+    let (mut store, _) = Store::open(durability.clone(), &model, "tgl-fp").unwrap();
+    let mut learner = Learner::new(Arc::clone(&model), config.clone(), vec![], 0).unwrap();
+    for b in &batches[..2] {
+        let report = learner.step(b).unwrap();
+        assert!(report.applied);
+        store.updated(report.groups.iter().map(|g| g.id()));
+    }
+    let snapshot = Snapshot::load(Arc::clone(&model), learner.version()).unwrap();
+    let state = learner.export_state().unwrap();
+    assert!(!state.moments.is_empty() && state.norms.is_some());
+    let written = store
+        .checkpoint(
+            &snapshot,
+            learner.selection().unwrap_or_default(),
+            Some(&state),
+        )
+        .unwrap();
+    let saved = checkpoint::load(&written.path, &Device::Cpu).unwrap();
+    assert!(
+        saved.tensors.keys().all(|n| !n.starts_with("optimizer/")),
+        "optimizer moments are not weights"
+    );
+    assert_eq!(
+        saved.learner.as_ref().unwrap().moments.len(),
+        state.moments.len()
+    );
+    drop(store);
+    learner.step(&batches[2]).unwrap();
+
+    // A fresh process: base weights, the checkpoint and its learner state, the same third step.
+    let fresh = Arc::new(load_model("llama"));
+    let (_, restored) = Store::open(durability, &fresh, "tgl-fp").unwrap();
+    let mut resumed = Learner::new(Arc::clone(&fresh), config, vec![], restored.version).unwrap();
+    resumed.import_state(restored.learner.unwrap()).unwrap();
+    let report = resumed.step(&batches[2]).unwrap();
+    assert!(report.applied);
+    assert_eq!(resumed.version(), learner.version());
+    assert_eq!(resumed.selection(), learner.selection());
+    assert_eq!(
+        weight_bits(&fresh),
+        weight_bits(&model),
+        "resumed learning must take exactly the step uninterrupted learning took"
+    );
 }

@@ -438,6 +438,7 @@ fn write_checkpoint(data: &Path, model: &Model, version: u64) -> BTreeMap<String
         groups: vec!["1.mlp".into()],
         journal_seq: version,
         created_unix: 0,
+        learner: None,
     };
     Checkpoints::open(data.join("checkpoints"))
         .unwrap()

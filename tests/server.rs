@@ -883,3 +883,179 @@ async fn lora_updates_are_served_too() {
     assert_ne!(logprob(&before, 0), logprob(&after, 0));
     server.shutdown().await;
 }
+
+/// Polls `client` until it serves `version`.
+async fn wait_for_version(client: &mut Client, version: u64) -> pb::InfoResponse {
+    for _ in 0..200 {
+        let info = client.info().await.unwrap();
+        if info.version == version {
+            return info;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the reader did not reach version {version}");
+}
+
+/// Candidate log-probabilities of the score probe, as exact bits, and the version.
+async fn score_bits(client: &mut Client) -> (u64, Vec<(String, u64)>) {
+    let s = score(client).await;
+    let bits = s
+        .ranked
+        .iter()
+        .map(|c| (c.candidate.clone(), c.logprob.to_bits()))
+        .collect();
+    (s.version, bits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_follow_the_writer_through_a_shared_store() {
+    let data = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let writer = start_with(
+        Config {
+            durability: Some(locus::store::Durability {
+                dir: data.path().to_path_buf(),
+                checkpoint_every: 2,
+                keep_checkpoints: 1,
+            }),
+            store: Some(store.path().to_path_buf()),
+            ..config()
+        },
+        true,
+    )
+    .await;
+    let reader_config = || Config {
+        role: server::Role::Reader,
+        store: Some(store.path().to_path_buf()),
+        follow_interval: Duration::from_millis(50),
+        ..config()
+    };
+    let early = start_with(reader_config(), true).await;
+    let mut w = writer.client().await;
+    let mut r1 = early.client().await;
+    assert_eq!(r1.info().await.unwrap().version, 0);
+
+    let batches = (0..3)
+        .map(|i| batch(&format!("b{i}"), facts()))
+        .collect::<Vec<_>>();
+    ingest(&mut w, batches).await.unwrap();
+    let version = w.info().await.unwrap().version;
+    assert_eq!(version, 3);
+    // Version 2 was checkpointed and published; keeping one checkpoint pruned deltas 1 and 2, so
+    // a reader starting now must start from the checkpoint and apply delta 3.
+    let deltas: Vec<_> = std::fs::read_dir(store.path().join("deltas"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(deltas, vec![format!("{:020}.delta", 3)]);
+    let late = start_with(reader_config(), true).await;
+    let mut r2 = late.client().await;
+
+    for r in [&mut r1, &mut r2] {
+        let info = wait_for_version(r, version).await;
+        assert_eq!(info.role, "reader");
+        assert_eq!((info.published_version, info.behind), (version, 0));
+    }
+    let expected = score_bits(&mut w).await;
+    assert_eq!(expected.0, version);
+    assert_eq!(score_bits(&mut r1).await, expected);
+    assert_eq!(score_bits(&mut r2).await, expected);
+
+    // A delta holds only the groups one update changed.
+    let delta = std::fs::metadata(store.path().join("deltas").join(&deltas[0]))
+        .unwrap()
+        .len();
+    let full: u64 = load::load(fixture("llama").to_str().unwrap(), &Device::Cpu)
+        .unwrap()
+        .vars
+        .values()
+        .map(|v| 4 * v.elem_count() as u64)
+        .sum();
+    assert!(delta < full / 2, "delta {delta} bytes, model {full} bytes");
+
+    // Readers change nothing themselves.
+    let refused = ingest(&mut r1, vec![batch("x", facts())])
+        .await
+        .expect_err("a reader takes no documents");
+    let (c, message) = (refused.code(), refused.message().to_string());
+    assert_eq!(c, Code::FailedPrecondition);
+    assert!(message.contains("reader"), "{message}");
+    assert_eq!(code(r2.rollback(1).await).0, Code::FailedPrecondition);
+    assert_eq!(code(r2.pause().await).0, Code::FailedPrecondition);
+
+    // A rollback is published as a checkpoint, and readers follow it too.
+    let rolled = w.rollback(1).await.unwrap();
+    assert_eq!(rolled.version, version + 1);
+    for r in [&mut r1, &mut r2] {
+        wait_for_version(r, rolled.version).await;
+    }
+    let expected = score_bits(&mut w).await;
+    assert_eq!(score_bits(&mut r1).await, expected);
+    assert_eq!(score_bits(&mut r2).await, expected);
+
+    early.shutdown().await;
+    late.shutdown().await;
+    writer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_settings_that_cannot_work_are_refused() {
+    let store = tempfile::tempdir().unwrap();
+    let model = || load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();
+    let refused = |config: Config| async {
+        let state = State::new(config).await;
+        let e = state.install(model()).await.expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        e.to_string()
+    };
+    let message = refused(Config {
+        store: Some(store.path().to_path_buf()),
+        ..config()
+    })
+    .await;
+    assert!(message.contains("--data-dir"), "{message}");
+    let message = refused(Config {
+        role: server::Role::Reader,
+        ..config()
+    })
+    .await;
+    assert!(message.contains("--store"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forgetting_guard_undoes_updates_that_raise_canary_perplexity() {
+    let guarded = |max_ratio: f64| Config {
+        guard: Some(server::Guard {
+            canaries: vec![
+                "The river flows past the old mill every spring.".into(),
+                "Bread is baked early in the morning.".into(),
+            ],
+            max_ratio,
+        }),
+        ..config()
+    };
+    // No ratio is allowed: every update is undone, and queries never see it.
+    let strict = start_with(guarded(0.0), true).await;
+    let mut c = strict.client().await;
+    let before = score_bits(&mut c).await;
+    let answers = ingest(&mut c, vec![batch("b0", facts())]).await.unwrap();
+    let step = &answers[0].steps[0];
+    assert!(!step.applied);
+    assert!(
+        step.skipped.contains("forgetting guard"),
+        "{}",
+        step.skipped
+    );
+    assert_eq!(answers[0].version, 0);
+    assert_eq!(score_bits(&mut c).await, before);
+    strict.shutdown().await;
+
+    // Any ratio is allowed: the same update goes through.
+    let lax = start_with(guarded(f64::INFINITY), true).await;
+    let mut c = lax.client().await;
+    let answers = ingest(&mut c, vec![batch("b0", facts())]).await.unwrap();
+    assert!(answers[0].steps[0].applied);
+    assert_eq!(answers[0].version, 1);
+    assert_ne!(score_bits(&mut c).await, before);
+    lax.shutdown().await;
+}

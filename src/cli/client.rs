@@ -9,6 +9,8 @@ use locus::proto::v1 as pb;
 use serde::Deserialize;
 use tokio_stream::StreamExt;
 
+use super::progress::IngestProgress;
+
 /// Arguments of `locus client`.
 #[derive(Args)]
 pub struct ClientArgs {
@@ -83,6 +85,8 @@ enum ClientCommand {
         /// The version to restore.
         version: u64,
     },
+    /// Write a checkpoint of the served version to the server's data directory now.
+    Checkpoint,
 }
 
 /// One line of an ingest file.
@@ -189,14 +193,7 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
                     r.steps,
                     r.queue_depth
                 );
-                println!(
-                    "selection    {}",
-                    if selection.is_empty() {
-                        "-".to_string()
-                    } else {
-                        selection.join(" ")
-                    }
-                );
+                println!("selection    {}", or_dash(&selection));
                 Ok(())
             }
             ClientCommand::Versions => {
@@ -229,6 +226,19 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
                     "restored version {} as version {}",
                     r.restored_from, r.version
                 );
+                Ok(())
+            }
+            ClientCommand::Checkpoint => {
+                let r = client.checkpoint().await?;
+                println!("version      {}", r.version);
+                println!("path         {}", r.path);
+                println!("bytes        {}", r.bytes);
+                println!(
+                    "parent       {}",
+                    r.parent.map_or("-".to_string(), |p| p.to_string())
+                );
+                println!("journal seq  {}", r.journal_seq);
+                println!("groups       {}", or_dash(&r.groups));
                 Ok(())
             }
         }
@@ -286,11 +296,17 @@ async fn ingest(client: &mut Client, file: &PathBuf, batch_size: usize) -> anyho
         })
         .collect();
     let total = batches.len();
-    let mut answers = client.ingest(tokio_stream::iter(batches)).await?;
-    let mut done = 0;
+    let start = std::time::Instant::now();
+    let mut progress = IngestProgress::new(docs.len() as u64);
+    let mut answers = client.ingest(progress.counting(batches)).await?;
+    let (mut done, mut accepted, mut rejected, mut version) = (0, 0, 0, None);
     while let Some(r) = answers.next().await {
         let r = r?;
+        progress.answered(&r);
         done += 1;
+        accepted += r.accepted.len();
+        rejected += r.rejected.len();
+        version = Some(r.version);
         let k: usize = r.client_batch_id.parse().unwrap_or(0);
         let groups: Vec<String> = r
             .steps
@@ -304,20 +320,37 @@ async fn ingest(client: &mut Client, file: &PathBuf, batch_size: usize) -> anyho
             r.steps.last().map_or(f64::NAN, |s| s.loss_after),
         );
         let seconds: f64 = r.steps.iter().map(|s| s.seconds).sum();
-        eprintln!(
+        progress.println(&format!(
             "[{done}/{total}] batch {k}: version {}, {} accepted, {} rejected, loss {before:.3} -> {after:.3}, {seconds:.1} s, groups {}",
             r.version,
             r.accepted.len(),
             r.rejected.len(),
-            if groups.is_empty() { "-".to_string() } else { groups.join(" ") }
-        );
+            or_dash(&groups)
+        ));
         for j in &r.rejected {
             let line = lines
                 .get(k * batch_size + j.index as usize)
                 .copied()
                 .unwrap_or(0);
-            eprintln!("  line {line}: {}: {}", j.field, j.reason);
+            progress.println(&format!("  line {line}: {}: {}", j.field, j.reason));
         }
     }
+    // The bar is cleared first, so the summary is the last line on a terminal too.
+    drop(progress);
+    eprintln!(
+        "locus: ingested {} documents in {done}/{total} batches: {accepted} accepted, {rejected} rejected, model version {}, {:.1} s",
+        docs.len(),
+        version.map_or("-".to_string(), |v| v.to_string()),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
+}
+
+/// The items joined by spaces, or `-` when there are none.
+fn or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_string()
+    } else {
+        items.join(" ")
+    }
 }

@@ -13,6 +13,7 @@ use locus::server::{self, Config, State};
 use tokio_stream::StreamExt;
 
 use super::client::group_name;
+use super::progress::IngestProgress;
 use super::serve::LearnArgs;
 
 /// The bundled drifted facts (documents, salient strings and probes).
@@ -24,6 +25,8 @@ pub struct DemoArgs {
     /// A Hugging Face model directory, a .gguf file, or `default` (SmolLM2-135M-Instruct).
     #[arg(long, default_value = "default", env = "LOCUS_MODEL")]
     model: String,
+    #[command(flatten)]
+    device: super::DeviceArg,
     /// How many `dev-` facts of data/drift/updates.jsonl to stream.
     #[arg(long, default_value_t = 4)]
     facts: usize,
@@ -39,6 +42,7 @@ type Pair = (f64, f64);
 
 /// Runs `locus demo`.
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
+    let device = a.device.open()?;
     let facts: Vec<Update> = UPDATES
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -56,7 +60,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(5),
         ..Config::default()
     };
-    let model = super::load_model(&a.model)?;
+    let model = super::load_model(&a.model, &device)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -104,13 +108,16 @@ async fn demo(addr: &str, facts: &[Update], epochs: usize) -> anyhow::Result<()>
         })
         .collect();
     let total = batches.len();
+    let documents = batches.iter().map(|b| b.documents.len() as u64).sum();
+    let mut progress = IngestProgress::new(documents);
     let start = Instant::now();
-    let mut answers = client.ingest(tokio_stream::iter(batches)).await?;
+    let mut answers = client.ingest(progress.counting(batches)).await?;
     // Keyed by (layer, module) so layers sort by number.
     let mut updated: BTreeMap<(u32, i32), (String, usize)> = BTreeMap::new();
     let mut done = 0;
     while let Some(r) = answers.next().await {
         let r = r?;
+        progress.answered(&r);
         done += 1;
         for g in r.steps.iter().flat_map(|s| &s.groups) {
             updated
@@ -124,13 +131,14 @@ async fn demo(addr: &str, facts: &[Update], epochs: usize) -> anyhow::Result<()>
             .zip(r.steps.last())
             .map(|(f, l)| format!("loss {:.3} -> {:.3}", f.loss_before, l.loss_after))
             .unwrap_or_default();
-        eprintln!(
+        progress.println(&format!(
             "locus: [{done}/{total}] {}: version {}, {loss}, {:.0} s elapsed",
             r.client_batch_id,
             r.version,
             start.elapsed().as_secs_f64()
-        );
+        ));
     }
+    drop(progress);
     let (v1, after) = probe(&mut client, facts).await?;
 
     println!(

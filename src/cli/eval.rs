@@ -18,6 +18,8 @@ pub struct EvalArgs {
     /// A Hugging Face model directory, a .gguf file, or `default`.
     #[arg(long, default_value = "default", env = "LOCUS_MODEL")]
     model: String,
+    #[command(flatten)]
+    device: super::DeviceArg,
     /// Drift-set directory (updates.jsonl, stable.jsonl, general.txt).
     #[arg(long, default_value = "data/drift")]
     data: PathBuf,
@@ -74,6 +76,7 @@ pub struct EvalArgs {
 
 /// Runs `locus eval`.
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let device = a.device.open()?;
     let set = DriftSet::load(&a.data)?;
     for s in &a.strategy {
         Strategy::parse(s)?;
@@ -95,7 +98,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         .filter(|l| !l.trim().is_empty())
         .map(String::from)
         .collect();
-    let model = Arc::new(super::load_model(&a.model)?);
+    let model = Arc::new(super::load_model(&a.model, &device)?);
     let opts = EvalOptions {
         strategies: a.strategy.clone(),
         epochs: a.epochs,

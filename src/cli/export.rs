@@ -14,6 +14,8 @@ pub struct ExportArgs {
     /// The base model: a Hugging Face model directory, a .gguf file, or `default` (SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long, default_value = "default", env = "LOCUS_MODEL")]
     model: String,
+    #[command(flatten)]
+    device: super::DeviceArg,
     /// A `locus serve` data directory: its newest checkpoint that verifies is applied to the model (read only; a running server may keep using it).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -56,6 +58,7 @@ struct Applied {
 
 /// Runs `locus export`.
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
+    let device = a.device.open()?;
     // Refuse an OUT we would not replace before spending time on the model.
     locus::export::check_target(&a.hf, a.force)?;
     if let Some(d) = &a.data_dir {
@@ -63,7 +66,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
             bail!("--data-dir {}: no such directory", d.display());
         }
     }
-    let model = super::load_model(&a.model)?;
+    let model = super::load_model(&a.model, &device)?;
     let applied = match &a.data_dir {
         Some(d) => Some(apply_newest_checkpoint(&model, &a.model, d)?),
         None => None,
@@ -114,60 +117,51 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
 /// Applies the newest checkpoint in `data_dir` that verifies to `model`'s variables, without
 /// taking the data directory's lock or changing anything in it, so a server may be running.
 fn apply_newest_checkpoint(model: &Model, spec: &str, data_dir: &Path) -> anyhow::Result<Applied> {
-    let dir = data_dir.join("checkpoints");
     // Not `Checkpoints::open`: it deletes temporary files, one of which a running server may be
     // about to rename into place.
-    let files: Vec<PathBuf> = checkpoint::list_in(&dir)?
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
-    if files.is_empty() {
-        bail!(
-            "--data-dir {}: no checkpoints; checkpoint the server first (Admin.Checkpoint, `locus client checkpoint`), or leave out --data-dir to export the base model",
-            data_dir.display()
-        );
+    let (found, failed) =
+        checkpoint::newest_readable(&data_dir.join("checkpoints"), model.device())?;
+    for e in &failed {
+        eprintln!("locus: warning: {e}; trying an older checkpoint");
     }
-    let mut skipped = 0;
-    for path in &files {
-        let ck = match checkpoint::load(path, model.device()) {
-            Ok(ck) => ck,
-            Err(e) => {
-                eprintln!("locus: warning: {e}; trying an older checkpoint");
-                skipped += 1;
-                continue;
-            }
-        };
-        let hash = locus::store::model_hash(model)?;
-        if ck.meta.base_hash != hash {
+    let Some((path, ck)) = found else {
+        if failed.is_empty() {
             bail!(
-                "{}: checkpoint {} was made on a model with hash {}, but --model {spec} has hash {hash}; pass the --model that the server using --data-dir {} was started with",
-                path.display(),
-                ck.meta.version,
-                ck.meta.base_hash,
+                "--data-dir {}: no checkpoints; checkpoint the server first (Admin.Checkpoint, `locus client checkpoint`), or leave out --data-dir to export the base model",
                 data_dir.display()
             );
         }
-        for (name, t) in &ck.tensors {
-            let var = model.vars.get(name).with_context(|| {
-                format!(
-                    "{}: checkpoint {} holds `{name}`, which --model {spec} lacks",
-                    path.display(),
-                    ck.meta.version
-                )
-            })?;
-            var.set(&t.to_dtype(var.dtype())?)
-                .map_err(locus::Error::from)
-                .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
-        }
-        return Ok(Applied {
-            meta: ck.meta,
-            path: path.clone(),
-            skipped,
-        });
+        bail!(
+            "--data-dir {}: none of its {} checkpoints verifies",
+            data_dir.display(),
+            failed.len()
+        );
+    };
+    let hash = locus::store::model_hash(model)?;
+    if ck.meta.base_hash != hash {
+        bail!(
+            "{}: checkpoint {} was made on a model with hash {}, but --model {spec} has hash {hash}; pass the --model that the server using --data-dir {} was started with",
+            path.display(),
+            ck.meta.version,
+            ck.meta.base_hash,
+            data_dir.display()
+        );
     }
-    bail!(
-        "--data-dir {}: none of its {} checkpoints verifies",
-        data_dir.display(),
-        files.len()
-    )
+    for (name, t) in &ck.tensors {
+        let var = model.vars.get(name).with_context(|| {
+            format!(
+                "{}: checkpoint {} holds `{name}`, which --model {spec} lacks",
+                path.display(),
+                ck.meta.version
+            )
+        })?;
+        var.set(&t.to_dtype(var.dtype())?)
+            .map_err(locus::Error::from)
+            .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+    }
+    Ok(Applied {
+        meta: ck.meta,
+        path,
+        skipped: failed.len(),
+    })
 }

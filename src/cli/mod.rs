@@ -4,6 +4,7 @@ mod client;
 mod demo;
 mod eval;
 mod export;
+mod progress;
 mod select;
 mod serve;
 mod trace;
@@ -13,7 +14,8 @@ use std::time::Instant;
 use std::ffi::OsString;
 
 use anyhow::Context;
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use candle_core::Device;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use locus::model::{load, Model};
 
 /// locus: finds where new knowledge belongs in a language model and updates only those layers.
@@ -34,7 +36,7 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Serve the model over gRPC, learning from streamed documents while answering queries.
     Serve(Box<serve::ServeArgs>),
-    /// Talk to a running `locus serve`: ingest, score, complete, perplexity, info, versions.
+    /// Talk to a running `locus serve`: ingest, score, complete, perplexity, info, versions, checkpoint.
     Client(client::ClientArgs),
     /// Start a server on a free port, stream drifted facts through gRPC, and compare probe answers.
     Demo(demo::DemoArgs),
@@ -75,16 +77,64 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Loads `--model` on the CPU and says how long it took.
-fn load_model(spec: &str) -> anyhow::Result<Model> {
+/// `--device`, flattened into every subcommand that loads a model.
+#[derive(Args)]
+pub struct DeviceArg {
+    /// Where the model runs: `cpu`, or `cuda:N` for the N-th GPU (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", env = "LOCUS_DEVICE")]
+    device: String,
+}
+
+impl DeviceArg {
+    /// Opens the device; subcommands call it before anything slow, so a bad `--device` fails first.
+    pub fn open(&self) -> anyhow::Result<Device> {
+        parse_device(&self.device)
+    }
+}
+
+/// `cpu` or `cuda:N` as a candle device.
+fn parse_device(spec: &str) -> anyhow::Result<Device> {
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let Some(ordinal) = spec
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        anyhow::bail!("--device {spec}: use `cpu` or `cuda:N` (N the GPU's index, e.g. `cuda:0`)");
+    };
+    // Without the feature candle's stub would only say "not compiled with cuda support".
+    if !cfg!(feature = "cuda") {
+        anyhow::bail!(
+            "--device {spec}: this locus was built without the `cuda` feature; rebuild with \
+             `--features cuda` (see deploy/Dockerfile.cuda)"
+        );
+    }
+    Device::new_cuda(ordinal)
+        .map_err(locus::Error::from)
+        .with_context(|| format!("--device {spec}"))
+}
+
+/// Loads `--model` onto `device` and says how long it took.
+fn load_model(spec: &str, device: &Device) -> anyhow::Result<Model> {
     let start = Instant::now();
-    let model = load::load(spec, &candle_core::Device::Cpu)?;
+    let model = load::load(spec, device)?;
     eprintln!(
-        "locus: loaded {} ({} layers) from {} in {:.1} s",
+        "locus: loaded {} ({} layers) from {} on {} in {:.1} s",
         model.arch.name(),
         model.arch.num_layers(),
         model.source.path,
+        device_name(device),
         start.elapsed().as_secs_f64()
     );
     Ok(model)
+}
+
+/// `cpu` or `cuda:N`, as `--device` spells it.
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }

@@ -32,6 +32,8 @@ pub struct ServeArgs {
     /// A Hugging Face model directory, a .gguf file, or `default` (SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long, default_value = "default", env = "LOCUS_MODEL")]
     model: String,
+    #[command(flatten)]
+    device: super::DeviceArg,
     /// Address to serve gRPC on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:50051", env = "LOCUS_GRPC_ADDR")]
     grpc_addr: String,
@@ -74,6 +76,65 @@ pub struct ServeArgs {
     /// Checkpoints kept in the data directory, newest first.
     #[arg(long, default_value_t = 3, env = "LOCUS_KEEP_CHECKPOINTS")]
     keep_checkpoints: usize,
+    /// `writer` learns from ingested documents and publishes each version to --store; `reader`
+    /// serves queries on the versions it finds there (Ingest and Admin changes are refused).
+    #[arg(long, value_enum, default_value_t = RoleArg::Writer, env = "LOCUS_ROLE")]
+    role: RoleArg,
+    /// Shared store of published versions: a directory (or `file://` URL) that the writer
+    /// writes and readers read, such as a shared volume. A writer needs --data-dir to publish.
+    #[arg(long, env = "LOCUS_STORE")]
+    store: Option<String>,
+    /// Forgetting guard: a file of canary texts, one a line; an update that raises their
+    /// perplexity by more than --canary-max-ratio is undone and reported (unset: off).
+    #[arg(long, env = "LOCUS_CANARY")]
+    canary: Option<PathBuf>,
+    /// Largest canary perplexity ratio (after / before) one update may cause.
+    #[arg(long, default_value_t = 1.05, env = "LOCUS_CANARY_MAX_RATIO")]
+    canary_max_ratio: f64,
+    /// Seconds between a reader's looks at --store for new versions.
+    #[arg(long, default_value_t = 1.0, env = "LOCUS_FOLLOW_INTERVAL")]
+    follow_interval: f64,
+}
+
+/// `--role`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Writer,
+    Reader,
+}
+
+/// The forgetting guard of `--canary` and `--canary-max-ratio`.
+fn guard(path: &Path, max_ratio: f64) -> anyhow::Result<locus::server::Guard> {
+    let text = std::fs::read_to_string(path).map_err(|e| locus::Error::io(path, e))?;
+    let canaries: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if canaries.is_empty() {
+        anyhow::bail!("--canary {}: no canary texts (one a line)", path.display());
+    }
+    if !(max_ratio.is_finite() && max_ratio >= 1.0) {
+        anyhow::bail!("--canary-max-ratio {max_ratio}: must be a number of at least 1");
+    }
+    Ok(locus::server::Guard {
+        canaries,
+        max_ratio,
+    })
+}
+
+/// The directory `--store` names: a path or a `file://` URL.
+fn store_dir(spec: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = spec.strip_prefix("file://") {
+        return Ok(PathBuf::from(path));
+    }
+    if let Some((scheme, _)) = spec.split_once("://") {
+        anyhow::bail!(
+            "--store {spec}: `{scheme}://` object storage is not supported by this build; use a shared directory (a path or file:// URL)"
+        );
+    }
+    Ok(PathBuf::from(spec))
 }
 
 /// Learning settings shared by `serve` and `demo`.
@@ -276,6 +337,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(file) = config_file(a.config.as_deref()) {
         eprintln!("locus: settings from {}", file.display());
     }
+    // Before the listener binds: a bad --device is a start-up error, not a failed model load.
+    let device = a.device.open()?;
     let (learn, replay) = a.learn.config()?;
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Some(Tls {
@@ -302,6 +365,25 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             checkpoint_every: a.checkpoint_every,
             keep_checkpoints: a.keep_checkpoints,
         }),
+        role: match a.role {
+            RoleArg::Writer => locus::server::Role::Writer,
+            RoleArg::Reader => locus::server::Role::Reader,
+        },
+        store: a.store.as_deref().map(store_dir).transpose()?,
+        guard: a
+            .canary
+            .as_deref()
+            .map(|path| guard(path, a.canary_max_ratio))
+            .transpose()?,
+        follow_interval: Duration::try_from_secs_f64(a.follow_interval)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--follow-interval {}: must be a positive number of seconds",
+                    a.follow_interval
+                )
+            })?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -339,7 +421,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let spec = a.model.clone();
         tokio::spawn(async move {
             let loaded = async {
-                let model = tokio::task::spawn_blocking(move || super::load_model(&spec)).await??;
+                let model = tokio::task::spawn_blocking(move || super::load_model(&spec, &device))
+                    .await??;
                 loading.install(model).await?;
                 eprintln!("locus: model loaded; serving");
                 anyhow::Ok(())

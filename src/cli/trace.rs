@@ -16,6 +16,8 @@ pub struct TraceArgs {
     /// A Hugging Face model directory, a .gguf file, or `default` (SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long, default_value = "default", env = "LOCUS_MODEL")]
     model: String,
+    #[command(flatten)]
+    device: super::DeviceArg,
     /// JSONL of `{"text", "spans": [[start, end], ...]}` or `{"text", "salient": ["..."]}`; the bundled sample if omitted.
     #[arg(long)]
     input: Option<PathBuf>,
@@ -29,6 +31,7 @@ pub struct TraceArgs {
 
 /// Runs `locus trace`.
 pub fn run(a: TraceArgs) -> anyhow::Result<()> {
+    let device = a.device.open()?;
     // Refuse a plot name we cannot write before the model is loaded and traced, not after.
     if let Some(p) = &a.plot {
         let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -44,7 +47,7 @@ pub fn run(a: TraceArgs) -> anyhow::Result<()> {
         None => ("bundled sample".to_string(), SAMPLE.to_string()),
     };
     let texts = parse_jsonl(&name, &content)?;
-    let model = super::load_model(&a.model)?;
+    let model = super::load_model(&a.model, &device)?;
     let prepared = prepare(&model, &name, &texts)?;
     let start = std::time::Instant::now();
     let result = trace(&model, &prepared)?;

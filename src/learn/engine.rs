@@ -11,7 +11,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::optimizer::AdamW;
+use super::optimizer::{AdamW, Moments};
 use super::strategy::{LearnConfig, Localization, Selection};
 use crate::error::{Error, Result};
 use crate::model::{ops, GroupId, Model, Module, ParamKind, Params};
@@ -111,6 +111,21 @@ pub struct Learner {
     adapters: BTreeMap<String, Adapter>,
 }
 
+/// What learning needs to resume after a restart as if it had never stopped, besides the
+/// weights: optimizer moments, counters and localization statistics.
+pub struct LearnerState {
+    /// AdamW moments by parameter name.
+    pub moments: BTreeMap<String, Moments>,
+    /// Batches seen.
+    pub batches: u64,
+    /// Updates applied.
+    pub applied: u64,
+    /// (span, full) norms per group.
+    pub norms: Option<BTreeMap<GroupId, (f64, f64)>>,
+    /// The groups selected.
+    pub selection: Option<Vec<GroupId>>,
+}
+
 /// A LoRA adapter `W + scale * B @ A` on one weight matrix; `B` starts at zero.
 struct Adapter {
     a: Var,
@@ -178,6 +193,47 @@ impl Learner {
     /// The groups selected now, if the strategy selects.
     pub fn selection(&self) -> Option<&[GroupId]> {
         self.selection.as_deref()
+    }
+
+    /// A copy of the state that learning resumes from (LoRA adapters are not part of it: their
+    /// product is in the served weights, and new adapters start from there).
+    pub fn export_state(&self) -> Result<LearnerState> {
+        Ok(LearnerState {
+            moments: self.opt.export()?,
+            batches: self.batches,
+            applied: self.applied,
+            norms: self.norms.clone(),
+            selection: self.selection.clone(),
+        })
+    }
+
+    /// Resumes from an exported state. Moments of parameters this model lacks, or of another
+    /// size, are refused by name.
+    pub fn import_state(&mut self, state: LearnerState) -> Result<()> {
+        for (name, m) in &state.moments {
+            let size = self.model.vars.get(name).map(|v| 2 * v.elem_count());
+            if size != Some(m.state.elem_count()) {
+                return Err(Error::Invalid(format!(
+                    "optimizer state of `{name}` does not fit this model"
+                )));
+            }
+        }
+        self.opt.import(state.moments);
+        self.batches = state.batches;
+        self.applied = state.applied;
+        self.norms = state.norms;
+        self.selection = state.selection;
+        // Replay sampling goes on from a stream that depends on the batches seen, not the
+        // generator's lost position.
+        self.rng = rand::rngs::StdRng::seed_from_u64(self.cfg.seed.wrapping_add(self.batches));
+        Ok(())
+    }
+
+    /// Takes back the version number and count of the update just applied, whose weights the
+    /// caller has put back (the optimizer's moments keep what its gradient taught them).
+    pub fn undo_last_update(&mut self) {
+        self.version = self.version.saturating_sub(1);
+        self.applied = self.applied.saturating_sub(1);
     }
 
     /// Parameters with optimizer state, and the elements that state holds.

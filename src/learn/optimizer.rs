@@ -11,9 +11,11 @@ use crate::error::Result;
 use crate::model::fused::slice;
 
 /// First and second moments `(2, n)` and the step count of one parameter.
-struct Moments {
-    state: Tensor,
-    steps: i32,
+pub struct Moments {
+    /// Row 0 the first moment, row 1 the second, each flattened.
+    pub state: Tensor,
+    /// Updates taken (for the bias corrections).
+    pub steps: i32,
 }
 
 /// AdamW state, created lazily per parameter on its first update.
@@ -149,6 +151,27 @@ impl AdamW {
         var.set(&(w - (step * lr)?)?.reshape(var.shape())?)?;
         st.state = Tensor::stack(&[m, v], 0)?;
         Ok(())
+    }
+
+    /// A copy of every parameter's state, by name: for a checkpoint.
+    pub fn export(&self) -> Result<BTreeMap<String, Moments>> {
+        self.state
+            .iter()
+            .map(|(name, m)| {
+                Ok((
+                    name.clone(),
+                    Moments {
+                        state: m.state.copy()?,
+                        steps: m.steps,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Replaces the state with an exported one.
+    pub fn import(&mut self, state: BTreeMap<String, Moments>) {
+        self.state = state;
     }
 
     /// Number of parameters holding state.

@@ -44,6 +44,22 @@ pub struct GroupId {
     pub module: Module,
 }
 
+impl GroupId {
+    /// Parses `layer.module` as [`fmt::Display`] writes it (`12.attn`, `3.mlp`).
+    pub fn parse(s: &str) -> Option<GroupId> {
+        let (layer, module) = s.split_once('.')?;
+        let module = match module {
+            "attn" => Module::Attn,
+            "mlp" => Module::Mlp,
+            _ => return None,
+        };
+        Some(GroupId {
+            layer: layer.parse().ok()?,
+            module,
+        })
+    }
+}
+
 impl fmt::Display for GroupId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.layer, self.module)

@@ -24,6 +24,7 @@ impl AdminService {
     }
 
     fn set_paused(&self, paused: bool) -> Result<pb::PauseResponse, ServerError> {
+        self.state.writable("pause and resume")?;
         let loaded = self.state.loaded()?;
         loaded.paused.store(paused, Ordering::SeqCst);
         tracing::info!(
@@ -49,6 +50,8 @@ impl Admin for AdminService {
         let model = &loaded.model;
         let learn = &self.state.config.learn;
         let progress = loaded.learner.progress();
+        let version = loaded.snapshots.current().version();
+        let published = loaded.published.load(Ordering::SeqCst);
         let config = serde_json::json!({
             "model": model.info(),
             "learn": learn,
@@ -61,7 +64,7 @@ impl Admin for AdminService {
             parameters: model.vars.values().map(|v| v.elem_count() as u64).sum(),
             vocab_size: model.arch.vocab_size() as u32,
             source: model.source.path.clone(),
-            version: loaded.snapshots.current().version(),
+            version,
             strategy: learn.strategy.name.clone(),
             localization: match learn.localization {
                 Localization::Static => "static".to_string(),
@@ -78,6 +81,9 @@ impl Admin for AdminService {
             steps: progress.steps,
             queue_depth: loaded.learner.queued() as u32,
             config_json: config.to_string(),
+            role: self.state.config.role.name().to_string(),
+            published_version: published,
+            behind: published.saturating_sub(version),
         }))
     }
 
@@ -119,6 +125,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
+        self.state.writable("rollbacks")?;
         let loaded = self.state.loaded()?;
         let version = request.into_inner().version;
         let (new, restored) = loaded
@@ -137,6 +144,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        self.state.writable("checkpoint requests")?;
         let loaded = self.state.loaded()?;
         let written = loaded
             .learner

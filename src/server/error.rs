@@ -35,6 +35,14 @@ pub enum ServerError {
     /// Learning is paused.
     #[error("learning is paused; resume it with Admin.Resume")]
     Paused,
+    /// This server is a reader: it follows a writer and neither learns nor changes versions.
+    #[error("this server is a reader following {store}; send {what} to the writer")]
+    Reader {
+        /// The store it follows.
+        store: String,
+        /// What was asked of it.
+        what: &'static str,
+    },
     /// The model is still loading.
     #[error("the model is not loaded yet")]
     NotLoaded,
@@ -86,7 +94,7 @@ impl ServerError {
             },
             ServerError::InvalidArgument { .. } => Code::InvalidArgument,
             ServerError::Limit { .. } => Code::ResourceExhausted,
-            ServerError::Paused => Code::FailedPrecondition,
+            ServerError::Paused | ServerError::Reader { .. } => Code::FailedPrecondition,
             ServerError::NotLoaded | ServerError::ShuttingDown => Code::Unavailable,
             ServerError::UnknownVersion { .. } => Code::NotFound,
             ServerError::Internal(_) | ServerError::Transport(_) => Code::Internal,

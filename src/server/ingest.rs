@@ -181,6 +181,7 @@ impl Learn for LearnService {
         request: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<IngestStream>, Status> {
         let state = Arc::clone(&self.state);
+        state.writable("documents")?;
         let loaded = state.loaded()?;
         if *state.shutting_down().borrow() {
             return Err(ServerError::ShuttingDown.into());

@@ -4,19 +4,24 @@
 //! queue; a full queue makes ingest streams wait, which pushes back on their clients. Every
 //! update is followed by a new snapshot, so queries see whole updates or none.
 
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::guard::{Check, Guard};
 use super::{priority, ServerError};
 use crate::learn::engine::UpdatedGroup;
 use crate::learn::{Doc, LearnConfig, Learner, UpdateReport};
-use crate::model::{GroupId, Model};
-use crate::snapshot::Snapshots;
+use candle_core::Tensor;
+
+use crate::model::{GroupId, Model, Params};
+use crate::snapshot::{Snapshot, Snapshots};
 use crate::spans::SpanText;
+use crate::store::publish::Published;
 use crate::store::{Durability, Restored, Store, StoreError, Written};
 use crate::trace::{prepare, trace, Trace};
 
@@ -43,11 +48,18 @@ pub(crate) enum Job {
     },
     /// Apply journal records left after the restored checkpoint; answers the steps taken.
     Replay {
-        restored: Restored,
+        restored: Box<Restored>,
         reply: Reply<usize>,
     },
     /// Write a checkpoint now; answers `None` when the server keeps no data directory.
     Checkpoint { reply: Reply<Option<Written>> },
+    /// Serve a version a writer published: these groups' tensors, on top of the current ones.
+    Follow {
+        version: u64,
+        groups: Vec<GroupId>,
+        tensors: BTreeMap<String, Tensor>,
+        reply: Reply<()>,
+    },
 }
 
 /// What the learner has done, for Admin.Info.
@@ -72,6 +84,12 @@ pub(crate) struct Setup {
     pub paused: Arc<AtomicBool>,
     /// The data directory, when the server is durable.
     pub store: Option<Store>,
+    /// Where a writer publishes its versions for readers.
+    pub publish: Option<Published>,
+    /// The newest version published (by this writer, or seen by this reader).
+    pub published: Arc<AtomicU64>,
+    /// The forgetting guard, when configured.
+    pub guard: Option<Guard>,
 }
 
 /// The server's side of the learner thread.
@@ -97,6 +115,8 @@ impl Handle {
         let progress = Arc::new(Mutex::new(Progress::default()));
         let worker = Worker {
             learner,
+            last_published: setup.snapshots.current().version(),
+            canary: None,
             setup,
             progress: Arc::clone(&progress),
         };
@@ -139,6 +159,7 @@ impl Handle {
     /// Replays what `Store::open` left to replay, before the server takes new batches.
     pub async fn replay(&self, restored: Restored) -> Result<(), ServerError> {
         let records = restored.replay.len();
+        let restored = Box::new(restored);
         let steps = self.ask(|reply| Job::Replay { restored, reply }).await?;
         if records > 0 {
             tracing::info!(records, steps, "journal replayed");
@@ -186,6 +207,10 @@ impl Handle {
 /// The thread's own state.
 struct Worker {
     learner: Learner,
+    /// The version of the last delta or checkpoint published, the parent of the next delta.
+    last_published: u64,
+    /// Canary perplexity of the served version `(version, perplexity)`, once measured.
+    canary: Option<(u64, f64)>,
     setup: Setup,
     progress: Arc<Mutex<Progress>>,
 }
@@ -221,10 +246,18 @@ impl Worker {
                 let _ = reply.send(self.guarded(|w| w.rollback(version)));
             }
             Job::Replay { restored, reply } => {
-                let _ = reply.send(self.guarded(|w| w.replay(&restored)));
+                let _ = reply.send(self.guarded(|w| w.replay(restored)));
             }
             Job::Checkpoint { reply } => {
                 let _ = reply.send(self.guarded(|w| w.checkpoint()));
+            }
+            Job::Follow {
+                version,
+                groups,
+                tensors,
+                reply,
+            } => {
+                let _ = reply.send(self.guarded(|w| w.follow(version, &groups, tensors)));
             }
         }
     }
@@ -278,7 +311,13 @@ impl Worker {
     /// Learns the journal records after the restored checkpoint, in their order; a record that
     /// fails (or panics) fails as it did when it first arrived, and the rest go on, so one bad
     /// record cannot keep the server from starting.
-    fn replay(&mut self, restored: &Restored) -> Result<usize, ServerError> {
+    fn replay(&mut self, mut restored: Box<Restored>) -> Result<usize, ServerError> {
+        if let Some(state) = restored.learner.take() {
+            // Moments that do not fit (another strategy's parameters) only cost a fresh start.
+            if let Err(e) = self.learner.import_state(state) {
+                tracing::warn!("learner state not restored, learning starts afresh: {e}");
+            }
+        }
         let mut steps = 0;
         for record in &restored.replay {
             match self.guarded(|w| w.learn(&record.docs())) {
@@ -291,7 +330,108 @@ impl Worker {
             }
             self.applied(record.seq);
         }
+        self.publish_current()?;
         Ok(steps)
+    }
+
+    /// Makes sure a writer's store can give readers the version served now: a fresh store, or
+    /// one left behind by a crash, gets a checkpoint of it.
+    fn publish_current(&mut self) -> Result<(), ServerError> {
+        let Some(out) = &self.setup.publish else {
+            return Ok(());
+        };
+        let current = self.setup.snapshots.current().version();
+        let newest = out.newest_version().map_err(store_error)?;
+        if current > 0 && newest != current {
+            self.checkpoint()?;
+        } else {
+            self.last_published = current;
+            self.setup.published.store(current, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Publishes the update that made `snapshot` as a delta for readers. A failure is logged,
+    /// not returned: the batch is journaled and applied, and readers catch up at the next
+    /// published checkpoint.
+    fn publish_delta(&mut self, snapshot: &Snapshot) {
+        let (Some(out), Some(store)) = (&self.setup.publish, &self.setup.store) else {
+            return;
+        };
+        let version = snapshot.version();
+        let meta = store.meta(
+            version,
+            Some(self.last_published),
+            snapshot.changed(),
+            self.learner.selection().unwrap_or_default(),
+        );
+        match out.delta(&meta, &snapshot.tensors_of(snapshot.changed())) {
+            Ok(bytes) => {
+                self.last_published = version;
+                self.setup.published.store(version, Ordering::SeqCst);
+                tracing::info!(
+                    version,
+                    groups = meta.groups.len(),
+                    bytes,
+                    model_bytes = snapshot.bytes(),
+                    "delta published"
+                );
+            }
+            Err(e) => tracing::error!(
+                version,
+                "publishing the delta failed: {e}; readers wait for the next checkpoint"
+            ),
+        }
+    }
+
+    /// With a guard: the canary check of `next` against `current`, when it fails. The canary
+    /// perplexity of the version served is measured once and remembered.
+    fn guarded_update(
+        &mut self,
+        current: &Snapshot,
+        next: &Snapshot,
+    ) -> Result<Option<Check>, ServerError> {
+        let Some(guard) = &self.setup.guard else {
+            return Ok(None);
+        };
+        let before = match self.canary {
+            Some((v, ppl)) if v == current.version() => ppl,
+            _ => guard.perplexity(current)?,
+        };
+        let check = Check {
+            before,
+            after: guard.perplexity(next)?,
+        };
+        if check.ratio() > guard.max_ratio {
+            self.canary = Some((current.version(), before));
+            return Ok(Some(check));
+        }
+        self.canary = Some((next.version(), check.after));
+        Ok(None)
+    }
+
+    /// Serves a version a writer published (on a reader).
+    fn follow(
+        &mut self,
+        version: u64,
+        groups: &[GroupId],
+        tensors: BTreeMap<String, Tensor>,
+    ) -> Result<(), ServerError> {
+        for (name, t) in &tensors {
+            let var = self.setup.model.vars.get(name).ok_or_else(|| {
+                ServerError::Internal(format!(
+                    "version {version} holds `{name}`, which the model lacks"
+                ))
+            })?;
+            var.set(t).map_err(crate::Error::from)?;
+        }
+        let next = self.setup.snapshots.current().after_update(
+            version,
+            groups,
+            &Params::from_map(tensors),
+        )?;
+        self.setup.snapshots.publish(next)?;
+        Ok(())
     }
 
     /// Writes the served snapshot as a checkpoint, if the server has a data directory.
@@ -301,8 +441,9 @@ impl Worker {
         };
         let snapshot = self.setup.snapshots.current();
         let selection = self.learner.selection().unwrap_or_default();
+        let state = self.learner.export_state()?;
         let written = store
-            .checkpoint(&snapshot, selection)
+            .checkpoint(&snapshot, selection, Some(&state))
             .map_err(store_error)?;
         tracing::info!(
             version = written.meta.version,
@@ -313,6 +454,15 @@ impl Worker {
             path = %written.path.display(),
             "checkpoint written"
         );
+        if let Some(out) = &self.setup.publish {
+            let keep = store.keep_checkpoints();
+            let version = written.meta.version;
+            out.checkpoint(&written.path, version, keep)
+                .map_err(store_error)?;
+            self.last_published = version;
+            self.setup.published.store(version, Ordering::SeqCst);
+            tracing::info!(version, store = %out.dir().display(), "checkpoint published");
+        }
         Ok(Some(written))
     }
 
@@ -321,18 +471,41 @@ impl Worker {
         for chunk in docs.chunks(self.setup.batch_size) {
             let span = tracing::info_span!("update", documents = chunk.len());
             let _entered = span.enter();
-            let report = self.learner.step(chunk)?;
+            let mut report = self.learner.step(chunk)?;
             if report.applied {
                 let changed: Vec<GroupId> = report.groups.iter().map(UpdatedGroup::id).collect();
                 let weights = self.learner.current_params()?;
-                let next = self.setup.snapshots.current().after_update(
-                    report.version,
-                    &changed,
-                    &weights,
-                )?;
-                self.setup.snapshots.publish(next)?;
-                if let Some(store) = self.setup.store.as_mut() {
-                    store.updated(changed);
+                let current = self.setup.snapshots.current();
+                let next = current.after_update(report.version, &changed, &weights)?;
+                if let Some(check) = self.guarded_update(&current, &next)? {
+                    // Undone before anything saw it: the weights go back to the served ones.
+                    for (name, t) in current.tensors_of(&changed) {
+                        if let Some(var) = self.setup.model.vars.get(&name) {
+                            var.set(&t).map_err(crate::Error::from)?;
+                        }
+                    }
+                    self.learner.undo_last_update();
+                    report.applied = false;
+                    report.version = self.learner.version();
+                    report.skipped = Some(format!(
+                        "forgetting guard: canary perplexity {:.3} -> {:.3} (ratio {:.3} > {:.3}); the update was undone",
+                        check.before,
+                        check.after,
+                        check.ratio(),
+                        self.setup.guard.as_ref().map_or(0.0, |g| g.max_ratio)
+                    ));
+                    tracing::warn!(
+                        version = report.version,
+                        before = check.before,
+                        after = check.after,
+                        "forgetting guard undid an update"
+                    );
+                } else {
+                    let published = self.setup.snapshots.publish(next)?;
+                    if let Some(store) = self.setup.store.as_mut() {
+                        store.updated(changed);
+                    }
+                    self.publish_delta(&published);
                 }
             }
             tracing::info!(
@@ -449,6 +622,7 @@ pub(crate) fn open_store(
     Ok((Some(store), Some(restored)))
 }
 
-fn store_error(e: StoreError) -> ServerError {
+/// A data directory or store failure as the server reports it.
+pub(crate) fn store_error(e: StoreError) -> ServerError {
     ServerError::Internal(format!("data directory: {e}"))
 }

@@ -8,6 +8,8 @@ mod admin;
 mod auth;
 mod convert;
 mod error;
+mod follow;
+mod guard;
 mod ingest;
 mod learner;
 mod metrics;
@@ -15,7 +17,8 @@ mod priority;
 mod query;
 
 use std::future::Future;
-use std::sync::atomic::AtomicBool;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -32,9 +35,11 @@ use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::learn_server::LearnServer;
 use crate::proto::v1::query_server::QueryServer;
 use crate::snapshot::{Snapshot, Snapshots};
+use crate::store::publish::Published;
 
 pub use auth::{Auth, Token};
 pub use error::ServerError;
+pub use guard::Guard;
 pub use metrics::serve as serve_metrics;
 pub use priority::inline_elementwise_ops;
 
@@ -110,6 +115,34 @@ pub struct Config {
     pub tls: Option<Tls>,
     /// Journal and checkpoints in a data directory (`None`: in memory only).
     pub durability: Option<crate::store::Durability>,
+    /// Whether this server learns and publishes, or follows a writer.
+    pub role: Role,
+    /// The shared store a writer publishes its versions to and readers follow.
+    pub store: Option<PathBuf>,
+    /// How often a reader looks for new versions in the store.
+    pub follow_interval: Duration,
+    /// Undo updates that raise canary perplexity too much (`None`: off).
+    pub guard: Option<Guard>,
+}
+
+/// What a server does with model versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Learns from ingested documents and publishes each version (one per deployment).
+    #[default]
+    Writer,
+    /// Serves queries on the versions a writer publishes to the store (any number).
+    Reader,
+}
+
+impl Role {
+    /// The role's name, as `--role` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Writer => "writer",
+            Role::Reader => "reader",
+        }
+    }
 }
 
 /// A PEM certificate chain and its PEM private key.
@@ -141,6 +174,10 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             tls: None,
             durability: None,
+            role: Role::Writer,
+            store: None,
+            follow_interval: Duration::from_secs(1),
+            guard: None,
         }
     }
 }
@@ -149,9 +186,11 @@ impl Default for Config {
 struct Loaded {
     model: Arc<Model>,
     snapshots: Arc<Snapshots>,
-    learner: learner::Handle,
+    learner: Arc<learner::Handle>,
     queries: Arc<Semaphore>,
     paused: Arc<AtomicBool>,
+    /// The newest version published (writer) or seen in the store (reader).
+    published: Arc<AtomicU64>,
 }
 
 /// The state the services share; the model is installed once it has loaded.
@@ -187,22 +226,30 @@ impl State {
     /// Installs the model: copies its weights into the first snapshot, starts the learner thread
     /// and reports SERVING.
     pub async fn install(&self, model: Model) -> Result<(), ServerError> {
+        let publish = self.store()?;
         let model = Arc::new(model);
         let m = Arc::clone(&model);
         let keep = self.config.keep_versions;
         let durability = self.config.durability.clone();
         let strategy = self.config.learn.strategy.name.clone();
+        let reader = self.config.role == Role::Reader;
         // The data directory's checkpoint goes into the weights before the first snapshot.
-        let (snapshots, store, restored) = tokio::task::spawn_blocking(move || {
+        let (snapshots, store, restored, base_hash) = tokio::task::spawn_blocking(move || {
             let (store, restored) = learner::open_store(&m, durability, &strategy)?;
+            let base_hash = if reader {
+                Some(crate::store::model_hash(&m).map_err(learner::store_error)?)
+            } else {
+                None
+            };
             let version = restored.as_ref().map_or(0, |r| r.version);
-            Ok::<_, ServerError>((Snapshot::load(m, version)?, store, restored))
+            Ok::<_, ServerError>((Snapshot::load(m, version)?, store, restored, base_hash))
         })
         .await
         .map_err(|e| ServerError::Internal(format!("loading the snapshot: {e}")))??;
         let snapshots = Arc::new(Snapshots::new(snapshots, keep));
         let paused = Arc::new(AtomicBool::new(false));
-        let learner = learner::Handle::spawn(learner::Setup {
+        let published = Arc::new(AtomicU64::new(0));
+        let learner = Arc::new(learner::Handle::spawn(learner::Setup {
             model: Arc::clone(&model),
             snapshots: Arc::clone(&snapshots),
             learn: self.config.learn.clone(),
@@ -212,9 +259,25 @@ impl State {
             nice: self.config.learner_nice,
             paused: Arc::clone(&paused),
             store,
-        })?;
+            publish: publish.clone().filter(|_| !reader),
+            guard: self.config.guard.clone(),
+            published: Arc::clone(&published),
+        })?);
         if let Some(restored) = restored {
             learner.replay(restored).await?;
+        }
+        if let (Some(store), Some(base_hash)) = (publish, base_hash) {
+            let follower = follow::Follower {
+                store,
+                base_hash,
+                device: model.device().clone(),
+                snapshots: Arc::clone(&snapshots),
+                learner: Arc::clone(&learner),
+                published: Arc::clone(&published),
+            };
+            let version = follower.catch_up().await?;
+            tracing::info!(version, "reader caught up with the store");
+            follower.spawn(self.config.follow_interval, self.shutting_down());
         }
         let loaded = Loaded {
             model,
@@ -222,6 +285,7 @@ impl State {
             learner,
             queries: Arc::new(Semaphore::new(self.config.limits.query_concurrency.max(1))),
             paused,
+            published,
         };
         if self.loaded.set(loaded).is_err() {
             return Err(ServerError::Internal("a model is already installed".into()));
@@ -229,8 +293,47 @@ impl State {
         if !*self.shutdown.borrow() {
             self.set_health(ServingStatus::Serving).await;
         }
-        tracing::info!("model installed; serving");
+        tracing::info!(role = self.config.role.name(), "model installed; serving");
         Ok(())
+    }
+
+    /// The store of published versions, checked against the role: a writer publishes only what
+    /// its data directory makes durable, and a reader keeps no data directory of its own.
+    fn store(&self) -> Result<Option<Published>, ServerError> {
+        let c = &self.config;
+        let Some(dir) = &c.store else {
+            return match c.role {
+                Role::Writer => Ok(None),
+                Role::Reader => Err(ServerError::invalid(
+                    "store",
+                    "a reader needs --store, the directory its writer publishes to",
+                )),
+            };
+        };
+        match (c.role, &c.durability) {
+            (Role::Writer, None) => Err(ServerError::invalid(
+                "store",
+                "a writer publishes only with --data-dir, so that versions survive its restarts",
+            )),
+            (Role::Reader, Some(_)) => Err(ServerError::invalid(
+                "data-dir",
+                "a reader keeps no data directory; it restores from --store",
+            )),
+            (role, _) => Published::open(dir.clone(), role == Role::Writer)
+                .map(Some)
+                .map_err(learner::store_error),
+        }
+    }
+
+    /// Refuses `what` on a reader, which follows its writer's versions and changes none itself.
+    fn writable(&self, what: &'static str) -> Result<(), ServerError> {
+        match (self.config.role, &self.config.store) {
+            (Role::Reader, Some(store)) => Err(ServerError::Reader {
+                store: store.display().to_string(),
+                what,
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn loaded(&self) -> Result<&Loaded, ServerError> {

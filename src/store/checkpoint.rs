@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{sync_dir, Result, StoreError};
-use crate::model::{GroupId, Module};
+use crate::learn::engine::LearnerState;
+use crate::learn::optimizer::Moments;
+use crate::model::GroupId;
 
 /// The file format version in [`Meta::format`].
 pub const FORMAT: u32 = 1;
@@ -45,6 +47,9 @@ pub struct Meta {
     pub journal_seq: u64,
     /// When it was written, in seconds since the Unix epoch.
     pub created_unix: u64,
+    /// The learner's state, so that learning resumes as if never stopped (checkpoints only).
+    #[serde(default)]
+    pub learner: Option<LearnerMeta>,
 }
 
 impl Meta {
@@ -52,28 +57,109 @@ impl Meta {
     pub fn group_ids(&self) -> Vec<GroupId> {
         self.groups
             .iter()
-            .filter_map(|g| {
-                let (layer, module) = g.split_once('.')?;
-                let module = match module {
-                    "attn" => Module::Attn,
-                    "mlp" => Module::Mlp,
-                    _ => return None,
-                };
-                Some(GroupId {
-                    layer: layer.parse().ok()?,
-                    module,
-                })
-            })
+            .filter_map(|g| GroupId::parse(g))
             .collect()
     }
 }
 
-/// A checkpoint read back: its metadata and the tensors of its groups.
+/// The learner's state besides its tensors, as a checkpoint's metadata holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LearnerMeta {
+    /// Batches seen and updates applied.
+    pub batches: u64,
+    /// Updates applied.
+    pub applied: u64,
+    /// AdamW steps per parameter; the moments are the tensors `optimizer/<name>`.
+    pub steps: BTreeMap<String, i32>,
+    /// `(group, span norm, full norm)`: the localization statistics.
+    pub norms: Option<Vec<(String, f64, f64)>>,
+    /// The groups selected.
+    pub selection: Option<Vec<String>>,
+}
+
+/// Name prefix of optimizer moments among a checkpoint's tensors.
+const OPTIMIZER: &str = "optimizer/";
+
+/// Splits a learner's state into checkpoint metadata and tensors.
+pub fn learner_parts(state: &LearnerState) -> (LearnerMeta, BTreeMap<String, Tensor>) {
+    let names = |gs: &[GroupId]| gs.iter().map(|g| g.to_string()).collect();
+    let meta = LearnerMeta {
+        batches: state.batches,
+        applied: state.applied,
+        steps: state
+            .moments
+            .iter()
+            .map(|(n, m)| (n.clone(), m.steps))
+            .collect(),
+        norms: state.norms.as_ref().map(|norms| {
+            norms
+                .iter()
+                .map(|(g, &(span, full))| (g.to_string(), span, full))
+                .collect()
+        }),
+        selection: state.selection.as_deref().map(names),
+    };
+    let tensors = state
+        .moments
+        .iter()
+        .map(|(n, m)| (format!("{OPTIMIZER}{n}"), m.state.clone()))
+        .collect();
+    (meta, tensors)
+}
+
+/// Takes the optimizer tensors out of `tensors` and rebuilds the learner's state with `meta`.
+fn learner_state(
+    path: &Path,
+    meta: Option<&LearnerMeta>,
+    tensors: &mut BTreeMap<String, Tensor>,
+) -> Result<Option<LearnerState>> {
+    let moments: BTreeMap<String, Tensor> = {
+        let names: Vec<String> = tensors
+            .keys()
+            .filter(|n| n.starts_with(OPTIMIZER))
+            .cloned()
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|n| Some((n[OPTIMIZER.len()..].to_string(), tensors.remove(&n)?)))
+            .collect()
+    };
+    let Some(meta) = meta else {
+        return Ok(None);
+    };
+    let groups = |names: &[String]| names.iter().filter_map(|g| GroupId::parse(g)).collect();
+    let mut out = BTreeMap::new();
+    for (name, state) in moments {
+        let steps = *meta.steps.get(&name).ok_or_else(|| {
+            StoreError::corrupt(
+                path,
+                format!("optimizer state of `{name}` without its steps"),
+            )
+        })?;
+        out.insert(name, Moments { state, steps });
+    }
+    Ok(Some(LearnerState {
+        moments: out,
+        batches: meta.batches,
+        applied: meta.applied,
+        norms: meta.norms.as_ref().map(|norms| {
+            norms
+                .iter()
+                .filter_map(|(g, span, full)| Some((GroupId::parse(g)?, (*span, *full))))
+                .collect()
+        }),
+        selection: meta.selection.as_deref().map(groups),
+    }))
+}
+
+/// A checkpoint read back: its metadata, the tensors of its groups and the learner's state.
 pub struct Checkpoint {
     /// Metadata.
     pub meta: Meta,
-    /// Tensors by parameter name.
+    /// Weights by parameter name.
     pub tensors: BTreeMap<String, Tensor>,
+    /// Optimizer moments and localization statistics, when the checkpoint holds them.
+    pub learner: Option<LearnerState>,
 }
 
 /// Encodes a checkpoint file.
@@ -126,10 +212,15 @@ pub fn decode(path: &Path, bytes: &[u8], device: &Device) -> Result<Checkpoint> 
             meta.format
         )));
     }
-    let tensors = candle_core::safetensors::load_buffer(&body[t0..t1], device)?
+    let mut tensors = candle_core::safetensors::load_buffer(&body[t0..t1], device)?
         .into_iter()
         .collect();
-    Ok(Checkpoint { meta, tensors })
+    let learner = learner_state(path, meta.learner.as_ref(), &mut tensors)?;
+    Ok(Checkpoint {
+        meta,
+        tensors,
+        learner,
+    })
 }
 
 /// Reads and verifies the checkpoint at `path`.
@@ -138,9 +229,44 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     decode(path, &bytes, device)
 }
 
+/// Writes `bytes` to `path` so that a crash leaves the old file or the new one: a temporary
+/// sibling, synced, renamed into place, and the directory synced.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::io(path, e));
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The newest checkpoint that verifies, with its path, and the errors of newer ones.
+pub type Found = (Option<(PathBuf, Checkpoint)>, Vec<StoreError>);
+
+/// The newest checkpoint in `dir` that verifies, and the errors of newer ones that did not,
+/// changing nothing in `dir`: for readers of a directory that a server writes.
+pub fn newest_readable(dir: &Path, device: &Device) -> Result<Found> {
+    let mut failed = Vec::new();
+    for (_, path) in list_in(dir)? {
+        match load(&path, device) {
+            Ok(c) => return Ok((Some((path, c)), failed)),
+            Err(e) => failed.push(e),
+        }
+    }
+    Ok((None, failed))
+}
+
 /// Checkpoint files in `dir` by version, newest first, changing nothing (a directory that does
 /// not exist holds none): readers of a directory a server writes use this.
 pub fn list_in(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    list_versions(dir, EXT)
+}
+
+/// Files `<version>.<ext>` in `dir` by version, newest first (none where `dir` does not exist).
+pub(crate) fn list_versions(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -151,7 +277,7 @@ pub fn list_in(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         let path = entry.map_err(|e| StoreError::io(dir, e))?.path();
         let version = path
             .extension()
-            .filter(|e| *e == EXT)
+            .filter(|e| *e == ext)
             .and_then(|_| path.file_stem()?.to_str()?.parse::<u64>().ok());
         if let Some(v) = version {
             out.push((v, path));
@@ -216,15 +342,7 @@ impl Checkpoints {
     pub fn write(&self, meta: &Meta, tensors: &BTreeMap<String, Tensor>) -> Result<(PathBuf, u64)> {
         let bytes = encode(meta, tensors)?;
         let path = self.path_of(meta.version);
-        let tmp = path.with_extension("tmp");
-        let written = File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-            .and_then(|()| fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(StoreError::io(&path, e));
-        }
-        sync_dir(&self.dir)?;
+        write_atomic(&path, &bytes)?;
         Ok((path, bytes.len() as u64))
     }
 

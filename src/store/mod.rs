@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod journal;
+pub mod publish;
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::learn::engine::LearnerState;
 use crate::model::{GroupId, Model};
 use crate::snapshot::Snapshot;
 use checkpoint::{Checkpoint, Checkpoints, Meta};
@@ -130,6 +132,8 @@ pub struct Restored {
     pub version: u64,
     /// The checkpoint's metadata, if one was restored.
     pub checkpoint: Option<Meta>,
+    /// The learner's state the checkpoint holds, to resume learning from.
+    pub learner: Option<LearnerState>,
     /// Journal records after the checkpoint, to replay in order.
     pub replay: Vec<Record>,
     /// Checkpoints that failed verification and were set aside.
@@ -182,8 +186,14 @@ impl Store {
         let (found, rejected) = checkpoints.newest_good(model.device())?;
         let (mut journal, records, torn_bytes) = Journal::open(config.dir.join("journal.log"))?;
         let mut dirty = BTreeSet::new();
+        let mut restored_learner = None;
         let (version, covered, meta) = match found {
-            Some(Checkpoint { meta, tensors }) => {
+            Some(Checkpoint {
+                meta,
+                tensors,
+                learner,
+            }) => {
+                restored_learner = learner;
                 if meta.base_hash != base_hash {
                     return Err(StoreError::Mismatch(format!(
                         "{}: checkpoint {} was made on a model with hash {}, but this model's is {base_hash}; use another --data-dir",
@@ -236,6 +246,7 @@ impl Store {
             Restored {
                 version,
                 checkpoint: meta,
+                learner: restored_learner,
                 replay,
                 rejected,
                 torn_bytes,
@@ -269,44 +280,56 @@ impl Store {
         self.since > 0 || self.learned > self.covered
     }
 
-    /// Writes `snapshot` (the served weights after every batch learned so far) as a checkpoint of
-    /// the groups changed since the base model, then prunes old checkpoints.
-    pub fn checkpoint(&mut self, snapshot: &Snapshot, selection: &[GroupId]) -> Result<Written> {
-        let names: Vec<String> = snapshot
-            .model()
-            .vars
-            .keys()
-            .filter(|n| {
-                matches!(snapshot.model().arch.kind_of(n),
-                    Some(crate::model::ParamKind::Group(g)) if self.dirty.contains(&g))
-            })
-            .cloned()
-            .collect();
-        let tensors = names
-            .iter()
-            .filter_map(|n| snapshot.tensor(n).map(|t| (n.clone(), t.clone())))
-            .collect();
-        let meta = Meta {
+    /// The metadata of a file holding `groups` of `version`, made on this store's base model.
+    pub fn meta(
+        &self,
+        version: u64,
+        parent: Option<u64>,
+        groups: &[GroupId],
+        selection: &[GroupId],
+    ) -> Meta {
+        Meta {
             format: checkpoint::FORMAT,
-            version: snapshot.version(),
-            parent: self.parent,
+            version,
+            parent,
             base_hash: self.base_hash.clone(),
             strategy: self.strategy.clone(),
             selection: selection.iter().map(|g| g.to_string()).collect(),
-            groups: self.dirty.iter().map(|g| g.to_string()).collect(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
             journal_seq: self.learned,
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-        };
+            learner: None,
+        }
+    }
+
+    /// Checkpoints retained in the data directory.
+    pub fn keep_checkpoints(&self) -> usize {
+        self.config.keep_checkpoints.max(1)
+    }
+
+    /// Writes `snapshot` (the served weights after every batch learned so far) as a checkpoint of
+    /// the groups changed since the base model, then prunes old checkpoints.
+    pub fn checkpoint(
+        &mut self,
+        snapshot: &Snapshot,
+        selection: &[GroupId],
+        learner: Option<&LearnerState>,
+    ) -> Result<Written> {
+        let groups = self.dirty.iter().copied().collect::<Vec<_>>();
+        let mut tensors = snapshot.tensors_of(&groups);
+        let mut meta = self.meta(snapshot.version(), self.parent, &groups, selection);
+        if let Some(state) = learner {
+            let (learner_meta, moments) = checkpoint::learner_parts(state);
+            meta.learner = Some(learner_meta);
+            tensors.extend(moments);
+        }
         let (path, bytes) = self.checkpoints.write(&meta, &tensors)?;
         self.parent = Some(meta.version);
         self.covered = meta.journal_seq;
         self.since = 0;
-        for old in self
-            .checkpoints
-            .prune(self.config.keep_checkpoints.max(1))?
-        {
+        for old in self.checkpoints.prune(self.keep_checkpoints())? {
             tracing::info!(path = %old.display(), "old checkpoint removed");
         }
         Ok(Written { meta, path, bytes })

@@ -14,12 +14,14 @@ pub struct Run {
 }
 
 /// Runs `locus` with `args`. `RUST_BACKTRACE=1` is forced so that a backtrace leaking into an error
-/// message, or a panic, shows up; `LOCUS_MODEL` is cleared so nothing falls back to the default model.
+/// message, or a panic, shows up; `LOCUS_MODEL` is cleared so nothing falls back to the default
+/// model, and `LOCUS_DEVICE` so that every run is on the CPU unless it says otherwise.
 pub fn locus(args: &[&str]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_locus"))
         .args(args)
         .env("RUST_BACKTRACE", "1")
         .env_remove("LOCUS_MODEL")
+        .env_remove("LOCUS_DEVICE")
         .env_remove("RUST_LOG")
         .output()
         .expect("running the locus binary");

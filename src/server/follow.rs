@@ -1,0 +1,124 @@
+//! A reader's side of scale-out: it follows the versions a writer publishes to a shared store.
+//!
+//! Files are read on the blocking pool and applied by the learner thread, which stays the only
+//! code that changes weights; each applied file becomes a snapshot with the writer's version.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use tokio::sync::watch;
+
+use super::learner::{Handle, Job};
+use super::ServerError;
+use crate::snapshot::Snapshots;
+use crate::store::checkpoint::{self, Checkpoint};
+use crate::store::publish::Published;
+use crate::store::StoreError;
+
+/// What a reader follows and what it serves.
+#[derive(Clone)]
+pub(crate) struct Follower {
+    pub store: Published,
+    /// The base model's hash: files made on another base are refused.
+    pub base_hash: String,
+    pub device: Device,
+    pub snapshots: Arc<Snapshots>,
+    pub learner: Arc<Handle>,
+    /// The newest version the store holds, as last seen.
+    pub published: Arc<AtomicU64>,
+}
+
+impl Follower {
+    /// Applies every published file beyond the served version, in order; returns the version
+    /// served afterwards.
+    pub async fn catch_up(&self) -> Result<u64, ServerError> {
+        loop {
+            let current = self.snapshots.current().version();
+            let (store, device) = (self.store.clone(), self.device.clone());
+            let (newest, next) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                Ok((
+                    store.newest_version()?,
+                    next_file(&store, current, &device)?,
+                ))
+            })
+            .await
+            .map_err(|e| ServerError::Internal(format!("reading the store: {e}")))?
+            .map_err(|e| ServerError::Internal(format!("store: {e}")))?;
+            self.published.fetch_max(newest, Ordering::SeqCst);
+            let Some(file) = next else {
+                return Ok(current);
+            };
+            let meta = file.meta;
+            if meta.base_hash != self.base_hash {
+                return Err(ServerError::Internal(format!(
+                    "store {}: version {} was made on a base model with hash {}, but this reader's is {}; start it with the writer's --model",
+                    self.store.dir().display(),
+                    meta.version,
+                    meta.base_hash,
+                    self.base_hash
+                )));
+            }
+            let groups = meta.group_ids();
+            let tensors = file.tensors;
+            self.learner
+                .ask(|reply| Job::Follow {
+                    version: meta.version,
+                    groups,
+                    tensors,
+                    reply,
+                })
+                .await?;
+            tracing::info!(
+                version = meta.version,
+                from = current,
+                groups = meta.groups.len(),
+                behind = self
+                    .published
+                    .load(Ordering::SeqCst)
+                    .saturating_sub(meta.version),
+                "following the writer"
+            );
+        }
+    }
+
+    /// Catches up every `interval` until the server shuts down.
+    pub fn spawn(self, interval: Duration, mut stop: watch::Receiver<bool>) {
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.changed() => return,
+                }
+                match self.catch_up().await {
+                    Ok(_) => {}
+                    Err(ServerError::ShuttingDown) => return,
+                    Err(e) => tracing::error!("following the writer: {e}"),
+                }
+            }
+        });
+    }
+}
+
+/// The file that takes a reader from `current` further: the delta whose parent is `current`,
+/// else (a late start, a gap after pruning, a rollback) the newest checkpoint when it is newer.
+fn next_file(
+    store: &Published,
+    current: u64,
+    device: &Device,
+) -> Result<Option<Checkpoint>, StoreError> {
+    if let Some((_, path)) = store.deltas_after(current)?.first() {
+        match checkpoint::load(path, device) {
+            Ok(delta) if delta.meta.parent == Some(current) => return Ok(Some(delta)),
+            Ok(_) => {}
+            // Pruned by the writer since it was listed, or damaged: the checkpoint covers it.
+            Err(e) => tracing::warn!("{e}; falling back to the newest checkpoint"),
+        }
+    }
+    let (found, failed) = store.newest_checkpoint(device)?;
+    for e in failed {
+        tracing::error!("{e}; trying an older published checkpoint");
+    }
+    Ok(found.map(|(_, c)| c).filter(|c| c.meta.version > current))
+}

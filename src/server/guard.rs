@@ -1,0 +1,54 @@
+//! The forgetting guard: an update that raises the perplexity of a canary set of texts by more
+//! than a configured ratio is undone before any query or reader sees it.
+
+use crate::snapshot::Snapshot;
+
+use super::ServerError;
+
+/// Canary texts and the largest perplexity ratio an update may cause.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    /// The canary texts.
+    pub canaries: Vec<String>,
+    /// Largest allowed `perplexity after / perplexity before` of one update.
+    pub max_ratio: f64,
+}
+
+/// The canary perplexity before and after one update.
+#[derive(Debug, Clone, Copy)]
+pub struct Check {
+    /// Before the update.
+    pub before: f64,
+    /// After it.
+    pub after: f64,
+}
+
+impl Check {
+    /// `after / before`.
+    pub fn ratio(&self) -> f64 {
+        self.after / self.before
+    }
+}
+
+impl Guard {
+    /// Perplexity of the canaries under `snapshot`'s weights.
+    pub fn perplexity(&self, snapshot: &Snapshot) -> Result<f64, ServerError> {
+        let mut seqs = Vec::with_capacity(self.canaries.len());
+        for (i, text) in self.canaries.iter().enumerate() {
+            let ids = snapshot.model().tokenizer.encode(text)?.ids;
+            if ids.len() < 2 {
+                return Err(ServerError::invalid(
+                    format!("canary[{i}]"),
+                    "needs at least two tokens",
+                ));
+            }
+            seqs.push(ids);
+        }
+        let nll = snapshot.target_nll(&seqs)?;
+        let (sum, n) = nll
+            .iter()
+            .flatten()
+            .fold((0.0f64, 0usize), |(s, n), &x| (s + f64::from(x), n + 1));
+        Ok((sum / n.max(1) as f64).exp())
+    }
+}
