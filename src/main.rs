@@ -3,8 +3,6 @@
 mod cli;
 
 fn main() -> std::process::ExitCode {
-    // Before any thread starts: the server's queries and learner must not share candle's pool.
-    locus::server::inline_elementwise_ops();
     let args = match cli::parse() {
         Ok(args) => args,
         Err(e) => {
@@ -12,6 +10,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Before any thread starts: a server's queries and learner must not share candle's pool.
+    if args.serves() {
+        locus::server::inline_elementwise_ops();
+    }
     // Dropped when main returns, which flushes the spans still waiting for export.
     let _telemetry = match locus::telemetry::init() {
         Ok(t) => t,

@@ -1280,3 +1280,39 @@ fn client_checkpoint_without_a_data_directory_fails_cleanly() {
     let addr = serve.addr.clone();
     fails(&["client", "--addr", &addr, "checkpoint"], &["--data-dir"]);
 }
+
+#[test]
+fn object_store_urls_and_bad_follow_intervals_are_refused_at_start() {
+    let model = fixture("llama");
+    let model = model.to_str().unwrap();
+    fails(
+        &["serve", "--model", model, "--store", "s3://bucket/locus"],
+        &["--store s3://bucket/locus", "not supported by this build"],
+    );
+    fails(
+        &[
+            "serve",
+            "--model",
+            model,
+            "--role",
+            "reader",
+            "--store",
+            "/tmp",
+            "--follow-interval",
+            "0",
+        ],
+        &["--follow-interval 0", "positive"],
+    );
+    fails(
+        &[
+            "serve",
+            "--model",
+            model,
+            "--canary-max-ratio",
+            "0.5",
+            "--canary",
+            "Cargo.toml",
+        ],
+        &["--canary-max-ratio 0.5"],
+    );
+}
