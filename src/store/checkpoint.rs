@@ -113,17 +113,10 @@ fn learner_state(
     meta: Option<&LearnerMeta>,
     tensors: &mut BTreeMap<String, Tensor>,
 ) -> Result<Option<LearnerState>> {
-    let moments: BTreeMap<String, Tensor> = {
-        let names: Vec<String> = tensors
-            .keys()
-            .filter(|n| n.starts_with(OPTIMIZER))
-            .cloned()
-            .collect();
-        names
-            .into_iter()
-            .filter_map(|n| Some((n[OPTIMIZER.len()..].to_string(), tensors.remove(&n)?)))
-            .collect()
-    };
+    let moments: BTreeMap<String, Tensor> = tensors
+        .extract_if(.., |n, _| n.starts_with(OPTIMIZER))
+        .map(|(n, t)| (n[OPTIMIZER.len()..].to_string(), t))
+        .collect();
     let Some(meta) = meta else {
         return Ok(None);
     };
