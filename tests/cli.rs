@@ -1282,13 +1282,20 @@ fn client_checkpoint_without_a_data_directory_fails_cleanly() {
 }
 
 #[test]
-fn object_store_urls_and_bad_follow_intervals_are_refused_at_start() {
+fn bad_store_urls_and_follow_intervals_are_refused_at_start() {
     let model = fixture("llama");
     let model = model.to_str().unwrap();
-    fails(
-        &["serve", "--model", model, "--store", "s3://bucket/locus"],
-        &["--store s3://bucket/locus", "not supported by this build"],
-    );
+    for (url, why) in [
+        ("ftp://host/locus", "Unable to recognise URL"),
+        ("https://example.com/x", "use a directory"),
+    ] {
+        fails(
+            &[
+                "serve", "--model", model, "--role", "reader", "--store", url,
+            ],
+            &[&format!("--store {url}"), why],
+        );
+    }
     fails(
         &[
             "serve",

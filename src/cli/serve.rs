@@ -80,8 +80,10 @@ pub struct ServeArgs {
     /// serves queries on the versions it finds there (Ingest and Admin changes are refused).
     #[arg(long, value_enum, default_value_t = RoleArg::Writer, env = "LOCUS_ROLE")]
     role: RoleArg,
-    /// Shared store of published versions: a directory (or `file://` URL) that the writer
-    /// writes and readers read, such as a shared volume. A writer needs --data-dir to publish.
+    /// Store of published versions that the writer writes and readers follow: a shared directory
+    /// (path or `file://` URL) or object storage by URL (`s3://bucket/prefix`, `gs://…`, `az://…`;
+    /// credentials and endpoints from AWS_*, GOOGLE_*, AZURE_* variables). A writer needs
+    /// --data-dir to publish.
     #[arg(long, env = "LOCUS_STORE")]
     store: Option<String>,
     /// Forgetting guard: a file of canary texts, one a line; an update that raises their
@@ -124,17 +126,10 @@ fn guard(path: &Path, max_ratio: f64) -> anyhow::Result<locus::server::Guard> {
     })
 }
 
-/// The directory `--store` names: a path or a `file://` URL.
-fn store_dir(spec: &str) -> anyhow::Result<PathBuf> {
-    if let Some(path) = spec.strip_prefix("file://") {
-        return Ok(PathBuf::from(path));
-    }
-    if let Some((scheme, _)) = spec.split_once("://") {
-        anyhow::bail!(
-            "--store {spec}: `{scheme}://` object storage is not supported by this build; use a shared directory (a path or file:// URL)"
-        );
-    }
-    Ok(PathBuf::from(spec))
+/// `--store`, checked before the server starts (reaching it waits for the model).
+fn check_store(spec: String) -> anyhow::Result<String> {
+    locus::store::location::check(&spec).map_err(|e| anyhow::anyhow!("--store {e}"))?;
+    Ok(spec)
 }
 
 /// Learning settings shared by `serve` and `demo`.
@@ -369,7 +364,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             RoleArg::Writer => locus::server::Role::Writer,
             RoleArg::Reader => locus::server::Role::Reader,
         },
-        store: a.store.as_deref().map(store_dir).transpose()?,
+        store: a.store.clone().map(check_store).transpose()?,
         guard: a
             .canary
             .as_deref()

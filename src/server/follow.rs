@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use super::learner::{Handle, Job};
 use super::ServerError;
 use crate::snapshot::Snapshots;
-use crate::store::checkpoint::{self, Checkpoint};
+use crate::store::checkpoint::Checkpoint;
 use crate::store::publish::Published;
 use crate::store::StoreError;
 
@@ -54,7 +54,7 @@ impl Follower {
             if meta.base_hash != self.base_hash {
                 return Err(ServerError::Internal(format!(
                     "store {}: version {} was made on a base model with hash {}, but this reader's is {}; start it with the writer's --model",
-                    self.store.dir().display(),
+                    self.store.url(),
                     meta.version,
                     meta.base_hash,
                     self.base_hash
@@ -108,8 +108,8 @@ fn next_file(
     current: u64,
     device: &Device,
 ) -> Result<Option<Checkpoint>, StoreError> {
-    if let Some((_, path)) = store.deltas_after(current)?.first() {
-        match checkpoint::load(path, device) {
+    if let Some(&version) = store.deltas_after(current)?.first() {
+        match store.delta_to(version, device) {
             Ok(delta) if delta.meta.parent == Some(current) => return Ok(Some(delta)),
             Ok(_) => {}
             // Pruned by the writer since it was listed, or damaged: the checkpoint covers it.
@@ -120,5 +120,5 @@ fn next_file(
     for e in failed {
         tracing::error!("{e}; trying an older published checkpoint");
     }
-    Ok(found.map(|(_, c)| c).filter(|c| c.meta.version > current))
+    Ok(found.filter(|c| c.meta.version > current))
 }

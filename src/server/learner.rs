@@ -115,7 +115,7 @@ impl Handle {
         let progress = Arc::new(Mutex::new(Progress::default()));
         let worker = Worker {
             learner,
-            last_published: setup.snapshots.current().version(),
+            unpublished: false,
             canary: None,
             setup,
             progress: Arc::clone(&progress),
@@ -207,8 +207,8 @@ impl Handle {
 /// The thread's own state.
 struct Worker {
     learner: Learner,
-    /// The version of the last delta or checkpoint published, the parent of the next delta.
-    last_published: u64,
+    /// A delta failed to publish: readers cannot apply later deltas until a checkpoint covers it.
+    unpublished: bool,
     /// Canary perplexity of the served version `(version, perplexity)`, once measured.
     canary: Option<(u64, f64)>,
     setup: Setup,
@@ -345,29 +345,33 @@ impl Worker {
         if current > 0 && newest != current {
             self.checkpoint()?;
         } else {
-            self.last_published = current;
             self.setup.published.store(current, Ordering::SeqCst);
         }
         Ok(())
     }
 
-    /// Publishes the update that made `snapshot` as a delta for readers. A failure is logged,
-    /// not returned: the batch is journaled and applied, and readers catch up at the next
-    /// published checkpoint.
-    fn publish_delta(&mut self, snapshot: &Snapshot) {
+    /// Publishes the update from version `parent` to `snapshot` as a delta for readers, or a
+    /// checkpoint where an earlier delta is missing. A failure is logged, not returned: the batch
+    /// is journaled and applied, and the next update publishes a checkpoint instead.
+    fn publish_delta(&mut self, parent: u64, snapshot: &Snapshot) {
         let (Some(out), Some(store)) = (&self.setup.publish, &self.setup.store) else {
             return;
         };
         let version = snapshot.version();
+        if self.unpublished {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(version, "publishing a checkpoint failed: {e}");
+            }
+            return;
+        }
         let meta = store.meta(
             version,
-            Some(self.last_published),
+            Some(parent),
             snapshot.changed(),
             self.learner.selection().unwrap_or_default(),
         );
         match out.delta(&meta, &snapshot.tensors_of(snapshot.changed())) {
             Ok(bytes) => {
-                self.last_published = version;
                 self.setup.published.store(version, Ordering::SeqCst);
                 tracing::info!(
                     version,
@@ -377,10 +381,13 @@ impl Worker {
                     "delta published"
                 );
             }
-            Err(e) => tracing::error!(
-                version,
-                "publishing the delta failed: {e}; readers wait for the next checkpoint"
-            ),
+            Err(e) => {
+                self.unpublished = true;
+                tracing::error!(
+                    version,
+                    "publishing the delta failed: {e}; the next update publishes a checkpoint"
+                );
+            }
         }
     }
 
@@ -459,9 +466,9 @@ impl Worker {
             let version = written.meta.version;
             out.checkpoint(&written.path, version, keep)
                 .map_err(store_error)?;
-            self.last_published = version;
+            self.unpublished = false;
             self.setup.published.store(version, Ordering::SeqCst);
-            tracing::info!(version, store = %out.dir().display(), "checkpoint published");
+            tracing::info!(version, store = out.url(), "checkpoint published");
         }
         Ok(Some(written))
     }
@@ -505,7 +512,7 @@ impl Worker {
                     if let Some(store) = self.setup.store.as_mut() {
                         store.updated(changed);
                     }
-                    self.publish_delta(&published);
+                    self.publish_delta(current.version(), &published);
                 }
             }
             tracing::info!(
@@ -624,5 +631,11 @@ pub(crate) fn open_store(
 
 /// A data directory or store failure as the server reports it.
 pub(crate) fn store_error(e: StoreError) -> ServerError {
-    ServerError::Internal(format!("data directory: {e}"))
+    match e {
+        // The URL in the message says which store.
+        StoreError::Remote { .. } | StoreError::Location { .. } => {
+            ServerError::Internal(format!("published store: {e}"))
+        }
+        e => ServerError::Internal(format!("data directory: {e}")),
+    }
 }

@@ -17,7 +17,6 @@ mod priority;
 mod query;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -117,8 +116,9 @@ pub struct Config {
     pub durability: Option<crate::store::Durability>,
     /// Whether this server learns and publishes, or follows a writer.
     pub role: Role,
-    /// The shared store a writer publishes its versions to and readers follow.
-    pub store: Option<PathBuf>,
+    /// The store (a directory or an object-store URL) a writer publishes its versions to and
+    /// readers follow.
+    pub store: Option<String>,
     /// How often a reader looks for new versions in the store.
     pub follow_interval: Duration,
     /// Undo updates that raise canary perplexity too much (`None`: off).
@@ -319,9 +319,9 @@ impl State {
                 "data-dir",
                 "a reader keeps no data directory; it restores from --store",
             )),
-            (role, _) => Published::open(dir.clone(), role == Role::Writer)
+            _ => Published::open(dir)
                 .map(Some)
-                .map_err(learner::store_error),
+                .map_err(|e| ServerError::invalid("store", e.to_string())),
         }
     }
 
@@ -329,7 +329,7 @@ impl State {
     fn writable(&self, what: &'static str) -> Result<(), ServerError> {
         match (self.config.role, &self.config.store) {
             (Role::Reader, Some(store)) => Err(ServerError::Reader {
-                store: store.display().to_string(),
+                store: store.clone(),
                 what,
             }),
             _ => Ok(()),

@@ -24,7 +24,7 @@ use crate::model::GroupId;
 pub const FORMAT: u32 = 1;
 const MAGIC: &[u8; 8] = b"LOCUSCK1";
 const DIGEST: usize = 32;
-const EXT: &str = "ckpt";
+pub(crate) const EXT: &str = "ckpt";
 
 /// What a checkpoint is, besides its tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -268,16 +268,18 @@ pub(crate) fn list_versions(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>
     let mut out = Vec::new();
     for entry in entries {
         let path = entry.map_err(|e| StoreError::io(dir, e))?.path();
-        let version = path
-            .extension()
-            .filter(|e| *e == ext)
-            .and_then(|_| path.file_stem()?.to_str()?.parse::<u64>().ok());
+        let version = path.file_name().and_then(|n| version_of(n.to_str()?, ext));
         if let Some(v) = version {
             out.push((v, path));
         }
     }
     out.sort_by_key(|c| std::cmp::Reverse(c.0));
     Ok(out)
+}
+
+/// The version in a file name `<version>.<ext>`.
+pub(crate) fn version_of(name: &str, ext: &str) -> Option<u64> {
+    name.strip_suffix(ext)?.strip_suffix('.')?.parse().ok()
 }
 
 /// The checkpoint directory.

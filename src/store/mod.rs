@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod journal;
+pub mod location;
 pub mod publish;
 
 use std::collections::BTreeSet;
@@ -44,6 +45,22 @@ pub enum StoreError {
     /// The data directory does not fit this model or has lost records.
     #[error("{0}")]
     Mismatch(String),
+    /// A store location (`--store`) cannot be used as given.
+    #[error("{location}: {reason}")]
+    Location {
+        /// The location as given.
+        location: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// An object-store request failed (after the client's retries).
+    #[error("{file}: {cause}")]
+    Remote {
+        /// The file involved, as a URL.
+        file: String,
+        /// The client's error.
+        cause: Box<object_store::Error>,
+    },
     /// Reading or writing tensors failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),

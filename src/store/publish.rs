@@ -5,110 +5,123 @@
 //! `checkpoints/<version>.ckpt`, copies of the writer's checkpoints (every group changed since
 //! the base model). A reader applies the deltas whose parent is the version it serves; one that
 //! starts late or finds a gap loads the newest checkpoint and goes on from there. Every file is
-//! written under a temporary name and renamed, so a reader never sees half of one.
+//! written whole (renamed into place in a directory, one put in object storage), so a reader
+//! never sees half of one.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::checkpoint::{self, encode, list_versions, write_atomic, Found, Meta};
+use super::checkpoint::{decode, encode, version_of, Checkpoint, Meta, EXT};
+use super::location::Location;
 use super::{Result, StoreError};
 
+const DELTAS: &str = "deltas";
 const DELTA_EXT: &str = "delta";
+const CHECKPOINTS: &str = "checkpoints";
 
-/// A store directory of published versions.
+/// A store of published versions: a shared directory or an object-store prefix.
 #[derive(Debug, Clone)]
 pub struct Published {
-    dir: PathBuf,
+    at: Location,
 }
 
 impl Published {
-    /// The store at `dir` (for a writer: created if missing).
-    pub fn open(dir: PathBuf, create: bool) -> Result<Published> {
-        if create {
-            for sub in ["deltas", "checkpoints"] {
-                let d = dir.join(sub);
-                fs::create_dir_all(&d).map_err(|e| StoreError::io(&d, e))?;
-            }
-        }
-        Ok(Published { dir })
+    /// The store `spec` names (see [`Location::parse`]).
+    pub fn open(spec: &str) -> Result<Published> {
+        Location::parse(spec).map(|at| Published { at })
     }
 
-    /// The store directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn deltas(&self) -> PathBuf {
-        self.dir.join("deltas")
-    }
-
-    fn checkpoints(&self) -> PathBuf {
-        self.dir.join("checkpoints")
+    /// The store as given, for logs and errors.
+    pub fn url(&self) -> &str {
+        self.at.url()
     }
 
     /// Publishes the update to `meta.version` (groups and tensors it changed); returns its size.
     pub fn delta(&self, meta: &Meta, tensors: &BTreeMap<String, Tensor>) -> Result<u64> {
         let bytes = encode(meta, tensors)?;
-        let path = self
-            .deltas()
-            .join(format!("{:020}.{DELTA_EXT}", meta.version));
-        write_atomic(&path, &bytes)?;
-        Ok(bytes.len() as u64)
+        let size = bytes.len() as u64;
+        self.at.put(&delta_name(meta.version), bytes)?;
+        Ok(size)
     }
 
     /// Publishes the checkpoint file at `source` as version `version`, keeps the newest `keep`
     /// published checkpoints, and removes the deltas that the oldest kept one already covers.
     pub fn checkpoint(&self, source: &Path, version: u64, keep: usize) -> Result<u64> {
         let bytes = fs::read(source).map_err(|e| StoreError::io(source, e))?;
-        let path = self.checkpoints().join(source.file_name().map_or_else(
-            || format!("{version:020}.ckpt").into(),
-            |n| n.to_os_string(),
-        ));
-        write_atomic(&path, &bytes)?;
-        let kept = checkpoint::list_in(&self.checkpoints())?;
-        for (_, old) in kept.iter().skip(keep.max(1)) {
-            remove(old)?;
+        let size = bytes.len() as u64;
+        self.at.put(&checkpoint_name(version), bytes)?;
+        let kept = self.versions(CHECKPOINTS, EXT)?;
+        for old in kept.iter().skip(keep.max(1)) {
+            self.at.delete(&checkpoint_name(*old))?;
         }
-        if let Some(&(oldest, _)) = kept.iter().take(keep.max(1)).next_back() {
-            for (v, delta) in list_versions(&self.deltas(), DELTA_EXT)? {
+        if let Some(&oldest) = kept.iter().take(keep.max(1)).next_back() {
+            for v in self.versions(DELTAS, DELTA_EXT)? {
                 if v <= oldest {
-                    remove(&delta)?;
+                    self.at.delete(&delta_name(v))?;
                 }
             }
         }
-        Ok(bytes.len() as u64)
+        Ok(size)
+    }
+
+    /// Versions of the files `<version>.<ext>` in `dir`, newest first.
+    fn versions(&self, dir: &str, ext: &str) -> Result<Vec<u64>> {
+        let mut found: Vec<u64> = self
+            .at
+            .list(dir)?
+            .iter()
+            .filter_map(|name| version_of(name, ext))
+            .collect();
+        found.sort_by_key(|v| std::cmp::Reverse(*v));
+        Ok(found)
     }
 
     /// The newest published version (0 where nothing is published).
     pub fn newest_version(&self) -> Result<u64> {
-        let newest = |found: Vec<(u64, PathBuf)>| found.first().map_or(0, |c| c.0);
-        Ok(newest(list_versions(&self.deltas(), DELTA_EXT)?)
-            .max(newest(checkpoint::list_in(&self.checkpoints())?)))
+        let newest = |found: Vec<u64>| found.first().copied().unwrap_or(0);
+        Ok(newest(self.versions(DELTAS, DELTA_EXT)?).max(newest(self.versions(CHECKPOINTS, EXT)?)))
     }
 
     /// The newest published checkpoint that verifies, and the errors of newer ones that did not.
-    pub fn newest_checkpoint(&self, device: &Device) -> Result<Found> {
-        checkpoint::newest_readable(&self.checkpoints(), device)
+    pub fn newest_checkpoint(
+        &self,
+        device: &Device,
+    ) -> Result<(Option<Checkpoint>, Vec<StoreError>)> {
+        let mut failed = Vec::new();
+        for v in self.versions(CHECKPOINTS, EXT)? {
+            match self.read(&checkpoint_name(v), device) {
+                Ok(c) => return Ok((Some(c), failed)),
+                Err(e) => failed.push(e),
+            }
+        }
+        Ok((None, failed))
     }
 
-    /// Published deltas after `version`, oldest first.
-    pub fn deltas_after(&self, version: u64) -> Result<Vec<(u64, PathBuf)>> {
-        let mut found: Vec<_> = list_versions(&self.deltas(), DELTA_EXT)?
-            .into_iter()
-            .filter(|(v, _)| *v > version)
-            .collect();
+    /// Versions of the published deltas after `version`, oldest first.
+    pub fn deltas_after(&self, version: u64) -> Result<Vec<u64>> {
+        let mut found = self.versions(DELTAS, DELTA_EXT)?;
+        found.retain(|v| *v > version);
         found.reverse();
         Ok(found)
     }
+
+    /// The published delta to `version`, verified.
+    pub fn delta_to(&self, version: u64, device: &Device) -> Result<Checkpoint> {
+        self.read(&delta_name(version), device)
+    }
+
+    fn read(&self, name: &str, device: &Device) -> Result<Checkpoint> {
+        decode(&self.at.describe(name), &self.at.get(name)?, device)
+    }
 }
 
-/// Removes a published file that may already be gone.
-fn remove(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(path, e)),
-        _ => Ok(()),
-    }
+fn delta_name(version: u64) -> String {
+    format!("{DELTAS}/{version:020}.{DELTA_EXT}")
+}
+
+fn checkpoint_name(version: u64) -> String {
+    format!("{CHECKPOINTS}/{version:020}.{EXT}")
 }

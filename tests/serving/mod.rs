@@ -1,0 +1,302 @@
+//! The in-process server the server and object-store tests start, the requests they send, and
+//! the scale-out scenario both run on their own stores.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use locus::client::{Client, ClientError};
+use locus::learn::{LearnConfig, Localization, Strategy};
+use locus::model::load;
+use locus::proto::v1 as pb;
+use locus::server::{self, Config, Limits, ServerError, State};
+use locus::store::location::Location;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::common::fixture;
+
+/// A running test server.
+pub struct Running {
+    pub addr: String,
+    pub state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl Running {
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr, None).await.unwrap()
+    }
+
+    pub async fn client_with(&self, token: &str) -> Client {
+        Client::connect(&self.addr, Some(token)).await.unwrap()
+    }
+
+    /// Triggers shutdown and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+pub fn config() -> Config {
+    Config {
+        learn: LearnConfig {
+            strategy: Strategy::parse("tgl-fp").unwrap(),
+            localization: Localization::PerBatch {
+                ema: 0.9,
+                reselect_every: 4,
+            },
+            lr: 1e-2,
+            ..LearnConfig::default()
+        },
+        batch_size: 4,
+        limits: Limits {
+            max_document_tokens: 128,
+            max_documents: 8,
+            max_candidates: 4,
+            max_complete_tokens: 16,
+            max_message_bytes: 64 << 10,
+            ..Limits::default()
+        },
+        shutdown_grace: Duration::from_secs(10),
+        ..Config::default()
+    }
+}
+
+/// Starts a server; `install` false leaves it without a model.
+pub async fn start_with(config: Config, install: bool) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let state = State::new(config).await;
+    if install {
+        let model = load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();
+        state.install(model).await.unwrap();
+    }
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server::run(listener, Arc::clone(&state), async {
+        let _ = stopped.await;
+    }));
+    Running {
+        addr,
+        state,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+pub async fn start() -> Running {
+    start_with(config(), true).await
+}
+
+pub fn doc(text: &str, salient: &[&str]) -> pb::Document {
+    pb::Document {
+        text: text.into(),
+        salient: salient.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn facts() -> Vec<pb::Document> {
+    vec![
+        doc(
+            "On 3 May 2021, Ada Lovelace opened a museum in London.",
+            &["Ada Lovelace"],
+        ),
+        doc(
+            "The new museum director, Ada Lovelace, spoke on 4 May 2021.",
+            &["Ada Lovelace"],
+        ),
+        doc(
+            "Visitors queued for hours to see the engines of Charles Babbage.",
+            &[],
+        ),
+    ]
+}
+
+pub fn batch(id: &str, documents: Vec<pb::Document>) -> pb::IngestRequest {
+    pb::IngestRequest {
+        documents,
+        client_batch_id: id.into(),
+    }
+}
+
+/// Sends `batches` on one stream and collects every answer.
+pub async fn ingest(
+    client: &mut Client,
+    batches: Vec<pb::IngestRequest>,
+) -> Result<Vec<pb::IngestResponse>, tonic::Status> {
+    let mut stream = client
+        .ingest(tokio_stream::iter(batches))
+        .await
+        .map_err(status)?;
+    let mut out = Vec::new();
+    while let Some(r) = stream.next().await {
+        out.push(r?);
+    }
+    Ok(out)
+}
+
+pub fn status(e: ClientError) -> tonic::Status {
+    match e {
+        ClientError::Status(s) => s,
+        e => panic!("not a status: {e}"),
+    }
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (Code, String) {
+    let s = status(r.expect_err("expected an error status"));
+    (s.code(), s.message().to_string())
+}
+
+pub async fn score(client: &mut Client) -> pb::ScoreResponse {
+    client
+        .score(
+            "The museum was opened by",
+            &[" Ada Lovelace".to_string(), " Charles Babbage".to_string()],
+        )
+        .await
+        .unwrap()
+}
+
+pub fn logprob(r: &pb::ScoreResponse, index: u32) -> f64 {
+    r.ranked.iter().find(|c| c.index == index).unwrap().logprob
+}
+
+/// Polls `client` until it serves `version`.
+pub async fn wait_for_version(client: &mut Client, version: u64) -> pb::InfoResponse {
+    for _ in 0..200 {
+        let info = client.info().await.unwrap();
+        if info.version == version {
+            return info;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the reader did not reach version {version}");
+}
+
+/// Candidate log-probabilities of the score probe, as exact bits, and the version.
+pub async fn score_bits(client: &mut Client) -> (u64, Vec<(String, u64)>) {
+    let s = score(client).await;
+    let bits = s
+        .ranked
+        .iter()
+        .map(|c| (c.candidate.clone(), c.logprob.to_bits()))
+        .collect();
+    (s.version, bits)
+}
+
+/// Names and sizes of the deltas in the store `spec`, read the way readers read it.
+pub async fn published_deltas(spec: &str) -> Vec<(String, u64)> {
+    let spec = spec.to_string();
+    tokio::task::spawn_blocking(move || {
+        let at = Location::parse(&spec).unwrap();
+        let names = at.list("deltas").unwrap();
+        names
+            .into_iter()
+            .map(|n| {
+                let size = at.get(&format!("deltas/{n}")).unwrap().len() as u64;
+                (n, size)
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// One writer publishing to `store` and two readers following it (one started after deltas were
+/// pruned): both converge to the writer's version, score bit-identically, refuse changes, and
+/// follow a rollback.
+pub async fn writer_and_two_readers(store: &str) {
+    let data = tempfile::tempdir().unwrap();
+    let writer = start_with(
+        Config {
+            durability: Some(locus::store::Durability {
+                dir: data.path().to_path_buf(),
+                checkpoint_every: 2,
+                keep_checkpoints: 1,
+            }),
+            store: Some(store.to_string()),
+            ..config()
+        },
+        true,
+    )
+    .await;
+    let reader_config = || Config {
+        role: server::Role::Reader,
+        store: Some(store.to_string()),
+        follow_interval: Duration::from_millis(50),
+        ..config()
+    };
+    let early = start_with(reader_config(), true).await;
+    let mut w = writer.client().await;
+    let mut r1 = early.client().await;
+    assert_eq!(r1.info().await.unwrap().version, 0);
+
+    let batches = (0..3)
+        .map(|i| batch(&format!("b{i}"), facts()))
+        .collect::<Vec<_>>();
+    ingest(&mut w, batches).await.unwrap();
+    let version = w.info().await.unwrap().version;
+    assert_eq!(version, 3);
+    // Version 2 was checkpointed and published; keeping one checkpoint pruned deltas 1 and 2, so
+    // a reader starting now must start from the checkpoint and apply delta 3.
+    let deltas = published_deltas(store).await;
+    let names: Vec<_> = deltas.iter().map(|d| d.0.clone()).collect();
+    assert_eq!(names, vec![format!("{:020}.delta", 3)]);
+    let late = start_with(reader_config(), true).await;
+    let mut r2 = late.client().await;
+
+    for r in [&mut r1, &mut r2] {
+        let info = wait_for_version(r, version).await;
+        assert_eq!(info.role, "reader");
+        assert_eq!((info.published_version, info.behind), (version, 0));
+    }
+    let expected = score_bits(&mut w).await;
+    assert_eq!(expected.0, version);
+    assert_eq!(score_bits(&mut r1).await, expected);
+    assert_eq!(score_bits(&mut r2).await, expected);
+
+    // A delta holds only the groups one update changed.
+    let delta = deltas[0].1;
+    let full: u64 = load::load(fixture("llama").to_str().unwrap(), &Device::Cpu)
+        .unwrap()
+        .vars
+        .values()
+        .map(|v| 4 * v.elem_count() as u64)
+        .sum();
+    assert!(delta < full / 2, "delta {delta} bytes, model {full} bytes");
+
+    // Readers change nothing themselves.
+    let refused = ingest(&mut r1, vec![batch("x", facts())])
+        .await
+        .expect_err("a reader takes no documents");
+    let (c, message) = (refused.code(), refused.message().to_string());
+    assert_eq!(c, Code::FailedPrecondition);
+    assert!(message.contains("reader"), "{message}");
+    assert_eq!(code(r2.rollback(1).await).0, Code::FailedPrecondition);
+    assert_eq!(code(r2.pause().await).0, Code::FailedPrecondition);
+
+    // A rollback is published as a checkpoint, and readers follow it too.
+    let rolled = w.rollback(1).await.unwrap();
+    assert_eq!(rolled.version, version + 1);
+    for r in [&mut r1, &mut r2] {
+        wait_for_version(r, rolled.version).await;
+    }
+    let expected = score_bits(&mut w).await;
+    assert_eq!(score_bits(&mut r1).await, expected);
+    assert_eq!(score_bits(&mut r2).await, expected);
+
+    early.shutdown().await;
+    late.shutdown().await;
+    writer.shutdown().await;
+}
