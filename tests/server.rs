@@ -794,6 +794,55 @@ async fn a_delta_that_failed_to_publish_is_covered_by_a_checkpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_reaches_versions_kept_only_as_checkpoints_and_the_base_model() {
+    let data = tempfile::tempdir().unwrap();
+    let durable = || Config {
+        durability: Some(locus::store::Durability {
+            dir: data.path().to_path_buf(),
+            checkpoint_every: 1,
+            keep_checkpoints: 10,
+        }),
+        keep_versions: 2,
+        ..config()
+    };
+    let server = start_with(durable(), true).await;
+    let mut c = server.client().await;
+    let base = score_bits(&mut c).await.1;
+    ingest(&mut c, vec![batch("b0", facts())]).await.unwrap();
+    let first = score_bits(&mut c).await;
+    assert_eq!(first.0, 1);
+    let later = (1..4)
+        .map(|i| batch(&format!("b{i}"), facts()))
+        .collect::<Vec<_>>();
+    ingest(&mut c, later).await.unwrap();
+    assert_eq!(c.info().await.unwrap().version, 4);
+
+    // Version 1 left memory (two versions are kept) but its checkpoint is on disk.
+    let listed = c.list_versions().await.unwrap();
+    let in_memory: Vec<u64> = listed.versions.iter().map(|v| v.version).collect();
+    assert_eq!((in_memory, listed.checkpoints), (vec![3, 4], vec![1, 2, 3, 4]));
+    let rolled = c.rollback(1).await.unwrap();
+    assert_eq!((rolled.version, rolled.restored_from), (5, 1));
+    assert_eq!(score_bits(&mut c).await, (5, first.1.clone()));
+    // Version 0 is the base model, read again from the model's files.
+    assert_eq!(c.rollback(0).await.unwrap().version, 6);
+    assert_eq!(score_bits(&mut c).await, (6, base.clone()));
+    let (code, message) = code(c.rollback(99).await);
+    assert_eq!(code, Code::NotFound);
+    assert!(
+        message.contains("as checkpoints") && message.contains("0, the base model"),
+        "{message}"
+    );
+    server.shutdown().await;
+
+    // The rollback is durable.
+    let server = start_with(durable(), true).await;
+    let mut c = server.client().await;
+    assert_eq!(score_bits(&mut c).await, (6, base));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_settings_that_cannot_work_are_refused() {
     let store = tempfile::tempdir().unwrap();
     let model = || load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();

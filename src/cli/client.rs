@@ -80,7 +80,7 @@ enum ClientCommand {
     Pause,
     /// Resume learning.
     Resume,
-    /// Restore a retained version as a new version.
+    /// Restore a retained version (in memory, a checkpoint, or 0 for the base model) as a new version.
     Rollback {
         /// The version to restore.
         version: u64,
@@ -207,6 +207,10 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
                         v.origin,
                         changed.join(" ")
                     );
+                }
+                if !r.checkpoints.is_empty() {
+                    let on_disk: Vec<String> = r.checkpoints.iter().map(u64::to_string).collect();
+                    println!("checkpoints: {} (and 0, the base model)", on_disk.join(" "));
                 }
                 Ok(())
             }

@@ -120,7 +120,7 @@ fn apply_newest_checkpoint(model: &Model, spec: &str, data_dir: &Path) -> anyhow
     // Not `Checkpoints::open`: it deletes temporary files, one of which a running server may be
     // about to rename into place.
     let (found, failed) =
-        checkpoint::newest_readable(&data_dir.join("checkpoints"), model.device())?;
+        checkpoint::newest_readable(&locus::store::checkpoints_in(data_dir), model.device())?;
     for e in &failed {
         eprintln!("locus: warning: {e}; trying an older checkpoint");
     }

@@ -109,6 +109,15 @@ impl Admin for AdminService {
         _request: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
         let loaded = self.state.loaded()?;
+        let checkpoints = match &self.state.config.durability {
+            Some(d) => crate::store::checkpoint::list_in(&crate::store::checkpoints_in(&d.dir))
+                .map_err(super::learner::store_error)?
+                .into_iter()
+                .rev()
+                .map(|c| c.0)
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(Response::new(pb::ListVersionsResponse {
             current: loaded.snapshots.current().version(),
             versions: loaded
@@ -117,6 +126,7 @@ impl Admin for AdminService {
                 .iter()
                 .map(|s| convert::version(s))
                 .collect(),
+            checkpoints,
         }))
     }
 

@@ -92,6 +92,11 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| StoreError::io(dir, e))
 }
 
+/// The checkpoint folder of the data directory `dir`.
+pub fn checkpoints_in(dir: &Path) -> PathBuf {
+    dir.join("checkpoints")
+}
+
 /// Takes the data directory's lock, which the OS releases when the process ends, however it ends.
 fn lock(dir: &Path) -> Result<File> {
     let path = dir.join("lock");
@@ -199,7 +204,7 @@ impl Store {
         std::fs::create_dir_all(&config.dir).map_err(|e| StoreError::io(&config.dir, e))?;
         let lock = lock(&config.dir)?;
         let base_hash = model_hash(model)?;
-        let checkpoints = Checkpoints::open(config.dir.join("checkpoints"))?;
+        let checkpoints = Checkpoints::open(checkpoints_in(&config.dir))?;
         let (found, rejected) = checkpoints.newest_good(model.device())?;
         let (mut journal, records, torn_bytes) = Journal::open(config.dir.join("journal.log"))?;
         let mut dirty = BTreeSet::new();
@@ -319,6 +324,34 @@ impl Store {
                 .map_or(0, |d| d.as_secs()),
             learner: None,
         }
+    }
+
+    /// Versions of the checkpoints in the data directory, newest first.
+    pub fn checkpoint_versions(&self) -> Result<Vec<u64>> {
+        Ok(self.checkpoints.list()?.into_iter().map(|c| c.0).collect())
+    }
+
+    /// The checkpoint of `version`, verified, if the data directory keeps it.
+    pub fn checkpoint_of(
+        &self,
+        version: u64,
+        device: &candle_core::Device,
+    ) -> Result<Option<Checkpoint>> {
+        let path = self.checkpoints.path_of(version);
+        if !path.exists() {
+            return Ok(None);
+        }
+        checkpoint::load(&path, device).map(Some)
+    }
+
+    /// Groups whose weights may differ from the base model's now.
+    pub fn changed_since_base(&self) -> &BTreeSet<GroupId> {
+        &self.dirty
+    }
+
+    /// The base model's content hash.
+    pub fn base_hash(&self) -> &str {
+        &self.base_hash
     }
 
     /// Checkpoints retained in the data directory.
