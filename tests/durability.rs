@@ -96,6 +96,36 @@ fn journal_torn_tail_is_cut_and_appending_goes_on() {
 }
 
 #[test]
+fn journal_compaction_keeps_the_records_after_a_checkpoint_and_appending_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, starts) = three_records(dir.path());
+    let (mut j, _, _) = Journal::open(path.clone()).unwrap();
+    assert_eq!(j.compact(0).unwrap(), 0, "nothing is covered");
+    assert_eq!(j.compact(2).unwrap(), starts[2]);
+    assert_eq!(j.append("b3", &[doc("after compaction")]).unwrap(), 4);
+    let seqs = |p: &Path| -> Vec<u64> {
+        journal::read(p)
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    };
+    assert_eq!(seqs(&path), [3, 4]);
+    // Compacting everything leaves an empty journal that numbering goes on from.
+    assert!(j.compact(4).unwrap() > 0);
+    assert!(seqs(&path).is_empty());
+    drop(j);
+    // A temporary file from a compaction cut short by a crash is removed on open.
+    fs::write(path.with_extension("tmp"), b"half").unwrap();
+    let (mut j, records, _) = Journal::open(path.clone()).unwrap();
+    assert!(records.is_empty());
+    assert!(!path.with_extension("tmp").exists());
+    j.skip_to(5);
+    assert_eq!(j.append("b4", &[doc("later")]).unwrap(), 5);
+}
+
+#[test]
 fn journal_bit_flips_are_detected() {
     // A flip in the last record is indistinguishable from a torn write: it is cut.
     let dir = tempfile::tempdir().unwrap();
@@ -389,23 +419,39 @@ fn batch(n: usize) -> pb::IngestRequest {
     }
 }
 
-/// Checks the data directory while the server runs and no batch is in flight: every acknowledged
-/// batch is journaled, the version counts every journaled batch, and every checkpoint verifies.
+/// Checks the data directory while the server runs and no batch is in flight: the journal holds
+/// the records after the oldest kept checkpoint, numbered without gaps up to the served version
+/// (one applied step per journaled batch), every acknowledged batch is in it or older than its
+/// first record (batch numbers only grow), and every checkpoint verifies.
 fn check_data_dir(data: &Path, acked: &[String], version: u64) {
     let scan = journal::read(&data.join("journal.log")).unwrap();
     assert_eq!(scan.torn_bytes, 0, "the torn tail was cut on restart");
-    let journaled: std::collections::BTreeSet<&str> =
-        scan.records.iter().map(|r| r.batch_id.as_str()).collect();
+    let seqs: Vec<u64> = scan.records.iter().map(|r| r.seq).collect();
+    let covered = seqs.first().map_or(version, |first| first - 1);
+    assert_eq!(
+        seqs,
+        (covered + 1..=version).collect::<Vec<_>>(),
+        "one applied step per journaled batch"
+    );
+    let number = |id: &str| id[1..].parse::<usize>().unwrap();
+    let journaled: std::collections::BTreeSet<usize> =
+        scan.records.iter().map(|r| number(&r.batch_id)).collect();
+    let first = journaled.first().copied().unwrap_or(usize::MAX);
     for id in acked {
         assert!(
-            journaled.contains(id.as_str()),
+            journaled.contains(&number(id)) || number(id) < first,
             "acknowledged batch {id} is lost"
         );
     }
-    assert_eq!(
-        version,
-        scan.records.len() as u64,
-        "one applied step per journaled batch"
+    let oldest_kept = Checkpoints::open(data.join("checkpoints"))
+        .unwrap()
+        .list()
+        .unwrap()
+        .last()
+        .map(|(_, path)| checkpoint::read_meta(path).unwrap().journal_seq);
+    assert!(
+        covered <= oldest_kept.unwrap_or(0),
+        "records {covered} and before are gone, but the oldest checkpoint covers {oldest_kept:?}"
     );
     let dir = data.join("checkpoints");
     for entry in fs::read_dir(&dir).unwrap() {
@@ -490,6 +536,11 @@ fn killed_server_loses_no_acknowledged_batch() {
         let version = client.info().await.unwrap().version;
         assert!(version >= last_version);
         check_data_dir(&data, &acked, version);
+        let kept = journal::read(&data.join("journal.log")).unwrap().records;
+        assert!(
+            kept.first().is_none_or(|r| r.seq > 1),
+            "checkpoints compacted the journal"
+        );
         let first = probe(&mut client).await;
         server.kill();
         let mut server = Server::start(&data);

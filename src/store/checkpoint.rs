@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -214,6 +214,24 @@ pub fn decode(path: &Path, bytes: &[u8], device: &Device) -> Result<Checkpoint> 
         tensors,
         learner,
     })
+}
+
+/// Reads only the metadata at the start of the checkpoint at `path`, without verifying the rest.
+pub fn read_meta(path: &Path) -> Result<Meta> {
+    let bad = |reason: String| StoreError::corrupt(path, reason);
+    let mut file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let mut head = [0u8; MAGIC.len() + 8];
+    file.read_exact(&mut head)
+        .map_err(|e| StoreError::io(path, e))?;
+    if &head[..MAGIC.len()] != MAGIC {
+        return Err(bad("not a locus checkpoint".into()));
+    }
+    let len = u64::from_le_bytes(head[MAGIC.len()..].try_into().expect("8 bytes"));
+    let mut json = Vec::new();
+    file.take(len)
+        .read_to_end(&mut json)
+        .map_err(|e| StoreError::io(path, e))?;
+    serde_json::from_slice(&json).map_err(|e| bad(format!("metadata: {e}")))
 }
 
 /// Reads and verifies the checkpoint at `path`.

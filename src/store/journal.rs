@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::write_atomic;
 use super::{sync_dir, Result, StoreError};
 use crate::learn::Doc;
 
@@ -165,14 +166,14 @@ impl Journal {
     /// Opens or creates the journal, cutting off a torn tail; returns it with its good records and
     /// the number of bytes cut.
     pub fn open(path: PathBuf) -> Result<(Journal, Vec<Record>, u64)> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(|e| StoreError::io(&path, e))?;
+        let mut file = open_append(&path)?;
         if let Some(dir) = path.parent() {
             sync_dir(dir)?;
+        }
+        // A compaction cut short by a crash; the journal itself is whole.
+        let unfinished = path.with_extension("tmp");
+        if unfinished.exists() {
+            std::fs::remove_file(&unfinished).map_err(|e| StoreError::io(&unfinished, e))?;
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
@@ -196,6 +197,30 @@ impl Journal {
             len: found.valid_len,
         };
         Ok((journal, found.records, found.torn_bytes))
+    }
+
+    /// Drops the records up to sequence number `seq`: the records after it replace the file
+    /// atomically (temporary file, fsync, rename, directory fsync). Returns the bytes removed.
+    pub fn compact(&mut self, seq: u64) -> Result<u64> {
+        let bytes = std::fs::read(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
+        let good = &bytes[..(self.len as usize).min(bytes.len())];
+        let mut at = 0;
+        while at < good.len() {
+            let (record, next) = decode(good, at).ok_or_else(|| {
+                StoreError::corrupt(&self.path, format!("bad record at byte {at}"))
+            })?;
+            if record.seq > seq {
+                break;
+            }
+            at = next;
+        }
+        if at == 0 {
+            return Ok(0);
+        }
+        write_atomic(&self.path, &good[at..])?;
+        self.file = open_append(&self.path)?;
+        self.len -= at as u64;
+        Ok(at as u64)
     }
 
     /// Makes the next record's sequence number at least `seq`.
@@ -238,4 +263,14 @@ impl Journal {
         self.next += 1;
         Ok(record.seq)
     }
+}
+
+/// Opens (or creates) the journal file for reading and appending.
+fn open_append(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))
 }

@@ -382,6 +382,24 @@ impl Store {
         for old in self.checkpoints.prune(self.keep_checkpoints())? {
             tracing::info!(path = %old.display(), "old checkpoint removed");
         }
+        // The checkpoint is written; a journal left long only costs disk.
+        if let Err(e) = self.compact_journal() {
+            tracing::error!("compacting the journal: {e}");
+        }
         Ok(Written { meta, path, bytes })
+    }
+
+    /// Drops the journal records that the oldest kept checkpoint covers: recovery starts from
+    /// one of the kept checkpoints (an older one when a newer is damaged), never from before them.
+    fn compact_journal(&mut self) -> Result<()> {
+        let Some((_, oldest)) = self.checkpoints.list()?.pop() else {
+            return Ok(());
+        };
+        let seq = checkpoint::read_meta(&oldest)?.journal_seq;
+        let removed = self.journal.compact(seq)?;
+        if removed > 0 {
+            tracing::info!(up_to = seq, bytes = removed, "journal compacted");
+        }
+        Ok(())
     }
 }
