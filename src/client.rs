@@ -113,6 +113,7 @@ impl Client {
             reason: e.to_string(),
         })?;
         if let Some(tls) = tls {
+            crate::tls::choose_provider();
             endpoint = endpoint.tls_config(tls).map_err(|e| ClientError::Tls {
                 address: address.to_string(),
                 reason: e.to_string(),

@@ -16,6 +16,7 @@ pub mod snapshot;
 pub mod spans;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tokenize;
 pub mod trace;
 

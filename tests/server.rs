@@ -820,7 +820,10 @@ async fn rollback_reaches_versions_kept_only_as_checkpoints_and_the_base_model()
     // Version 1 left memory (two versions are kept) but its checkpoint is on disk.
     let listed = c.list_versions().await.unwrap();
     let in_memory: Vec<u64> = listed.versions.iter().map(|v| v.version).collect();
-    assert_eq!((in_memory, listed.checkpoints), (vec![3, 4], vec![1, 2, 3, 4]));
+    assert_eq!(
+        (in_memory, listed.checkpoints),
+        (vec![3, 4], vec![1, 2, 3, 4])
+    );
     let rolled = c.rollback(1).await.unwrap();
     assert_eq!((rolled.version, rolled.restored_from), (5, 1));
     assert_eq!(score_bits(&mut c).await, (5, first.1.clone()));

@@ -420,6 +420,7 @@ pub async fn run(
     };
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &state.config.tls {
+        crate::tls::choose_provider();
         builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(
             tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
         ))?;

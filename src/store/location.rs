@@ -9,9 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, WriteMultipart};
 use tokio::runtime::Runtime;
 use url::Url;
 
@@ -19,6 +20,12 @@ use super::{Result, StoreError};
 
 /// Environment variables that configure object-store clients.
 const ENV_PREFIXES: [&str; 3] = ["AWS_", "GOOGLE_", "AZURE_"];
+
+/// Files larger than this go up in parts of this size: one request is capped (5 GiB on S3, less
+/// than a full checkpoint of a 1.3B-parameter model), and a failed part is retried alone.
+const PART: usize = 32 << 20;
+/// Parts uploaded at once.
+const PARTS_IN_FLIGHT: usize = 4;
 
 /// A directory or an object-store prefix holding published files, with blocking access.
 #[derive(Clone)]
@@ -89,10 +96,25 @@ impl Location {
     /// Writes `bytes` as `name`, replacing any earlier file whole.
     pub fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
         let key = self.key(name);
-        self.io
-            .block_on(self.store.put(&key, PutPayload::from(bytes)))
-            .map(drop)
-            .map_err(|e| self.failed(name, e))
+        let put = async {
+            if bytes.len() <= PART {
+                return self
+                    .store
+                    .put(&key, PutPayload::from(bytes))
+                    .await
+                    .map(drop);
+            }
+            // The object appears only when the upload completes, so readers still see it whole.
+            let mut upload =
+                WriteMultipart::new_with_chunk_size(self.store.put_multipart(&key).await?, PART);
+            let bytes = Bytes::from(bytes);
+            for start in (0..bytes.len()).step_by(PART) {
+                upload.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+                upload.put(bytes.slice(start..(start + PART).min(bytes.len())));
+            }
+            upload.finish().await.map(drop)
+        };
+        self.io.block_on(put).map_err(|e| self.failed(name, e))
     }
 
     /// The bytes of `name`.

@@ -1,0 +1,132 @@
+//! What the object-store tests share: an emulated object store started by a helper script in
+//! tests/support/ (which creates the buckets it is given, prints the endpoint on one line and
+//! serves until its standard input closes), the runtime they run in, and the missing-bucket check.
+//!
+//! Each test sets the client's environment variables before any thread can read them, so each
+//! lives alone in its own test binary (tests/object_store*.rs).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Seek};
+use std::process::{Child, Command, Stdio};
+
+use candle_core::Device;
+use locus::model::load;
+use locus::server::{Config, State};
+
+use crate::common::fixture;
+use crate::serving::config;
+
+/// A running emulator; it ends when its standard input closes, on drop.
+pub struct Emulator {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Emulator {
+    /// Runs `python3 tests/support/<script> <buckets>` once `probe` succeeds. Where it fails the
+    /// emulator is not installed: `None` and a note with `install`, or a panic under CI.
+    pub fn start(
+        name: &str,
+        probe: &[&str],
+        install: &str,
+        script: &str,
+        buckets: &[&str],
+    ) -> Option<Emulator> {
+        let probed = Command::new(probe[0])
+            .args(&probe[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !matches!(probed, Ok(s) if s.success()) {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{name} is not installed under CI: {install}"
+            );
+            eprintln!("note: skipping the {name} test: {install}");
+            return None;
+        }
+        let script = format!("{}/tests/support/{script}", env!("CARGO_MANIFEST_DIR"));
+        // Errors go to a file rather than a pipe nobody drains, and into the panic if it fails.
+        let mut errors = tempfile::tempfile().unwrap();
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .args(buckets)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(errors.try_clone().unwrap())
+            .spawn()
+            .expect("python3 starts");
+        let mut endpoint = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut endpoint)
+            .unwrap();
+        let endpoint = endpoint.trim().to_string();
+        if !endpoint.starts_with("http://") {
+            let _ = child.wait();
+            let mut said = String::new();
+            errors.rewind().unwrap();
+            errors.read_to_string(&mut said).unwrap();
+            panic!("{script} printed {endpoint:?}, not an endpoint:\n{said}");
+        }
+        Some(Emulator { child, endpoint })
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Sets `vars` (the object-store client reads them as a pod would) and runs `test` on a fresh
+/// runtime. The variables are set before the runtime starts its threads, since setting one races
+/// with any thread reading the environment.
+pub fn run_with_env<F: Future>(vars: &[(&str, &str)], test: F) -> F::Output {
+    for (k, v) in vars {
+        std::env::set_var(k, v);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test)
+}
+
+/// A writer whose bucket does not exist fails to start, naming `store`.
+pub async fn missing_bucket_is_reported(store: &str) {
+    let data = tempfile::tempdir().unwrap();
+    let state = State::new(Config {
+        durability: Some(locus::store::Durability {
+            dir: data.path().to_path_buf(),
+            checkpoint_every: 2,
+            keep_checkpoints: 1,
+        }),
+        store: Some(store.into()),
+        ..config()
+    })
+    .await;
+    let model = load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();
+    let e = state.install(model).await.expect_err("a missing bucket");
+    assert!(e.to_string().contains(store), "{e}");
+}
+
+/// A file larger than one upload part (so sent in parts) reads back whole from `store`.
+pub async fn large_file_round_trips(store: &str) {
+    let store = store.to_string();
+    tokio::task::spawn_blocking(move || {
+        let at = locus::store::location::Location::parse(&store).unwrap();
+        let bytes: Vec<u8> = (0..80u32 << 20).map(|i| (i % 251) as u8).collect();
+        at.put("large/file", bytes.clone()).unwrap();
+        assert_eq!(at.list("large").unwrap(), ["file"]);
+        assert!(
+            at.get("large/file").unwrap() == bytes,
+            "{store}: the file differs"
+        );
+        at.delete("large/file").unwrap();
+    })
+    .await
+    .unwrap();
+}
