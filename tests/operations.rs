@@ -179,6 +179,50 @@ async fn metrics_count_ingest_and_queries_and_readyz_follows_the_model() {
     server.metrics_task.abort();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_published_deltas_against_the_model_size() {
+    let data = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let server = start(Config {
+        durability: Some(locus::store::Durability {
+            dir: data.path().to_path_buf(),
+            checkpoint_every: 100,
+            keep_checkpoints: 1,
+        }),
+        store: Some(store.path().display().to_string()),
+        ..config()
+    })
+    .await;
+    install(&server.state).await;
+    let mut client = Client::connect(&server.addr, None).await.unwrap();
+    let batch = pb::IngestRequest {
+        documents: facts(),
+        client_batch_id: "b1".into(),
+    };
+    let mut answers = client
+        .ingest(tokio_stream::iter(vec![batch]))
+        .await
+        .unwrap();
+    assert_eq!(answers.next().await.unwrap().unwrap().version, 1);
+
+    let (_, scrape) = get(&server.metrics, "/metrics").await;
+    let delta = sample(&scrape, "locus_last_published_bytes{kind=\"delta\"}");
+    let model = sample(&scrape, "locus_model_bytes");
+    assert!(delta > 0.0 && delta < model, "delta {delta}, model {model}");
+    assert_eq!(
+        sample(&scrape, "locus_published_bytes_total{kind=\"delta\"}"),
+        delta
+    );
+    assert_eq!(
+        sample(&scrape, "locus_publish_failures_total{kind=\"delta\"}"),
+        0.0
+    );
+    assert_eq!(sample(&scrape, "locus_published_version"), 1.0);
+    let _ = server.stop.send(());
+    server.task.await.unwrap().unwrap();
+    server.metrics_task.abort();
+}
+
 impl Running {
     /// Layers of the installed model, asked over gRPC.
     async fn state_layers(&self) -> usize {

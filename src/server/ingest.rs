@@ -332,7 +332,10 @@ async fn read_batch(state: &Arc<State>, req: pb::IngestRequest) -> Pending {
     let mut validated = match tokio::task::spawn_blocking(move || validate(req, &model, &limits))
         .await
     {
-        Ok(Ok(v)) => v,
+        Ok(Ok(v)) => {
+            state.metrics.documents(v.accepted.len(), v.rejected.len());
+            v
+        }
         Ok(Err(e)) => return Pending::Fail(e.into()),
         Err(e) => return Pending::Fail(ServerError::Internal(format!("validation: {e}")).into()),
     };

@@ -88,6 +88,8 @@ pub(crate) struct Setup {
     pub publish: Option<Published>,
     /// The newest version published (by this writer, or seen by this reader).
     pub published: Arc<AtomicU64>,
+    /// Where learning steps and published files are counted.
+    pub metrics: Arc<super::metrics::Metrics>,
     /// The forgetting guard, when configured.
     pub guard: Option<Guard>,
 }
@@ -370,7 +372,10 @@ impl Worker {
             snapshot.changed(),
             self.learner.selection().unwrap_or_default(),
         );
-        match out.delta(&meta, &snapshot.tensors_of(snapshot.changed())) {
+        let written = out.delta(&meta, &snapshot.tensors_of(snapshot.changed()));
+        let metrics = &self.setup.metrics;
+        metrics.published("delta", written.as_ref().copied().map_err(drop));
+        match written {
             Ok(bytes) => {
                 self.setup.published.store(version, Ordering::SeqCst);
                 tracing::info!(
@@ -464,8 +469,10 @@ impl Worker {
         if let Some(out) = &self.setup.publish {
             let keep = store.keep_checkpoints();
             let version = written.meta.version;
-            out.checkpoint(&written.path, version, keep)
-                .map_err(store_error)?;
+            let published = out.checkpoint(&written.path, version, keep);
+            let metrics = &self.setup.metrics;
+            metrics.published("checkpoint", published.as_ref().copied().map_err(drop));
+            published.map_err(store_error)?;
             self.unpublished = false;
             self.setup.published.store(version, Ordering::SeqCst);
             tracing::info!(version, store = out.url(), "checkpoint published");
@@ -515,6 +522,7 @@ impl Worker {
                     self.publish_delta(current.version(), &published);
                 }
             }
+            self.setup.metrics.stepped(&report);
             tracing::info!(
                 version = report.version,
                 applied = report.applied,

@@ -1,11 +1,13 @@
 //! Prometheus metrics and the probes beside them: `/metrics`, `/healthz` and `/readyz` over plain
 //! HTTP/1.1 on their own port, so scrapers and Kubernetes HTTP probes need no gRPC.
 //!
-//! Counters and histograms are recorded as requests and updates happen; the model version, queue
-//! depth and selection are read from the live state at scrape time, so they cannot go stale.
+//! Counters and histograms are recorded where things happen (documents at validation, steps and
+//! publishing in the learner, so a batch whose client hung up still counts); the model version,
+//! queue depth, selection and store lag are read from the live state at scrape time, so they
+//! cannot go stale.
 
 use std::convert::Infallible;
-use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,13 +20,9 @@ use prometheus::{
     IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
-use tokio_stream::{Stream, StreamExt};
-use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
-use super::ingest::LearnService;
 use super::State;
-use crate::proto::v1 as pb;
-use crate::proto::v1::learn_server::Learn;
+use crate::learn::UpdateReport;
 
 /// The server's metrics, in a registry of its own so that several servers in one process (tests,
 /// the demo) do not mix their numbers.
@@ -38,6 +36,11 @@ pub(crate) struct Metrics {
     queue_depth: IntGauge,
     model_version: IntGauge,
     selected_groups: IntGaugeVec,
+    published_bytes: IntCounterVec,
+    last_published_bytes: IntGaugeVec,
+    publish_failures: IntCounterVec,
+    model_bytes: IntGauge,
+    published_version: IntGauge,
 }
 
 impl Metrics {
@@ -95,8 +98,43 @@ impl Metrics {
             ),
             &["layer", "module"],
         )?;
+        let published_bytes = IntCounterVec::new(
+            Opts::new(
+                "locus_published_bytes_total",
+                "Bytes a writer published to its store, by kind (delta or checkpoint)",
+            ),
+            &["kind"],
+        )?;
+        let last_published_bytes = IntGaugeVec::new(
+            Opts::new(
+                "locus_last_published_bytes",
+                "Size of the newest published file, by kind; compare with locus_model_bytes",
+            ),
+            &["kind"],
+        )?;
+        let publish_failures = IntCounterVec::new(
+            Opts::new(
+                "locus_publish_failures_total",
+                "Files a writer failed to publish, by kind",
+            ),
+            &["kind"],
+        )?;
+        let model_bytes = IntGauge::new(
+            "locus_model_bytes",
+            "Bytes of every weight of the served model, as a delta would hold them (f32)",
+        )?;
+        let published_version = IntGauge::new(
+            "locus_published_version",
+            "Newest version in the store (a writer: published; a reader: seen); the served \
+             version is locus_model_version",
+        )?;
         // Series that exist from the start read 0 rather than absent, so rates and alerts work
         // before the first event.
+        for kind in ["delta", "checkpoint"] {
+            published_bytes.with_label_values(&[kind]);
+            last_published_bytes.with_label_values(&[kind]);
+            publish_failures.with_label_values(&[kind]);
+        }
         for outcome in ["accepted", "rejected"] {
             ingest_documents.with_label_values(&[outcome]);
         }
@@ -114,6 +152,11 @@ impl Metrics {
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(model_version.clone()))?;
         registry.register(Box::new(selected_groups.clone()))?;
+        registry.register(Box::new(published_bytes.clone()))?;
+        registry.register(Box::new(last_published_bytes.clone()))?;
+        registry.register(Box::new(publish_failures.clone()))?;
+        registry.register(Box::new(model_bytes.clone()))?;
+        registry.register(Box::new(published_version.clone()))?;
         Ok(Metrics {
             registry,
             ingest_tokens,
@@ -124,6 +167,11 @@ impl Metrics {
             queue_depth,
             model_version,
             selected_groups,
+            published_bytes,
+            last_published_bytes,
+            publish_failures,
+            model_bytes,
+            published_version,
         })
     }
 
@@ -132,27 +180,45 @@ impl Metrics {
         self.query_seconds.with_label_values(&[rpc]).start_timer()
     }
 
-    /// Records one answered ingest batch and its learning steps.
-    fn ingested(&self, response: &pb::IngestResponse) {
+    /// Records the documents of one validated ingest batch.
+    pub(crate) fn documents(&self, accepted: usize, rejected: usize) {
         self.ingest_documents
             .with_label_values(&["accepted"])
-            .inc_by(response.accepted.len() as u64);
+            .inc_by(accepted as u64);
         self.ingest_documents
             .with_label_values(&["rejected"])
-            .inc_by(response.rejected.len() as u64);
-        for step in &response.steps {
-            self.ingest_tokens.inc_by(step.tokens);
-            self.update_seconds.observe(step.seconds);
-            let outcome = if step.applied { "applied" } else { "skipped" };
-            self.update_steps.with_label_values(&[outcome]).inc();
+            .inc_by(rejected as u64);
+    }
+
+    /// Records one learning step, as the learner finishes it.
+    pub(crate) fn stepped(&self, report: &UpdateReport) {
+        self.ingest_tokens.inc_by(report.tokens as u64);
+        self.update_seconds.observe(report.seconds);
+        let outcome = if report.applied { "applied" } else { "skipped" };
+        self.update_steps.with_label_values(&[outcome]).inc();
+    }
+
+    /// Records a file published to the store (`Err`: it failed).
+    pub(crate) fn published(&self, kind: &str, bytes: Result<u64, ()>) {
+        match bytes {
+            Ok(n) => {
+                self.published_bytes.with_label_values(&[kind]).inc_by(n);
+                self.last_published_bytes
+                    .with_label_values(&[kind])
+                    .set(n as i64);
+            }
+            Err(()) => self.publish_failures.with_label_values(&[kind]).inc(),
         }
     }
 
     /// The metrics in the Prometheus text format, with the live gauges read from `state` now.
     fn render(&self, state: &State) -> Vec<u8> {
         if let Ok(loaded) = state.loaded() {
-            self.model_version
-                .set(loaded.snapshots.current().version() as i64);
+            let current = loaded.snapshots.current();
+            self.model_version.set(current.version() as i64);
+            self.model_bytes.set(current.bytes() as i64);
+            self.published_version
+                .set(loaded.published.load(Ordering::SeqCst) as i64);
             self.queue_depth.set(loaded.learner.queued() as i64);
             let selection = loaded.learner.progress().selection;
             for g in loaded.model.groups() {
@@ -169,51 +235,6 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics");
         }
         out
-    }
-}
-
-/// The Learn service with ingest metrics: it watches the answers the inner service streams back,
-/// which carry each batch's documents and learning steps (so the learner itself needs no hook; a
-/// batch whose client hung up before its answer was sent is learned but not counted).
-pub struct MeteredLearn {
-    inner: LearnService,
-    state: Arc<State>,
-}
-
-impl MeteredLearn {
-    /// Wraps the Learn service.
-    pub fn new(inner: LearnService, state: Arc<State>) -> Self {
-        MeteredLearn { inner, state }
-    }
-}
-
-type IngestStream = Pin<Box<dyn Stream<Item = Result<pb::IngestResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Learn for MeteredLearn {
-    type IngestStream = IngestStream;
-
-    async fn ingest(
-        &self,
-        request: GrpcRequest<Streaming<pb::IngestRequest>>,
-    ) -> Result<GrpcResponse<IngestStream>, Status> {
-        let answers = self.inner.ingest(request).await?;
-        let state = Arc::clone(&self.state);
-        Ok(answers.map(|stream| {
-            Box::pin(stream.map(move |answer| {
-                if let Ok(response) = &answer {
-                    state.metrics.ingested(response);
-                }
-                answer
-            })) as IngestStream
-        }))
-    }
-
-    async fn trace(
-        &self,
-        request: GrpcRequest<pb::TraceRequest>,
-    ) -> Result<GrpcResponse<pb::TraceResponse>, Status> {
-        self.inner.trace(request).await
     }
 }
 

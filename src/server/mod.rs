@@ -199,7 +199,7 @@ pub struct State {
     health: HealthReporter,
     loaded: OnceLock<Loaded>,
     shutdown: watch::Sender<bool>,
-    metrics: metrics::Metrics,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl State {
@@ -219,7 +219,7 @@ impl State {
             health,
             loaded: OnceLock::new(),
             shutdown: watch::channel(false).0,
-            metrics: metrics::Metrics::new(),
+            metrics: Arc::new(metrics::Metrics::new()),
         })
     }
 
@@ -262,6 +262,7 @@ impl State {
             publish: publish.clone().filter(|_| !reader),
             guard: self.config.guard.clone(),
             published: Arc::clone(&published),
+            metrics: Arc::clone(&self.metrics),
         })?);
         if let Some(restored) = restored {
             learner.replay(restored).await?;
@@ -391,12 +392,9 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
     let auth = &state.config.auth;
     let learn = InterceptedService::new(
-        LearnServer::new(metrics::MeteredLearn::new(
-            ingest::LearnService::new(Arc::clone(&state)),
-            Arc::clone(&state),
-        ))
-        .max_decoding_message_size(bytes)
-        .max_encoding_message_size(bytes),
+        LearnServer::new(ingest::LearnService::new(Arc::clone(&state)))
+            .max_decoding_message_size(bytes)
+            .max_encoding_message_size(bytes),
         auth::Bearer::write(auth),
     );
     let query = InterceptedService::new(
