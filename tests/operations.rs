@@ -415,3 +415,59 @@ fn spans_go_to_the_otlp_endpoint_when_one_is_set() {
     child.wait().unwrap();
     assert_eq!(&preface, b"PRI * HTTP/2.0");
 }
+
+/// The names of each `update` span's ancestors, nearest first, as the server made them.
+static UPDATE_ANCESTORS: std::sync::Mutex<Vec<Vec<String>>> = std::sync::Mutex::new(Vec::new());
+
+/// Records [`UPDATE_ANCESTORS`].
+struct Ancestry;
+
+impl<S> tracing_subscriber::Layer<S> for Ancestry
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "update" {
+            return;
+        }
+        let Some(span) = ctx.span(id) else { return };
+        let chain = span.scope().skip(1).map(|s| s.name().to_string()).collect();
+        UPDATE_ANCESTORS.lock().unwrap().push(chain);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learning_spans_hang_under_the_ingest_rpc_that_sent_the_batch() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The learner thread takes the batch from a queue; its spans must still join the RPC's trace.
+    let _ = tracing_subscriber::registry().with(Ancestry).try_init();
+    let server = start(config()).await;
+    install(&server.state).await;
+    let mut client = Client::connect(&server.addr, None).await.unwrap();
+    let batch = pb::IngestRequest {
+        documents: facts(),
+        client_batch_id: "traced".into(),
+    };
+    let mut answers = client
+        .ingest(tokio_stream::iter(vec![batch]))
+        .await
+        .unwrap();
+    assert_eq!(answers.next().await.unwrap().unwrap().version, 1);
+    let chains = UPDATE_ANCESTORS.lock().unwrap().clone();
+    let expected = ["learn", "Ingest", "grpc"];
+    assert!(
+        chains
+            .iter()
+            .any(|c| c.iter().map(String::as_str).eq(expected)),
+        "update spans' ancestors: {chains:?}"
+    );
+    let _ = server.stop.send(());
+    server.task.await.unwrap().unwrap();
+    server.metrics_task.abort();
+}

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::convert;
 use super::error::from_transport;
@@ -193,32 +194,36 @@ impl Learn for LearnService {
         let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(IN_FLIGHT_PER_STREAM);
         let (out_tx, out_rx) = mpsc::channel(IN_FLIGHT_PER_STREAM);
         let reader_state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let state = reader_state;
-            let mut stop = state.shutting_down();
-            loop {
-                let message = tokio::select! {
-                    m = inbound.message() => Some(m),
-                    _ = stop.wait_for(|&s| s) => None,
-                };
-                let Some(message) = message else {
-                    // Batches already read are finished; the client learns where the stream ended.
-                    let _ = pending_tx
-                        .send(Pending::Fail(ServerError::ShuttingDown.into()))
-                        .await;
-                    break;
-                };
-                let next = match message {
-                    Ok(Some(req)) => read_batch(&state, req).await,
-                    Ok(None) => break,
-                    Err(status) => Pending::Fail(from_transport(status)),
-                };
-                let failed = matches!(next, Pending::Fail(_));
-                if pending_tx.send(next).await.is_err() || failed {
-                    break;
+        // The batches' learning spans hang under this RPC's span, on the learner thread too.
+        tokio::spawn(
+            async move {
+                let state = reader_state;
+                let mut stop = state.shutting_down();
+                loop {
+                    let message = tokio::select! {
+                        m = inbound.message() => Some(m),
+                        _ = stop.wait_for(|&s| s) => None,
+                    };
+                    let Some(message) = message else {
+                        // Batches already read are finished; the client learns where the stream ended.
+                        let _ = pending_tx
+                            .send(Pending::Fail(ServerError::ShuttingDown.into()))
+                            .await;
+                        break;
+                    };
+                    let next = match message {
+                        Ok(Some(req)) => read_batch(&state, req).await,
+                        Ok(None) => break,
+                        Err(status) => Pending::Fail(from_transport(status)),
+                    };
+                    let failed = matches!(next, Pending::Fail(_));
+                    if pending_tx.send(next).await.is_err() || failed {
+                        break;
+                    }
                 }
             }
-        });
+            .instrument(tracing::Span::current()),
+        );
         tokio::spawn(async move {
             while let Some(p) = pending_rx.recv().await {
                 let item = match p {
@@ -347,6 +352,7 @@ async fn read_batch(state: &Arc<State>, req: pb::IngestRequest) -> Pending {
     let job = Job::Learn {
         batch_id: validated.client_batch_id.clone(),
         docs: std::mem::take(&mut validated.docs),
+        span: tracing::Span::current(),
         reply,
     };
     match loaded.learner.submit(job).await {

@@ -34,6 +34,8 @@ pub(crate) enum Job {
     Learn {
         batch_id: String,
         docs: Vec<Doc>,
+        /// The submitting RPC's span, the parent of the learning spans on this thread.
+        span: tracing::Span,
         reply: Reply<Vec<UpdateReport>>,
     },
     /// Measure gradient norms without updating; answers with the version measured.
@@ -237,9 +239,11 @@ impl Worker {
             Job::Learn {
                 batch_id,
                 docs,
+                span,
                 reply,
             } => {
-                let _ = reply.send(self.guarded(|w| w.ingest(&batch_id, &docs)));
+                let learn = tracing::info_span!(parent: &span, "learn", batch = %batch_id);
+                let _ = reply.send(learn.in_scope(|| self.guarded(|w| w.ingest(&batch_id, &docs))));
             }
             Job::Trace { texts, reply } => {
                 let _ = reply.send(self.guarded(|w| w.trace(&texts)));
