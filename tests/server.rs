@@ -905,4 +905,13 @@ async fn the_forgetting_guard_undoes_updates_that_raise_canary_perplexity() {
     assert_eq!(answers[0].version, 1);
     assert_ne!(score_bits(&mut c).await, before);
     lax.shutdown().await;
+
+    // A canary without a perplexity is refused when the model is installed, not at an update.
+    let mut config = guarded(1.05);
+    config.guard.as_mut().unwrap().canaries.push(String::new());
+    let state = State::new(config).await;
+    let model = load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();
+    let e = state.install(model).await.expect_err("an empty canary");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.to_string().contains("canary[2]"), "{e}");
 }

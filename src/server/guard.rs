@@ -1,6 +1,7 @@
 //! The forgetting guard: an update that raises the perplexity of a canary set of texts by more
 //! than a configured ratio is undone before any query or reader sees it.
 
+use crate::model::Model;
 use crate::snapshot::Snapshot;
 
 use super::ServerError;
@@ -31,11 +32,12 @@ impl Check {
 }
 
 impl Guard {
-    /// Perplexity of the canaries under `snapshot`'s weights.
-    pub fn perplexity(&self, snapshot: &Snapshot) -> Result<f64, ServerError> {
+    /// The canaries tokenized for `model`, once, at start; a canary of fewer than two tokens has
+    /// no perplexity and is refused.
+    pub(crate) fn prepare(&self, model: &Model) -> Result<Canaries, ServerError> {
         let mut seqs = Vec::with_capacity(self.canaries.len());
         for (i, text) in self.canaries.iter().enumerate() {
-            let ids = snapshot.model().tokenizer.encode(text)?.ids;
+            let ids = model.tokenizer.encode(text)?.ids;
             if ids.len() < 2 {
                 return Err(ServerError::invalid(
                     format!("canary[{i}]"),
@@ -44,7 +46,24 @@ impl Guard {
             }
             seqs.push(ids);
         }
-        let nll = snapshot.target_nll(&seqs)?;
+        Ok(Canaries {
+            seqs,
+            max_ratio: self.max_ratio,
+        })
+    }
+}
+
+/// The guard's canaries as token ids, ready to score every update.
+pub(crate) struct Canaries {
+    seqs: Vec<Vec<u32>>,
+    /// Largest allowed `perplexity after / perplexity before` of one update.
+    pub max_ratio: f64,
+}
+
+impl Canaries {
+    /// Perplexity of the canaries under `snapshot`'s weights.
+    pub fn perplexity(&self, snapshot: &Snapshot) -> Result<f64, ServerError> {
+        let nll = snapshot.target_nll(&self.seqs)?;
         let (sum, n) = nll
             .iter()
             .flatten()

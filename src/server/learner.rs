@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::guard::{Check, Guard};
+use super::guard::{Canaries, Check};
 use super::{priority, ServerError};
 use crate::learn::engine::UpdatedGroup;
 use crate::learn::{Doc, LearnConfig, Learner, UpdateReport};
@@ -92,8 +92,8 @@ pub(crate) struct Setup {
     pub published: Arc<AtomicU64>,
     /// Where learning steps and published files are counted.
     pub metrics: Arc<super::metrics::Metrics>,
-    /// The forgetting guard, when configured.
-    pub guard: Option<Guard>,
+    /// The forgetting guard's canaries, when configured.
+    pub guard: Option<Canaries>,
 }
 
 /// The server's side of the learner thread.

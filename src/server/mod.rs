@@ -260,7 +260,12 @@ impl State {
             paused: Arc::clone(&paused),
             store,
             publish: publish.clone().filter(|_| !reader),
-            guard: self.config.guard.clone(),
+            guard: self
+                .config
+                .guard
+                .as_ref()
+                .map(|g| g.prepare(&model))
+                .transpose()?,
             published: Arc::clone(&published),
             metrics: Arc::clone(&self.metrics),
         })?);
