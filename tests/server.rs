@@ -740,6 +740,13 @@ async fn readers_follow_the_writer_through_a_shared_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_follow_the_writer_through_a_file_url() {
+    // The chart's spelling of a shared volume.
+    let store = tempfile::tempdir().unwrap();
+    writer_and_two_readers(&format!("file://{}", store.path().display())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_that_failed_to_publish_is_covered_by_a_checkpoint() {
     let data = tempfile::tempdir().unwrap();
     let store = tempfile::tempdir().unwrap();
