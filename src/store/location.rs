@@ -8,18 +8,21 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, WriteMultipart};
+use object_store::{
+    ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, RetryConfig, WriteMultipart,
+};
 use tokio::runtime::Runtime;
 use url::Url;
 
 use super::{Result, StoreError};
-
-/// Environment variables that configure object-store clients.
-const ENV_PREFIXES: [&str; 3] = ["AWS_", "GOOGLE_", "AZURE_"];
 
 /// Files larger than this go up in parts of this size: one request is capped (5 GiB on S3, less
 /// than a full checkpoint of a 1.3B-parameter model), and a failed part is retried alone.
@@ -51,16 +54,9 @@ impl Location {
                 let (store, root) = local(&dir)?;
                 (store, root, spec.to_string())
             }
-            Kind::Remote(url) => {
-                let options =
-                    std::env::vars().filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)));
-                let (store, root) = object_store::parse_url_opts(&url, options)
-                    .map_err(|e| invalid(spec, e.to_string()))?;
-                (
-                    Arc::from(store),
-                    root,
-                    spec.trim_end_matches('/').to_string(),
-                )
+            Kind::Remote { scheme, url, root } => {
+                let store = remote(scheme, &url).map_err(|e| invalid(spec, e.to_string()))?;
+                (store, root, spec.trim_end_matches('/').to_string())
             }
         };
         let io = Io::new().map_err(|e| invalid(spec, format!("starting its I/O thread: {e}")))?;
@@ -159,7 +155,42 @@ pub fn check(spec: &str) -> Result<()> {
 /// What a location spec names.
 enum Kind {
     Dir(PathBuf),
-    Remote(Url),
+    Remote {
+        scheme: ObjectStoreScheme,
+        url: Url,
+        /// The prefix inside the bucket or container.
+        root: Key,
+    },
+}
+
+/// The client for an object-store URL, configured from the environment as the cloud SDKs are,
+/// with retries bounded so that an unreachable store delays an update by seconds, not minutes.
+fn remote(scheme: ObjectStoreScheme, url: &Url) -> object_store::Result<Arc<dyn ObjectStore>> {
+    let retry = RetryConfig {
+        max_retries: 4,
+        retry_timeout: Duration::from_secs(20),
+        ..RetryConfig::default()
+    };
+    Ok(match scheme {
+        ObjectStoreScheme::AmazonS3 => Arc::new(
+            AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .build()?,
+        ),
+        ObjectStoreScheme::GoogleCloudStorage => Arc::new(
+            GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .build()?,
+        ),
+        _ => Arc::new(
+            MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .build()?,
+        ),
+    })
 }
 
 fn kind(spec: &str) -> Result<Kind> {
@@ -167,7 +198,8 @@ fn kind(spec: &str) -> Result<Kind> {
         return Ok(Kind::Dir(spec.into()));
     }
     let url = Url::parse(spec).map_err(|e| invalid(spec, format!("not a URL: {e}")))?;
-    let (scheme, _) = ObjectStoreScheme::parse(&url).map_err(|e| invalid(spec, e.to_string()))?;
+    let (scheme, path) =
+        ObjectStoreScheme::parse(&url).map_err(|e| invalid(spec, e.to_string()))?;
     match scheme {
         ObjectStoreScheme::Local => url
             .to_file_path()
@@ -175,7 +207,11 @@ fn kind(spec: &str) -> Result<Kind> {
             .map_err(|()| invalid(spec, "a file:// URL needs an absolute path")),
         ObjectStoreScheme::AmazonS3
         | ObjectStoreScheme::GoogleCloudStorage
-        | ObjectStoreScheme::MicrosoftAzure => Ok(Kind::Remote(url)),
+        | ObjectStoreScheme::MicrosoftAzure => Ok(Kind::Remote {
+            root: Key::parse(path).map_err(|e| invalid(spec, e.to_string()))?,
+            scheme,
+            url,
+        }),
         _ => Err(invalid(
             spec,
             "use a directory, file://, s3://, gs://, or az:// (abfs://, Azure or S3 https://) URL",
