@@ -204,6 +204,10 @@ async fn metrics_report_published_deltas_against_the_model_size() {
         .await
         .unwrap();
     assert_eq!(answers.next().await.unwrap().unwrap().version, 1);
+    // Publishing runs beside learning.
+    while client.info().await.unwrap().published_version < 1 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let (_, scrape) = get(&server.metrics, "/metrics").await;
     let delta = sample(&scrape, "locus_last_published_bytes{kind=\"delta\"}");

@@ -84,6 +84,7 @@ impl Admin for AdminService {
             role: self.state.config.role.name().to_string(),
             published_version: published,
             behind: published.saturating_sub(version),
+            publish_failures: self.state.metrics.publish_failures(),
         }))
     }
 

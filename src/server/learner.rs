@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use super::guard::{Canaries, Check};
+use super::publisher::{Publish, Publisher};
 use super::{priority, ServerError};
 use crate::learn::engine::UpdatedGroup;
 use crate::learn::{Doc, LearnConfig, Learner, UpdateReport};
@@ -117,9 +118,17 @@ impl Handle {
             .map_err(|e| ServerError::Internal(format!("starting the learner's threads: {e}")))?;
         let (tx, rx) = mpsc::channel(setup.queue_depth);
         let progress = Arc::new(Mutex::new(Progress::default()));
+        let publisher = match &setup.publish {
+            Some(store) => Some(Publisher::spawn(
+                store.clone(),
+                Arc::clone(&setup.published),
+                Arc::clone(&setup.metrics),
+            )?),
+            None => None,
+        };
         let worker = Worker {
             learner,
-            unpublished: false,
+            publisher,
             canary: None,
             setup,
             progress: Arc::clone(&progress),
@@ -211,8 +220,8 @@ impl Handle {
 /// The thread's own state.
 struct Worker {
     learner: Learner,
-    /// A delta failed to publish: readers cannot apply later deltas until a checkpoint covers it.
-    unpublished: bool,
+    /// Publishes a writer's deltas and checkpoints off this thread.
+    publisher: Option<Publisher>,
     /// Canary perplexity of the served version `(version, perplexity)`, once measured.
     canary: Option<(u64, f64)>,
     setup: Setup,
@@ -356,48 +365,33 @@ impl Worker {
         Ok(())
     }
 
-    /// Publishes the update from version `parent` to `snapshot` as a delta for readers, or a
-    /// checkpoint where an earlier delta is missing. A failure is logged, not returned: the batch
-    /// is journaled and applied, and the next update publishes a checkpoint instead.
+    /// Queues the update from version `parent` to `snapshot` as a delta for readers, or a
+    /// checkpoint where an earlier file never reached the store. Failures are the publisher's to
+    /// log; the batch is journaled and applied either way.
     fn publish_delta(&mut self, parent: u64, snapshot: &Snapshot) {
-        let (Some(out), Some(store)) = (&self.setup.publish, &self.setup.store) else {
-            return;
-        };
-        let version = snapshot.version();
-        if self.unpublished {
+        if self.publisher.as_ref().is_some_and(Publisher::take_missing) {
             if let Err(e) = self.checkpoint() {
-                tracing::error!(version, "publishing a checkpoint failed: {e}");
+                tracing::error!(
+                    version = snapshot.version(),
+                    "checkpoint for the store: {e}"
+                );
             }
             return;
         }
+        let (Some(publisher), Some(store)) = (&self.publisher, &self.setup.store) else {
+            return;
+        };
         let meta = store.meta(
-            version,
+            snapshot.version(),
             Some(parent),
             snapshot.changed(),
             self.learner.selection().unwrap_or_default(),
         );
-        let written = out.delta(&meta, &snapshot.tensors_of(snapshot.changed()));
-        let metrics = &self.setup.metrics;
-        metrics.published("delta", written.as_ref().copied().map_err(drop));
-        match written {
-            Ok(bytes) => {
-                self.setup.published.store(version, Ordering::SeqCst);
-                tracing::info!(
-                    version,
-                    groups = meta.groups.len(),
-                    bytes,
-                    model_bytes = snapshot.bytes(),
-                    "delta published"
-                );
-            }
-            Err(e) => {
-                self.unpublished = true;
-                tracing::error!(
-                    version,
-                    "publishing the delta failed: {e}; the next update publishes a checkpoint"
-                );
-            }
-        }
+        publisher.send(Publish::Delta {
+            meta: Box::new(meta),
+            tensors: snapshot.tensors_of(snapshot.changed()),
+            model_bytes: snapshot.bytes(),
+        });
     }
 
     /// With a guard: the canary check of `next` against `current`, when it fails. The canary
@@ -470,16 +464,12 @@ impl Worker {
             path = %written.path.display(),
             "checkpoint written"
         );
-        if let Some(out) = &self.setup.publish {
-            let keep = store.keep_checkpoints();
-            let version = written.meta.version;
-            let published = out.checkpoint(&written.path, version, keep);
-            let metrics = &self.setup.metrics;
-            metrics.published("checkpoint", published.as_ref().copied().map_err(drop));
-            published.map_err(store_error)?;
-            self.unpublished = false;
-            self.setup.published.store(version, Ordering::SeqCst);
-            tracing::info!(version, store = out.url(), "checkpoint published");
+        if let Some(publisher) = &self.publisher {
+            publisher.send(Publish::Checkpoint {
+                path: written.path.clone(),
+                version: written.meta.version,
+                keep: store.keep_checkpoints(),
+            });
         }
         Ok(Some(written))
     }

@@ -211,6 +211,14 @@ impl Metrics {
         }
     }
 
+    /// Files that failed to publish, of every kind.
+    pub(crate) fn publish_failures(&self) -> u64 {
+        ["delta", "checkpoint"]
+            .iter()
+            .map(|k| self.publish_failures.with_label_values(&[k]).get())
+            .sum()
+    }
+
     /// The metrics in the Prometheus text format, with the live gauges read from `state` now.
     fn render(&self, state: &State) -> Vec<u8> {
         if let Ok(loaded) = state.loaded() {

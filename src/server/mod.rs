@@ -14,6 +14,7 @@ mod ingest;
 mod learner;
 mod metrics;
 mod priority;
+mod publisher;
 mod query;
 
 use std::future::Future;

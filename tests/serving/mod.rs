@@ -195,6 +195,18 @@ pub async fn score_bits(client: &mut Client) -> (u64, Vec<(String, u64)>) {
     (s.version, bits)
 }
 
+/// Polls the writer behind `client` until its store holds `version` (publishing runs beside
+/// learning, so an answered batch may not be in the store yet).
+pub async fn wait_for_published(client: &mut Client, version: u64) {
+    for _ in 0..200 {
+        if client.info().await.unwrap().published_version >= version {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the writer did not publish version {version}");
+}
+
 /// Names and sizes of the deltas in the store `spec`, read the way readers read it.
 pub async fn published_deltas(spec: &str) -> Vec<(String, u64)> {
     let spec = spec.to_string();
@@ -250,6 +262,7 @@ pub async fn writer_and_two_readers(store: &str) {
     assert_eq!(version, 3);
     // Version 2 was checkpointed and published; keeping one checkpoint pruned deltas 1 and 2, so
     // a reader starting now must start from the checkpoint and apply delta 3.
+    wait_for_published(&mut w, version).await;
     let deltas = published_deltas(store).await;
     let names: Vec<_> = deltas.iter().map(|d| d.0.clone()).collect();
     assert_eq!(names, vec![format!("{:020}.delta", 3)]);
