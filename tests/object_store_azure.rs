@@ -9,8 +9,8 @@ mod common;
 mod emulator;
 mod serving;
 
-use emulator::{large_file_round_trips, missing_bucket_is_reported, run_with_env, Emulator};
-use serving::writer_and_two_readers;
+use emulator::{missing_bucket_is_reported, run_with_env, Emulator};
+use serving::{large_file_round_trips, writer_and_two_readers};
 
 const CONTAINER: &str = "locus-published";
 

@@ -743,7 +743,9 @@ async fn readers_follow_the_writer_through_a_shared_store() {
 async fn readers_follow_the_writer_through_a_file_url() {
     // The chart's spelling of a shared volume.
     let store = tempfile::tempdir().unwrap();
-    writer_and_two_readers(&format!("file://{}", store.path().display())).await;
+    let url = format!("file://{}", store.path().display());
+    writer_and_two_readers(&url).await;
+    large_file_round_trips(&url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

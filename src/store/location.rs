@@ -6,6 +6,8 @@
 //! file. Credentials, regions and endpoints come from the usual environment variables (`AWS_*`,
 //! `GOOGLE_*`, `AZURE_*`), which is how Kubernetes secrets and workload identities hand them over.
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,26 +93,69 @@ impl Location {
 
     /// Writes `bytes` as `name`, replacing any earlier file whole.
     pub fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        if bytes.len() <= PART {
+            let key = self.key(name);
+            return self
+                .io
+                .block_on(self.store.put(&key, PutPayload::from(bytes)))
+                .map(drop)
+                .map_err(|e| self.failed(name, e));
+        }
+        let bytes = Bytes::from(bytes);
+        let parts = (0..bytes.len())
+            .step_by(PART)
+            .map(|start| Ok(bytes.slice(start..(start + PART).min(bytes.len()))));
+        self.put_parts(name, parts)
+    }
+
+    /// Copies the local file at `path` to `name`, reading it a part at a time, so a checkpoint
+    /// larger than memory can be published; returns its size.
+    pub fn put_file(&self, name: &str, path: &Path) -> Result<u64> {
+        let mut file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+        let size = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
+        if size <= PART as u64 {
+            let mut bytes = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut bytes)
+                .map_err(|e| StoreError::io(path, e))?;
+            self.put(name, bytes)?;
+            return Ok(size);
+        }
+        let parts = std::iter::from_fn(|| {
+            let mut part = Vec::with_capacity(PART);
+            match (&mut file).take(PART as u64).read_to_end(&mut part) {
+                Ok(0) => None,
+                Ok(_) => Some(Ok(Bytes::from(part))),
+                Err(e) => Some(Err(StoreError::io(path, e))),
+            }
+        });
+        self.put_parts(name, parts)?;
+        Ok(size)
+    }
+
+    /// Uploads `parts` as one multipart object: it appears only when the upload completes, so
+    /// readers still see it whole.
+    fn put_parts(&self, name: &str, parts: impl Iterator<Item = Result<Bytes>>) -> Result<()> {
         let key = self.key(name);
-        let put = async {
-            if bytes.len() <= PART {
-                return self
-                    .store
-                    .put(&key, PutPayload::from(bytes))
+        let failed = |e| self.failed(name, e);
+        self.io.block_on(async {
+            let started = self.store.put_multipart(&key).await.map_err(failed)?;
+            let mut upload = WriteMultipart::new_with_chunk_size(started, PART);
+            for part in parts {
+                let part = match part {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = upload.abort().await;
+                        return Err(e);
+                    }
+                };
+                upload
+                    .wait_for_capacity(PARTS_IN_FLIGHT)
                     .await
-                    .map(drop);
+                    .map_err(failed)?;
+                upload.put(part);
             }
-            // The object appears only when the upload completes, so readers still see it whole.
-            let mut upload =
-                WriteMultipart::new_with_chunk_size(self.store.put_multipart(&key).await?, PART);
-            let bytes = Bytes::from(bytes);
-            for start in (0..bytes.len()).step_by(PART) {
-                upload.wait_for_capacity(PARTS_IN_FLIGHT).await?;
-                upload.put(bytes.slice(start..(start + PART).min(bytes.len())));
-            }
-            upload.finish().await.map(drop)
-        };
-        self.io.block_on(put).map_err(|e| self.failed(name, e))
+            upload.finish().await.map(drop).map_err(failed)
+        })
     }
 
     /// The bytes of `name`.

@@ -9,7 +9,6 @@
 //! never sees half of one.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -50,9 +49,7 @@ impl Published {
     /// Publishes the checkpoint file at `source` as version `version`, keeps the newest `keep`
     /// published checkpoints, and removes the deltas that the oldest kept one already covers.
     pub fn checkpoint(&self, source: &Path, version: u64, keep: usize) -> Result<u64> {
-        let bytes = fs::read(source).map_err(|e| StoreError::io(source, e))?;
-        let size = bytes.len() as u64;
-        self.at.put(&checkpoint_name(version), bytes)?;
+        let size = self.at.put_file(&checkpoint_name(version), source)?;
         let kept = self.versions(CHECKPOINTS, EXT)?;
         for old in kept.iter().skip(keep.max(1)) {
             self.at.delete(&checkpoint_name(*old))?;

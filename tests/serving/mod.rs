@@ -313,3 +313,29 @@ pub async fn writer_and_two_readers(store: &str) {
     late.shutdown().await;
     writer.shutdown().await;
 }
+
+/// A file larger than one upload part, given as bytes and as a local file, reads back whole from
+/// `store` (so both go up in parts).
+pub async fn large_file_round_trips(store: &str) {
+    let store = store.to_string();
+    tokio::task::spawn_blocking(move || {
+        let at = Location::parse(&store).unwrap();
+        let bytes: Vec<u8> = (0..80u32 << 20).map(|i| (i % 251) as u8).collect();
+        at.put("large/bytes", bytes.clone()).unwrap();
+        let local = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(local.path(), &bytes).unwrap();
+        assert_eq!(
+            at.put_file("large/file", local.path()).unwrap(),
+            bytes.len() as u64
+        );
+        let mut names = at.list("large").unwrap();
+        names.sort();
+        assert_eq!(names, ["bytes", "file"]);
+        for name in ["large/bytes", "large/file"] {
+            assert!(at.get(name).unwrap() == bytes, "{store}/{name} differs");
+            at.delete(name).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+}

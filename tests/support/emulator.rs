@@ -112,21 +112,3 @@ pub async fn missing_bucket_is_reported(store: &str) {
     let e = state.install(model).await.expect_err("a missing bucket");
     assert!(e.to_string().contains(store), "{e}");
 }
-
-/// A file larger than one upload part (so sent in parts) reads back whole from `store`.
-pub async fn large_file_round_trips(store: &str) {
-    let store = store.to_string();
-    tokio::task::spawn_blocking(move || {
-        let at = locus::store::location::Location::parse(&store).unwrap();
-        let bytes: Vec<u8> = (0..80u32 << 20).map(|i| (i % 251) as u8).collect();
-        at.put("large/file", bytes.clone()).unwrap();
-        assert_eq!(at.list("large").unwrap(), ["file"]);
-        assert!(
-            at.get("large/file").unwrap() == bytes,
-            "{store}: the file differs"
-        );
-        at.delete("large/file").unwrap();
-    })
-    .await
-    .unwrap();
-}
