@@ -194,6 +194,10 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
                     r.queue_depth
                 );
                 println!("selection    {}", or_dash(&selection));
+                println!(
+                    "role         {}; store at version {} ({} behind), {} publish failures",
+                    r.role, r.published_version, r.behind, r.publish_failures
+                );
                 Ok(())
             }
             ClientCommand::Versions => {
