@@ -102,6 +102,19 @@ fn facts() -> Vec<pb::Document> {
     .collect()
 }
 
+/// Sends the facts as one batch and waits for its answer.
+async fn ingest_facts(client: &mut Client, id: &str) -> pb::IngestResponse {
+    let batch = pb::IngestRequest {
+        documents: facts(),
+        client_batch_id: id.into(),
+    };
+    let mut answers = client
+        .ingest(tokio_stream::iter(vec![batch]))
+        .await
+        .unwrap();
+    answers.next().await.unwrap().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_ingest_and_queries_and_readyz_follows_the_model() {
     let server = start(config()).await;
@@ -118,15 +131,7 @@ async fn metrics_count_ingest_and_queries_and_readyz_follows_the_model() {
     assert_eq!(sample(&scrape, "locus_queue_depth"), 0.0);
 
     let mut client = Client::connect(&server.addr, None).await.unwrap();
-    let batch = pb::IngestRequest {
-        documents: facts(),
-        client_batch_id: "b1".into(),
-    };
-    let mut answers = client
-        .ingest(tokio_stream::iter(vec![batch]))
-        .await
-        .unwrap();
-    let answer = answers.next().await.unwrap().unwrap();
+    let answer = ingest_facts(&mut client, "b1").await;
     assert_eq!(answer.version, 1);
     let tokens: u64 = answer.steps.iter().map(|s| s.tokens).sum();
     assert!(tokens > 0);
@@ -195,15 +200,7 @@ async fn metrics_report_published_deltas_against_the_model_size() {
     .await;
     install(&server.state).await;
     let mut client = Client::connect(&server.addr, None).await.unwrap();
-    let batch = pb::IngestRequest {
-        documents: facts(),
-        client_batch_id: "b1".into(),
-    };
-    let mut answers = client
-        .ingest(tokio_stream::iter(vec![batch]))
-        .await
-        .unwrap();
-    assert_eq!(answers.next().await.unwrap().unwrap().version, 1);
+    assert_eq!(ingest_facts(&mut client, "b1").await.version, 1);
     // Publishing runs beside learning.
     while client.info().await.unwrap().published_version < 1 {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -454,15 +451,7 @@ async fn learning_spans_hang_under_the_ingest_rpc_that_sent_the_batch() {
     let server = start(config()).await;
     install(&server.state).await;
     let mut client = Client::connect(&server.addr, None).await.unwrap();
-    let batch = pb::IngestRequest {
-        documents: facts(),
-        client_batch_id: "traced".into(),
-    };
-    let mut answers = client
-        .ingest(tokio_stream::iter(vec![batch]))
-        .await
-        .unwrap();
-    assert_eq!(answers.next().await.unwrap().unwrap().version, 1);
+    assert_eq!(ingest_facts(&mut client, "traced").await.version, 1);
     let chains = UPDATE_ANCESTORS.lock().unwrap().clone();
     let expected = ["learn", "Ingest", "grpc"];
     assert!(
