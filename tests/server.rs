@@ -855,6 +855,42 @@ async fn rollback_reaches_versions_kept_only_as_checkpoints_and_the_base_model()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_refuses_a_store_ahead_of_its_data_directory() {
+    let store = tempfile::tempdir().unwrap();
+    let writer_with = |data: &std::path::Path| Config {
+        durability: Some(locus::store::Durability {
+            dir: data.to_path_buf(),
+            checkpoint_every: 100,
+            keep_checkpoints: 1,
+        }),
+        store: Some(store.path().display().to_string()),
+        ..config()
+    };
+    let data = tempfile::tempdir().unwrap();
+    let writer = start_with(writer_with(data.path()), true).await;
+    let mut w = writer.client().await;
+    ingest(&mut w, vec![batch("b0", facts())]).await.unwrap();
+    wait_for_published(&mut w, 1).await;
+    writer.shutdown().await;
+
+    // Its data directory lost (or a second writer): publishing from version 0 again would leave
+    // readers on a history this writer does not continue.
+    let fresh = tempfile::tempdir().unwrap();
+    let state = State::new(writer_with(fresh.path())).await;
+    let model = load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();
+    let e = state
+        .install(model)
+        .await
+        .expect_err("a store ahead of the writer");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.to_string().contains("holds version 1"), "{e}");
+    // With its own data directory the writer starts again.
+    let again = start_with(writer_with(data.path()), true).await;
+    assert_eq!(again.client().await.info().await.unwrap().version, 1);
+    again.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_settings_that_cannot_work_are_refused() {
     let store = tempfile::tempdir().unwrap();
     let model = || load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();

@@ -357,6 +357,17 @@ impl Worker {
         };
         let current = self.setup.snapshots.current().version();
         let newest = out.newest_version().map_err(store_error)?;
+        // A writer publishes only what it has journaled and applied, so after any restart its
+        // version is at least the store's; a store ahead of it belongs to another history.
+        if newest > current {
+            return Err(ServerError::invalid(
+                "store",
+                format!(
+                    "{} holds version {newest}, but this writer's data directory is at version {current}: another writer publishes there, or the data directory was lost; use a new store prefix or the writer's data directory",
+                    out.url()
+                ),
+            ));
+        }
         if current > 0 && newest != current {
             self.checkpoint()?;
         } else {
