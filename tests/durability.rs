@@ -17,6 +17,7 @@ use locus::proto::v1 as pb;
 use locus::snapshot::Snapshot;
 use locus::store::checkpoint::{self, Checkpoints, Meta};
 use locus::store::journal::{self, Journal};
+use locus::store::publish::Published;
 use locus::store::{Durability, Store, StoreError};
 use rand::{Rng, SeedableRng};
 
@@ -222,6 +223,35 @@ fn checkpoint_round_trip_and_retention() {
     fs::write(c.path_of(5).with_extension("tmp"), b"half").unwrap();
     let c = Checkpoints::open(dir.path().join("checkpoints")).unwrap();
     assert!(!c.path_of(5).with_extension("tmp").exists());
+}
+
+#[test]
+fn readers_read_published_checkpoints_only_when_newer_than_what_they_serve() {
+    let data = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let published = Published::open(store.path().to_str().unwrap()).unwrap();
+    let local = Checkpoints::open(data.path().join("checkpoints")).unwrap();
+    for v in [2, 3] {
+        let (path, _) = local.write(&meta(v, None), &tensors(v as f32)).unwrap();
+        published.checkpoint(&path, v, 2).unwrap();
+    }
+    let found = |after: u64| {
+        published
+            .newest_checkpoint_after(after, &Device::Cpu)
+            .unwrap()
+    };
+    assert_eq!(found(1).0.unwrap().meta.version, 3);
+    // Damage the newest copy: a reader already serving it polls without reading it; one behind
+    // it reports the damage and takes the older checkpoint.
+    let newest = store.path().join(format!("checkpoints/{:020}.ckpt", 3));
+    fs::write(&newest, b"damaged").unwrap();
+    let (none, errors) = found(3);
+    assert!(none.is_none() && errors.is_empty(), "{errors:?}");
+    let (older, errors) = found(1);
+    assert_eq!(older.unwrap().meta.version, 2);
+    assert_eq!(errors.len(), 1);
+    let (none, errors) = found(2);
+    assert!(none.is_none() && errors.len() == 1);
 }
 
 #[test]

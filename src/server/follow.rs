@@ -116,9 +116,9 @@ fn next_file(
             Err(e) => tracing::warn!("{e}; falling back to the newest checkpoint"),
         }
     }
-    let (found, failed) = store.newest_checkpoint(device)?;
+    let (found, failed) = store.newest_checkpoint_after(current, device)?;
     for e in failed {
         tracing::error!("{e}; trying an older published checkpoint");
     }
-    Ok(found.filter(|c| c.meta.version > current))
+    Ok(found)
 }

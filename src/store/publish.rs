@@ -82,13 +82,20 @@ impl Published {
         Ok(newest(self.versions(DELTAS, DELTA_EXT)?).max(newest(self.versions(CHECKPOINTS, EXT)?)))
     }
 
-    /// The newest published checkpoint that verifies, and the errors of newer ones that did not.
-    pub fn newest_checkpoint(
+    /// The newest published checkpoint after `version` that verifies, and the errors of newer
+    /// ones that did not. Only those newer than `version` are read, so a reader that is up to
+    /// date downloads nothing.
+    pub fn newest_checkpoint_after(
         &self,
+        version: u64,
         device: &Device,
     ) -> Result<(Option<Checkpoint>, Vec<StoreError>)> {
         let mut failed = Vec::new();
-        for v in self.versions(CHECKPOINTS, EXT)? {
+        for v in self
+            .versions(CHECKPOINTS, EXT)?
+            .into_iter()
+            .take_while(|v| *v > version)
+        {
             match self.read(&checkpoint_name(v), device) {
                 Ok(c) => return Ok((Some(c), failed)),
                 Err(e) => failed.push(e),
