@@ -313,7 +313,7 @@ impl State {
                 Role::Writer => Ok(None),
                 Role::Reader => Err(ServerError::invalid(
                     "store",
-                    "a reader needs --store, the directory its writer publishes to",
+                    "a reader needs --store, the directory or object-store URL its writer publishes to",
                 )),
             };
         };
