@@ -236,8 +236,9 @@ fn readers_read_published_checkpoints_only_when_newer_than_what_they_serve() {
         published.checkpoint(&path, v, 2).unwrap();
     }
     let found = |after: u64| {
+        let listing = published.list().unwrap();
         published
-            .newest_checkpoint_after(after, &Device::Cpu)
+            .newest_checkpoint_after(&listing, after, &Device::Cpu)
             .unwrap()
     };
     assert_eq!(found(1).0.unwrap().meta.version, 3);

@@ -14,7 +14,7 @@ use super::learner::{Handle, Job};
 use super::ServerError;
 use crate::snapshot::Snapshots;
 use crate::store::checkpoint::Checkpoint;
-use crate::store::publish::Published;
+use crate::store::publish::{Listing, Published};
 use crate::store::StoreError;
 
 /// What a reader follows and what it serves.
@@ -38,9 +38,10 @@ impl Follower {
             let current = self.snapshots.current().version();
             let (store, device) = (self.store.clone(), self.device.clone());
             let (newest, next) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                let listing = store.list()?;
                 Ok((
-                    store.newest_version()?,
-                    next_file(&store, current, &device)?,
+                    listing.newest(),
+                    next_file(&store, &listing, current, &device)?,
                 ))
             })
             .await
@@ -105,10 +106,11 @@ impl Follower {
 /// else (a late start, a gap after pruning, a rollback) the newest checkpoint when it is newer.
 fn next_file(
     store: &Published,
+    listing: &Listing,
     current: u64,
     device: &Device,
 ) -> Result<Option<Checkpoint>, StoreError> {
-    if let Some(&version) = store.deltas_after(current)?.first() {
+    if let Some(version) = listing.delta_after(current) {
         match store.delta_to(version, device) {
             Ok(delta) if delta.meta.parent == Some(current) => return Ok(Some(delta)),
             Ok(_) => {}
@@ -116,7 +118,7 @@ fn next_file(
             Err(e) => tracing::warn!("{e}; falling back to the newest checkpoint"),
         }
     }
-    let (found, failed) = store.newest_checkpoint_after(current, device)?;
+    let (found, failed) = store.newest_checkpoint_after(listing, current, device)?;
     for e in failed {
         tracing::error!("{e}; trying an older published checkpoint");
     }

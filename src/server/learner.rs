@@ -356,7 +356,7 @@ impl Worker {
             return Ok(());
         };
         let current = self.setup.snapshots.current().version();
-        let newest = out.newest_version().map_err(store_error)?;
+        let newest = out.list().map_err(store_error)?.newest();
         // A writer publishes only what it has journaled and applied, so after any restart its
         // version is at least the store's; a store ahead of it belongs to another history.
         if newest > current {

@@ -76,40 +76,31 @@ impl Published {
         Ok(found)
     }
 
-    /// The newest published version (0 where nothing is published).
-    pub fn newest_version(&self) -> Result<u64> {
-        let newest = |found: Vec<u64>| found.first().copied().unwrap_or(0);
-        Ok(newest(self.versions(DELTAS, DELTA_EXT)?).max(newest(self.versions(CHECKPOINTS, EXT)?)))
+    /// What the store holds now (two listings).
+    pub fn list(&self) -> Result<Listing> {
+        Ok(Listing {
+            deltas: self.versions(DELTAS, DELTA_EXT)?,
+            checkpoints: self.versions(CHECKPOINTS, EXT)?,
+        })
     }
 
-    /// The newest published checkpoint after `version` that verifies, and the errors of newer
+    /// The newest checkpoint in `listing` after `version` that verifies, and the errors of newer
     /// ones that did not. Only those newer than `version` are read, so a reader that is up to
     /// date downloads nothing.
     pub fn newest_checkpoint_after(
         &self,
+        listing: &Listing,
         version: u64,
         device: &Device,
     ) -> Result<(Option<Checkpoint>, Vec<StoreError>)> {
         let mut failed = Vec::new();
-        for v in self
-            .versions(CHECKPOINTS, EXT)?
-            .into_iter()
-            .take_while(|v| *v > version)
-        {
+        for &v in listing.checkpoints.iter().take_while(|v| **v > version) {
             match self.read(&checkpoint_name(v), device) {
                 Ok(c) => return Ok((Some(c), failed)),
                 Err(e) => failed.push(e),
             }
         }
         Ok((None, failed))
-    }
-
-    /// Versions of the published deltas after `version`, oldest first.
-    pub fn deltas_after(&self, version: u64) -> Result<Vec<u64>> {
-        let mut found = self.versions(DELTAS, DELTA_EXT)?;
-        found.retain(|v| *v > version);
-        found.reverse();
-        Ok(found)
     }
 
     /// The published delta to `version`, verified.
@@ -119,6 +110,28 @@ impl Published {
 
     fn read(&self, name: &str, device: &Device) -> Result<Checkpoint> {
         decode(&self.at.describe(name), &self.at.get(name)?, device)
+    }
+}
+
+/// The versions a store holds, newest first.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// Versions of the published deltas.
+    pub deltas: Vec<u64>,
+    /// Versions of the published checkpoints.
+    pub checkpoints: Vec<u64>,
+}
+
+impl Listing {
+    /// The newest published version (0 where nothing is published).
+    pub fn newest(&self) -> u64 {
+        let first = |found: &[u64]| found.first().copied().unwrap_or(0);
+        first(&self.deltas).max(first(&self.checkpoints))
+    }
+
+    /// The first delta after `version`, if any.
+    pub fn delta_after(&self, version: u64) -> Option<u64> {
+        self.deltas.iter().rev().copied().find(|v| *v > version)
     }
 }
 
