@@ -753,19 +753,7 @@ async fn a_delta_that_failed_to_publish_is_covered_by_a_checkpoint() {
     let data = tempfile::tempdir().unwrap();
     let store = tempfile::tempdir().unwrap();
     let spec = store.path().display().to_string();
-    let writer = start_with(
-        Config {
-            durability: Some(locus::store::Durability {
-                dir: data.path().to_path_buf(),
-                checkpoint_every: 100,
-                keep_checkpoints: 2,
-            }),
-            store: Some(spec.clone()),
-            ..config()
-        },
-        true,
-    )
-    .await;
+    let writer = start_with(writer_config(data.path(), &spec, 100, 2), true).await;
     let reader = start_with(
         Config {
             role: server::Role::Reader,
@@ -786,17 +774,23 @@ async fn a_delta_that_failed_to_publish_is_covered_by_a_checkpoint() {
     std::fs::write(&deltas, b"in the way").unwrap();
     ingest(&mut w, vec![batch("b1", facts())]).await.unwrap();
     assert_eq!(w.info().await.unwrap().version, 2);
+    // Publishing runs beside learning: wait until the writer has tried, and failed.
+    let info = wait_for_info(&mut w, "a publish failure", |i| i.publish_failures > 0).await;
+    assert_eq!(
+        info.publish_failures, 1,
+        "the writer reports the failed delta"
+    );
     std::fs::remove_file(&deltas).unwrap();
     std::fs::rename(store.path().join("deltas.away"), &deltas).unwrap();
 
     // Delta 3 alone would lack update 2: the writer publishes version 3 as a checkpoint, and the
     // reader serves exactly the writer's model.
     ingest(&mut w, vec![batch("b2", facts())]).await.unwrap();
+    wait_for_version(&mut r, 3).await;
     assert!(store
         .path()
         .join(format!("checkpoints/{:020}.ckpt", 3))
         .exists());
-    wait_for_version(&mut r, 3).await;
     assert_eq!(score_bits(&mut r).await, score_bits(&mut w).await);
     reader.shutdown().await;
     writer.shutdown().await;
@@ -857,15 +851,8 @@ async fn rollback_reaches_versions_kept_only_as_checkpoints_and_the_base_model()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_refuses_a_store_ahead_of_its_data_directory() {
     let store = tempfile::tempdir().unwrap();
-    let writer_with = |data: &std::path::Path| Config {
-        durability: Some(locus::store::Durability {
-            dir: data.to_path_buf(),
-            checkpoint_every: 100,
-            keep_checkpoints: 1,
-        }),
-        store: Some(store.path().display().to_string()),
-        ..config()
-    };
+    let spec = store.path().display().to_string();
+    let writer_with = |data: &std::path::Path| writer_config(data, &spec, 100, 1);
     let data = tempfile::tempdir().unwrap();
     let writer = start_with(writer_with(data.path()), true).await;
     let mut w = writer.client().await;

@@ -2,6 +2,7 @@
 //! the scale-out scenario both run on their own stores.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -174,14 +175,39 @@ pub fn logprob(r: &pb::ScoreResponse, index: u32) -> f64 {
 
 /// Polls `client` until it serves `version`.
 pub async fn wait_for_version(client: &mut Client, version: u64) -> pb::InfoResponse {
+    wait_for_info(client, &format!("version {version}"), |i| {
+        i.version == version
+    })
+    .await
+}
+
+/// Polls `client`'s Admin.Info until `done` holds; `what` names the wait when it times out.
+pub async fn wait_for_info(
+    client: &mut Client,
+    what: &str,
+    done: impl Fn(&pb::InfoResponse) -> bool,
+) -> pb::InfoResponse {
     for _ in 0..200 {
         let info = client.info().await.unwrap();
-        if info.version == version {
+        if done(&info) {
             return info;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the reader did not reach version {version}");
+    panic!("the server did not reach {what}");
+}
+
+/// A writer that journals and checkpoints to `data` and publishes to `store`.
+pub fn writer_config(data: &Path, store: &str, checkpoint_every: u64, keep: usize) -> Config {
+    Config {
+        durability: Some(locus::store::Durability {
+            dir: data.to_path_buf(),
+            checkpoint_every,
+            keep_checkpoints: keep,
+        }),
+        store: Some(store.to_string()),
+        ..config()
+    }
 }
 
 /// Candidate log-probabilities of the score probe, as exact bits, and the version.
@@ -198,13 +224,8 @@ pub async fn score_bits(client: &mut Client) -> (u64, Vec<(String, u64)>) {
 /// Polls the writer behind `client` until its store holds `version` (publishing runs beside
 /// learning, so an answered batch may not be in the store yet).
 pub async fn wait_for_published(client: &mut Client, version: u64) {
-    for _ in 0..200 {
-        if client.info().await.unwrap().published_version >= version {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the writer did not publish version {version}");
+    let what = format!("published version {version}");
+    wait_for_info(client, &what, |i| i.published_version >= version).await;
 }
 
 /// Names and sizes of the deltas in the store `spec`, read the way readers read it.
@@ -230,19 +251,7 @@ pub async fn published_deltas(spec: &str) -> Vec<(String, u64)> {
 /// follow a rollback.
 pub async fn writer_and_two_readers(store: &str) {
     let data = tempfile::tempdir().unwrap();
-    let writer = start_with(
-        Config {
-            durability: Some(locus::store::Durability {
-                dir: data.path().to_path_buf(),
-                checkpoint_every: 2,
-                keep_checkpoints: 1,
-            }),
-            store: Some(store.to_string()),
-            ..config()
-        },
-        true,
-    )
-    .await;
+    let writer = start_with(writer_config(data.path(), store, 2, 1), true).await;
     let reader_config = || Config {
         role: server::Role::Reader,
         store: Some(store.to_string()),

@@ -12,10 +12,10 @@ use std::process::{Child, Command, Stdio};
 
 use candle_core::Device;
 use locus::model::load;
-use locus::server::{Config, State};
+use locus::server::State;
 
 use crate::common::fixture;
-use crate::serving::config;
+use crate::serving::writer_config;
 
 /// A running emulator; it ends when its standard input closes, on drop.
 pub struct Emulator {
@@ -98,16 +98,7 @@ pub fn run_with_env<F: Future>(vars: &[(&str, &str)], test: F) -> F::Output {
 /// A writer whose bucket does not exist fails to start, naming `store`.
 pub async fn missing_bucket_is_reported(store: &str) {
     let data = tempfile::tempdir().unwrap();
-    let state = State::new(Config {
-        durability: Some(locus::store::Durability {
-            dir: data.path().to_path_buf(),
-            checkpoint_every: 2,
-            keep_checkpoints: 1,
-        }),
-        store: Some(store.into()),
-        ..config()
-    })
-    .await;
+    let state = State::new(writer_config(data.path(), store, 2, 1)).await;
     let model = load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();
     let e = state.install(model).await.expect_err("a missing bucket");
     assert!(e.to_string().contains(store), "{e}");
