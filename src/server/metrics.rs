@@ -198,16 +198,16 @@ impl Metrics {
         self.update_steps.with_label_values(&[outcome]).inc();
     }
 
-    /// Records a file published to the store (`Err`: it failed).
-    pub(crate) fn published(&self, kind: &str, bytes: Result<u64, ()>) {
+    /// Records a file published to the store, with its size (`None`: it failed).
+    pub(crate) fn published(&self, kind: &str, bytes: Option<u64>) {
         match bytes {
-            Ok(n) => {
+            Some(n) => {
                 self.published_bytes.with_label_values(&[kind]).inc_by(n);
                 self.last_published_bytes
                     .with_label_values(&[kind])
                     .set(n as i64);
             }
-            Err(()) => self.publish_failures.with_label_values(&[kind]).inc(),
+            None => self.publish_failures.with_label_values(&[kind]).inc(),
         }
     }
 

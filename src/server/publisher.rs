@@ -89,7 +89,7 @@ impl Publisher {
         let Some(tx) = &self.tx else { return };
         if let Err(TrySendError::Full(file) | TrySendError::Disconnected(file)) = tx.try_send(file)
         {
-            self.metrics.published(file.kind(), Err(()));
+            self.metrics.published(file.kind(), None);
             self.missing.store(true, Ordering::SeqCst);
             tracing::warn!(
                 kind = file.kind(),
@@ -156,7 +156,7 @@ fn publish(
             (version, written)
         }
     };
-    metrics.published(kind, written.as_ref().copied().map_err(drop));
+    metrics.published(kind, written.as_ref().ok().copied());
     match written {
         Ok(_) => {
             published.fetch_max(version, Ordering::SeqCst);
