@@ -8,6 +8,8 @@ run fail; warnings are printed but do not.
 
 Checked:
   * every file exists, is UTF-8, has no blank lines, no CR characters, and ends with a newline;
+  * sizes: at least MIN_FACTS update facts, MIN_TEST of them held-out `test-` facts, at least
+    MIN_DOCS documents and MIN_PROBES probes per fact, and at least MIN_STABLE stable facts;
   * updates.jsonl: one JSON object a line with exactly {id, docs, salient, probes};
     ids unique and prefixed `dev-` or `test-`; docs and salient are non-empty string lists;
     every salient string occurs verbatim in at least one doc of its fact (and, stricter, in
@@ -30,6 +32,13 @@ import json
 import re
 import sys
 from pathlib import Path
+
+# Minimum sizes of the dataset (see data/drift/README.md, "Split").
+MIN_FACTS = 100
+MIN_TEST = 30
+MIN_DOCS = 2
+MIN_PROBES = 2
+MIN_STABLE = 60
 
 ID_RE = re.compile(r"^(dev|test)-[a-z0-9]+(?:-[a-z0-9]+)*$")
 SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])")
@@ -161,6 +170,8 @@ def check_updates(path, rep):
                 rep.warn(where, f"doc {k} has about {n} sentences (want 2-4)")
         if len(set(docs)) != len(docs):
             rep.err(where, "duplicate docs")
+        if len(docs) < MIN_DOCS:
+            rep.err(where, f"{len(docs)} doc(s); each fact needs at least {MIN_DOCS}")
         if not is_str_list(salient):
             rep.err(where, "salient must be a non-empty list of non-empty strings")
             salient = []
@@ -196,6 +207,8 @@ def check_updates(path, rep):
             if check_prompt(pw, p["prompt"], rep):
                 good_probes.append(p)
             check_pair(pw, "new", p["new"], "old", p["old"], rep)
+        if len(probes) < MIN_PROBES:
+            rep.err(where, f"{len(probes)} probe(s); each fact needs at least {MIN_PROBES}")
         facts.append({"line": i, "id": fid, "docs": docs, "salient": salient, "probes": good_probes})
     if not facts:
         rep.err(str(path), "no facts")
@@ -325,6 +338,14 @@ def main():
     n_docs = sum(len(f["docs"]) for f in facts)
     if facts and (n_test == 0 or n_dev == 0):
         rep.err("updates.jsonl", f"split needs both dev- and test- facts (dev {n_dev}, test {n_test})")
+    if len(facts) < MIN_FACTS:
+        rep.err("updates.jsonl", f"{len(facts)} facts; at least {MIN_FACTS} required")
+    if n_test < MIN_TEST:
+        rep.err("updates.jsonl", f"{n_test} held-out test- facts; at least {MIN_TEST} required")
+    if len(stable) < MIN_STABLE:
+        rep.err("stable.jsonl", f"{len(stable)} stable facts; at least {MIN_STABLE} required")
+    min_docs = min((len(f["docs"]) for f in facts), default=0)
+    min_probes = min((len(f["probes"]) for f in facts), default=0)
 
     print(f"updates.jsonl : {len(facts)} facts ({n_dev} dev, {n_test} test = "
           f"{(n_test / len(facts) if facts else 0):.0%} held out), {n_docs} docs, {n_probes} probes, "
@@ -332,6 +353,10 @@ def main():
     print(f"stable.jsonl  : {len(stable)} facts")
     print(f"drift general : {len(general)} paragraphs")
     print(f"replay general: {len(replay_paras)} paragraphs, {shared_sent} sentences shared with data/drift/")
+    print(f"summary       : {len(facts)} facts ({n_dev} dev, {n_test} test), {len(stable)} stable; "
+          f"per fact at least {min_docs} docs and {min_probes} probes "
+          f"(required: >= {MIN_FACTS} facts, >= {MIN_TEST} test, >= {MIN_DOCS} docs, "
+          f">= {MIN_PROBES} probes, >= {MIN_STABLE} stable)")
     for w in rep.warnings:
         print(f"warning: {w}")
     for e in rep.errors:
