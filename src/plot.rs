@@ -190,6 +190,68 @@ fn png(groups: &[GroupStat]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Axes of an SVG chart: data ranges mapped to the page, with title, labels and end ticks.
+struct Frame {
+    x: (f64, f64),
+    y: (f64, f64),
+}
+
+const W: f64 = 640.0;
+const H: f64 = 440.0;
+const M: f64 = 60.0;
+
+impl Frame {
+    /// A frame around every point, padded by a tenth of each range.
+    fn around(points: impl Iterator<Item = (f64, f64)> + Clone) -> Frame {
+        let range = |v: Vec<f64>| {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let pad = ((hi - lo) * 0.1).max(1e-3);
+            (lo - pad, hi + pad)
+        };
+        Frame {
+            x: range(points.clone().map(|p| p.0).collect()),
+            y: range(points.map(|p| p.1).collect()),
+        }
+    }
+
+    fn sx(&self, x: f64) -> f64 {
+        M + (x - self.x.0) / (self.x.1 - self.x.0) * (W - 2.0 * M)
+    }
+
+    fn sy(&self, y: f64) -> f64 {
+        H - M - (y - self.y.0) / (self.y.1 - self.y.0) * (H - 2.0 * M)
+    }
+
+    /// The SVG up to the data: background, title, axes, labels and the range ends.
+    fn open(&self, x_label: &str, y_label: &str, title: &str) -> String {
+        let (w, h, m) = (W, H, M);
+        let mut s = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{m}\" y=\"24\" font-size=\"14\">{}</text>\n\
+             <line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+             <text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">{}</text>\n",
+            escape(title), h - m, w - m, h - m, h - m, w / 2.0, h - 20.0, escape(x_label), h / 2.0, h / 2.0, escape(y_label)
+        );
+        for (x, anchor) in [(self.x.0, "start"), (self.x.1, "end")] {
+            s += &format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"{anchor}\">{x:.3}</text>\n",
+                self.sx(x),
+                h - m + 14.0
+            );
+        }
+        for y in [self.y.0, self.y.1] {
+            s += &format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y:.3}</text>\n",
+                m - 4.0,
+                self.sy(y) + 4.0
+            );
+        }
+        s
+    }
+}
+
 /// Writes an SVG scatter of named points, e.g. uptake against forgetting per strategy.
 pub fn write_scatter(
     path: &Path,
@@ -198,43 +260,61 @@ pub fn write_scatter(
     y_label: &str,
     title: &str,
 ) -> Result<()> {
-    let (w, h, m) = (640.0, 440.0, 60.0);
-    let range = |f: fn(&(String, f64, f64)) -> f64| {
-        let lo = points.iter().map(f).fold(f64::INFINITY, f64::min);
-        let hi = points.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
-        let pad = ((hi - lo) * 0.1).max(1e-3);
-        (lo - pad, hi + pad)
-    };
-    let (x0, x1) = range(|p| p.1);
-    let (y0, y1) = range(|p| p.2);
-    let sx = |x: f64| m + (x - x0) / (x1 - x0) * (w - 2.0 * m);
-    let sy = |y: f64| h - m - (y - y0) / (y1 - y0) * (h - 2.0 * m);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{m}\" y=\"24\" font-size=\"14\">{}</text>\n\
-         <line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
-         <text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">{}</text>\n",
-        escape(title), h - m, w - m, h - m, h - m, w / 2.0, h - 20.0, escape(x_label), h / 2.0, h / 2.0, escape(y_label)
-    );
-    for (x, anchor) in [(x0, "start"), (x1, "end")] {
-        s += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"{anchor}\">{x:.3}</text>\n",
-            sx(x),
-            h - m + 14.0
-        );
-    }
-    for y in [y0, y1] {
-        s += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y:.3}</text>\n",
-            m - 4.0,
-            sy(y) + 4.0
-        );
-    }
+    let f = Frame::around(points.iter().map(|p| (p.1, p.2)));
+    let mut s = f.open(x_label, y_label, title);
     for (name, x, y) in points {
         s += &format!(
             "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"rgb(33,145,140)\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
-            sx(*x), sy(*y), sx(*x) + 7.0, sy(*y) - 7.0, escape(name)
+            f.sx(*x), f.sy(*y), f.sx(*x) + 7.0, f.sy(*y) - 7.0, escape(name)
+        );
+    }
+    s += "</svg>\n";
+    std::fs::write(path, s).map_err(|e| Error::io(path, e))
+}
+
+/// Writes an SVG chart of named lines through points, each with a legend entry.
+pub fn write_lines(
+    path: &Path,
+    lines: &[(String, Vec<(f64, f64)>)],
+    x_label: &str,
+    y_label: &str,
+    title: &str,
+) -> Result<()> {
+    const COLORS: [&str; 6] = [
+        "rgb(33,145,140)",
+        "rgb(68,1,84)",
+        "rgb(253,231,37)",
+        "rgb(59,82,139)",
+        "rgb(94,201,98)",
+        "rgb(200,60,60)",
+    ];
+    let f = Frame::around(lines.iter().flat_map(|l| l.1.iter().copied()));
+    let mut s = f.open(x_label, y_label, title);
+    for (i, (name, points)) in lines.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let path: Vec<String> = points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", f.sx(x), f.sy(y)))
+            .collect();
+        s += &format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
+            path.join(" ")
+        );
+        for &(x, y) in points {
+            s += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>\n",
+                f.sx(x),
+                f.sy(y)
+            );
+        }
+        let ly = M + 16.0 * i as f64;
+        s += &format!(
+            "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{}</text>\n",
+            W - M - 150.0,
+            ly - 9.0,
+            W - M - 136.0,
+            ly,
+            escape(name)
         );
     }
     s += "</svg>\n";

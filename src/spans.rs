@@ -123,6 +123,29 @@ pub fn span_targets(enc: &Encoded, spans: &[(usize, usize)]) -> Vec<bool> {
         .collect()
 }
 
+/// A document's span targets: its given spans where they mark a target token, else (absent, or a
+/// span on the first token alone) the `entity` rule's; `None` when neither marks one, for the
+/// `surprisal` rule to fill at the forward pass. The flag says whether given spans fell back.
+pub fn choose_targets(
+    enc: &Encoded,
+    text: &str,
+    given: Option<&[(usize, usize)]>,
+) -> (Option<Vec<bool>>, SpanRule, bool) {
+    let given_targets = given
+        .map(|s| span_targets(enc, s))
+        .filter(|t| t.iter().any(|&b| b));
+    if let Some(t) = given_targets {
+        return (Some(t), SpanRule::Given, false);
+    }
+    let fell_back = given.is_some();
+    let t = span_targets(enc, &entity_spans(text));
+    if t.iter().any(|&b| b) {
+        (Some(t), SpanRule::Entity, fell_back)
+    } else {
+        (None, SpanRule::Surprisal, fell_back)
+    }
+}
+
 /// How salient spans are found for a document that brings none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

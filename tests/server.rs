@@ -51,7 +51,7 @@ async fn ingest_changes_the_model_and_the_version() {
         "{:?}",
         step.groups
     );
-    assert!(step.loss_after < step.loss_before, "{step:?}");
+    assert!(step.loss_after.unwrap() < step.loss_before, "{step:?}");
     // Spans: given for the first two documents, found by an automatic rule for the third.
     assert_eq!(step.span_rules.len(), 3);
     assert_eq!(step.span_rules[..2], [pb::SpanRule::Given as i32; 2]);

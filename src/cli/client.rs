@@ -323,18 +323,18 @@ async fn ingest(client: &mut Client, file: &PathBuf, batch_size: usize) -> anyho
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let (before, after) = (
-            r.steps.first().map_or(f64::NAN, |s| s.loss_before),
-            r.steps.last().map_or(f64::NAN, |s| s.loss_after),
-        );
         let seconds: f64 = r.steps.iter().map(|s| s.seconds).sum();
         progress.println(&format!(
-            "[{done}/{total}] batch {k}: version {}, {} accepted, {} rejected, loss {before:.3} -> {after:.3}, {seconds:.1} s, groups {}",
+            "[{done}/{total}] batch {k}: version {}, {} accepted, {} rejected, {}, {seconds:.1} s, groups {}",
             r.version,
             r.accepted.len(),
             r.rejected.len(),
+            steps_summary(&r.steps),
             or_dash(&groups)
         ));
+        for s in r.steps.iter().filter(|s| !s.skipped.is_empty()) {
+            progress.println(&format!("  step {} not applied: {}", s.batch, s.skipped));
+        }
         for j in &r.rejected {
             let line = lines
                 .get(k * batch_size + j.index as usize)
@@ -352,6 +352,30 @@ async fn ingest(client: &mut Client, file: &PathBuf, batch_size: usize) -> anyho
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A batch's steps in a few words: losses, rehearsed documents and span fallbacks.
+pub fn steps_summary(steps: &[pb::UpdateReport]) -> String {
+    let (Some(first), Some(last)) = (steps.first(), steps.last()) else {
+        return "no step".into();
+    };
+    let mut out = format!("loss {:.3}", first.loss_before);
+    if let Some(after) = last.loss_after {
+        out += &format!(" -> {after:.3}");
+    }
+    let rehearsed: u32 = steps.iter().map(|s| s.rehearsed).sum();
+    let replay: u32 = steps.iter().map(|s| s.replay).sum();
+    let fallbacks: u32 = steps.iter().map(|s| s.span_fallbacks).sum();
+    if rehearsed > 0 {
+        out += &format!(", {rehearsed} rehearsed");
+    }
+    if replay > 0 {
+        out += &format!(", {replay} replayed");
+    }
+    if fallbacks > 0 {
+        out += &format!(", {fallbacks} without a span target (automatic spans)");
+    }
+    out
 }
 
 /// The items joined by spaces, or `-` when there are none.

@@ -2,14 +2,12 @@
 //! and the probe answers before and after.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use locus::client::Client;
 use locus::eval::data::Update;
 use locus::proto::v1 as pb;
-use locus::server::{self, Config, State};
 use tokio_stream::StreamExt;
 
 use super::client::group_name;
@@ -52,32 +50,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         .filter(|u| u.id.starts_with("dev-"))
         .take(a.facts.max(1))
         .collect();
-    let (learn, replay) = a.learn.config()?;
-    let config = Config {
-        learn,
-        batch_size: a.learn.batch_size,
-        replay,
-        shutdown_grace: Duration::from_secs(5),
-        ..Config::default()
-    };
     let model = super::load_model(&a.model, &device)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let state = State::new(config).await;
-        state.install(model).await?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(server::run(listener, Arc::clone(&state), async {
-            let _ = stopped.await;
-        }));
-        eprintln!("locus: demo server on {addr}");
-        let result = demo(&addr.to_string(), &facts, a.epochs).await;
-        let _ = stop.send(());
-        server.await??;
-        result
+    super::inproc::with_server(model, &a.learn, |addr| async move {
+        demo(&addr, &facts, a.epochs).await
     })
 }
 
@@ -125,12 +100,7 @@ async fn demo(addr: &str, facts: &[Update], epochs: usize) -> anyhow::Result<()>
                 .or_insert_with(|| (group_name(g), 0))
                 .1 += 1;
         }
-        let loss = r
-            .steps
-            .first()
-            .zip(r.steps.last())
-            .map(|(f, l)| format!("loss {:.3} -> {:.3}", f.loss_before, l.loss_after))
-            .unwrap_or_default();
+        let loss = super::client::steps_summary(&r.steps);
         progress.println(&format!(
             "locus: [{done}/{total}] {}: version {}, {loss}, {:.0} s elapsed",
             r.client_batch_id,

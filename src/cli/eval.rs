@@ -118,6 +118,12 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let report = run(model, &set, &opts, &replay, |line| {
         eprintln!("locus: {line}")
     })?;
+    if report.span_fallbacks > 0 {
+        eprintln!(
+            "locus: {} document(s) had no target token in their salient spans; their spans came from the entity rule",
+            report.span_fallbacks
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -3,7 +3,9 @@
 mod client;
 mod demo;
 mod eval;
+mod eval_stream;
 mod export;
+mod inproc;
 mod progress;
 mod select;
 mod serve;
@@ -34,6 +36,9 @@ enum Command {
     Select(select::SelectArgs),
     /// Train every strategy on a drift set from the same weights and measure uptake and forgetting.
     Eval(eval::EvalArgs),
+    /// Stream a drift set once through a real server at its defaults and measure uptake along the
+    /// stream and after it, retention and general perplexity.
+    EvalStream(Box<eval_stream::StreamArgs>),
     /// Serve the model over gRPC, learning from streamed documents while answering queries.
     Serve(Box<serve::ServeArgs>),
     /// Talk to a running `locus serve`: ingest, score, complete, perplexity, info, versions, checkpoint.
@@ -67,7 +72,10 @@ pub fn parse() -> anyhow::Result<Cli> {
 impl Cli {
     /// Whether the command runs a server, whose queries must not wait behind its learner.
     pub fn serves(&self) -> bool {
-        matches!(self.command, Command::Serve(_) | Command::Demo(_))
+        matches!(
+            self.command,
+            Command::Serve(_) | Command::Demo(_) | Command::EvalStream(_)
+        )
     }
 }
 
@@ -77,6 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(a) => trace::run(a),
         Command::Select(a) => select::run(a),
         Command::Eval(a) => eval::run_eval(a),
+        Command::EvalStream(a) => eval_stream::run(*a),
         Command::Serve(a) => serve::run(*a),
         Command::Client(a) => client::run(a),
         Command::Demo(a) => demo::run(a),

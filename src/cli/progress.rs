@@ -56,7 +56,11 @@ impl IngestProgress {
     pub fn answered(&mut self, r: &pb::IngestResponse) {
         self.bar.inc((r.accepted.len() + r.rejected.len()) as u64);
         // A batch whose documents were all rejected took no step: the previous loss still holds.
-        self.loss = r.steps.last().map(|s| s.loss_after).or(self.loss);
+        self.loss = r
+            .steps
+            .last()
+            .map(|s| s.loss_after.unwrap_or(s.loss_before))
+            .or(self.loss);
         let loss = self
             .loss
             .map(|l| format!(", loss {l:.3}"))

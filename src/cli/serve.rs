@@ -168,6 +168,23 @@ pub struct LearnArgs {
     /// Replay corpus for mix-review, one paragraph a line; the bundled one if omitted.
     #[arg(long, env = "LOCUS_REPLAY")]
     pub replay: Option<PathBuf>,
+    /// General-text paragraphs mixed into each step by mix-review.
+    #[arg(long, default_value_t = 2, env = "LOCUS_REPLAY_PER_BATCH")]
+    pub replay_per_batch: usize,
+    /// Times each document is learned again at spaced later steps (1, 3, 7, ... steps after it
+    /// arrived), its sentences reordered; 0 learns each document once.
+    #[arg(long, default_value_t = 2, env = "LOCUS_REHEARSE")]
+    pub rehearse: usize,
+    /// Recent documents kept for rehearsal at most (they are saved in checkpoints).
+    #[arg(long, default_value_t = 1024, env = "LOCUS_REHEARSAL_WINDOW")]
+    pub rehearsal_window: usize,
+    /// Weight of the salient-span loss added to the full loss in the update objective (0: the plain
+    /// language-modelling loss).
+    #[arg(long, default_value_t = 1.0, env = "LOCUS_SPAN_WEIGHT")]
+    pub span_weight: f64,
+    /// Measure each batch's loss again after its update (one more forward pass per step).
+    #[arg(long, env = "LOCUS_MEASURE_AFTER")]
+    pub measure_after: bool,
 }
 
 impl LearnArgs {
@@ -183,6 +200,15 @@ impl LearnArgs {
         };
         if self.batch_size == 0 {
             anyhow::bail!("--batch-size must be at least 1");
+        }
+        if !(self.span_weight.is_finite() && self.span_weight >= 0.0) {
+            anyhow::bail!(
+                "--span-weight {}: must be a finite number >= 0",
+                self.span_weight
+            );
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            anyhow::bail!("--lr {}: must be a finite number > 0", self.lr);
         }
         let replay = match &self.replay {
             Some(p) => std::fs::read_to_string(p).map_err(|e| locus::Error::io(p, e))?,
@@ -201,6 +227,11 @@ impl LearnArgs {
             weight_decay: self.weight_decay,
             clip: self.clip,
             seed: self.seed,
+            replay_per_batch: self.replay_per_batch,
+            rehearse: self.rehearse,
+            rehearsal_window: self.rehearsal_window,
+            span_weight: self.span_weight,
+            measure_after: self.measure_after,
             ..LearnConfig::default()
         };
         Ok((learn, replay))

@@ -169,6 +169,12 @@ pub struct Metrics {
     pub new_pref_accuracy: f64,
     /// The same on held-out (`test-`) facts only.
     pub new_pref_accuracy_heldout: f64,
+    /// The same on development (`dev-`) facts only.
+    pub new_pref_accuracy_dev: f64,
+    /// 95% Wilson interval of the development share (probes counted as independent trials).
+    pub new_pref_ci_dev: (f64, f64),
+    /// 95% Wilson interval of the held-out share.
+    pub new_pref_ci_heldout: (f64, f64),
     /// Mean log-probability of the new answers.
     pub new_answer_logprob: f64,
     /// Perplexity of the new answers' tokens.
@@ -196,10 +202,25 @@ fn share(n: usize, d: usize) -> f64 {
     }
 }
 
+/// The 95% Wilson score interval of `k` successes in `n` trials (`(0, 1)` for none).
+pub fn wilson(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (z, n) = (1.959964, n as f64);
+    let p = k as f64 / n;
+    let centre = p + z * z / (2.0 * n);
+    let spread = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
+    let d = 1.0 + z * z / n;
+    ((centre - spread) / d, (centre + spread) / d)
+}
+
 /// Metrics of `now` against `start` (pass the same scores twice for the starting model).
 pub fn compare(start: &Scores, now: &Scores) -> Metrics {
     let right = |(n, _, o, _): &(f64, usize, f64, bool)| n > o;
     let held: Vec<_> = now.updates.iter().filter(|u| u.3).collect();
+    let dev: Vec<_> = now.updates.iter().filter(|u| !u.3).collect();
+    let wins = |v: &[&(f64, usize, f64, bool)]| v.iter().filter(|u| right(u)).count();
     let learned = start
         .updates
         .iter()
@@ -218,7 +239,10 @@ pub fn compare(start: &Scores, now: &Scores) -> Metrics {
             now.updates.iter().filter(|u| right(u)).count(),
             now.updates.len(),
         ),
-        new_pref_accuracy_heldout: share(held.iter().filter(|u| right(u)).count(), held.len()),
+        new_pref_accuracy_heldout: share(wins(&held), held.len()),
+        new_pref_accuracy_dev: share(wins(&dev), dev.len()),
+        new_pref_ci_dev: wilson(wins(&dev), dev.len()),
+        new_pref_ci_heldout: wilson(wins(&held), held.len()),
         new_answer_logprob: now.updates.iter().map(|u| u.0).sum::<f64>()
             / now.updates.len().max(1) as f64,
         new_answer_ppl: (-now.updates.iter().map(|u| u.0).sum::<f64>() / new_tokens.max(1) as f64)

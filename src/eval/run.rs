@@ -15,8 +15,8 @@ use crate::learn::strategy::Localization;
 use crate::learn::{Doc, LearnConfig, Learner, Strategy};
 use crate::memory;
 use crate::model::{GroupId, Model};
-use crate::spans::{find_all, SpanText};
-use crate::trace::{prepare, trace};
+use crate::spans::{choose_targets, find_all};
+use crate::trace::{trace, Prepared};
 
 /// How `locus eval` trains each strategy.
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +56,9 @@ pub struct StrategyResult {
 pub struct EvalReport {
     /// One row per strategy.
     pub strategies: Vec<StrategyResult>,
+    /// Documents whose salient spans marked no target token, so the `entity` rule found their
+    /// spans for the static trace (the learner falls back the same way).
+    pub span_fallbacks: usize,
     /// The starting model's metrics.
     pub before: Metrics,
     /// The groups the static TGL-FP selection picked, if computed.
@@ -78,6 +81,31 @@ fn docs_of(set: &DriftSet) -> Vec<Doc> {
             })
         })
         .collect()
+}
+
+/// The documents of the static trace, each with its span targets (see
+/// [`choose_targets`]); a document no rule marks is left out. Also counts the fallbacks.
+fn diagnostic_set(
+    model: &Model,
+    docs: &[Doc],
+    max_tokens: usize,
+) -> Result<(Vec<Prepared>, usize)> {
+    let mut out = Vec::new();
+    let mut fallbacks = 0;
+    for d in docs {
+        let mut enc = model.tokenizer.encode(&d.text)?;
+        enc.ids.truncate(max_tokens);
+        enc.offsets.truncate(max_tokens);
+        let (targets, _, fell_back) = choose_targets(&enc, &d.text, d.spans.as_deref());
+        fallbacks += usize::from(fell_back);
+        if let Some(targets) = targets.filter(|_| enc.ids.len() >= 2) {
+            out.push(Prepared {
+                ids: enc.ids,
+                targets,
+            });
+        }
+    }
+    Ok((out, fallbacks))
 }
 
 /// Trains and scores every strategy; `progress` hears one line per finished stage.
@@ -103,21 +131,10 @@ pub fn run(
         .iter()
         .map(|s| Strategy::parse(s))
         .collect::<Result<_>>()?;
+    let (prepared, span_fallbacks) = diagnostic_set(&model, &docs, max_tokens)?;
     let static_trace = if strategies.iter().any(Strategy::needs_norms)
         && opts.learn.localization == Localization::Static
     {
-        let texts: Vec<SpanText> = docs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, d)| {
-                d.spans.clone().map(|spans| SpanText {
-                    line: i + 1,
-                    text: d.text.clone(),
-                    spans,
-                })
-            })
-            .collect();
-        let prepared = prepare(&model, "drift documents", &texts)?;
         let t = trace(&model, &prepared)?;
         progress(&format!(
             "traced {} documents for the static selection",
@@ -182,6 +199,7 @@ pub fn run(
         static_trace.map(|t| crate::select::select(&t.groups, crate::select::Rule::TglFp));
     Ok(EvalReport {
         strategies: rows,
+        span_fallbacks,
         before,
         static_tgl_fp,
         options: opts.clone(),

@@ -1,7 +1,7 @@
 //! One learning step: tokenize, find spans, one forward, span and full backward where tracing is
 //! needed, select groups, clip, AdamW on the trainable groups only, report.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,18 +9,20 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::batch::{Batch, Kind, Row};
 use super::optimizer::{AdamW, Moments};
+use super::rehearsal::{reorder, Entry, Rehearsal};
 use super::strategy::{LearnConfig, Localization, Selection};
 use crate::error::{Error, Result};
 use crate::model::{ops, GroupId, Model, Module, ParamKind, Params};
 use crate::select::{self, Rule};
-use crate::spans::{entity_spans, span_targets, surprisal_targets, SpanRule};
+use crate::spans::SpanRule;
 use crate::trace::{span_and_full_loss, squared_norms, GroupStat};
 
 /// A document to learn from, with salient spans as character ranges when the client gave them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Doc {
     /// The text.
     pub text: String,
@@ -66,16 +68,20 @@ pub struct UpdateReport {
     pub documents: usize,
     /// Replay paragraphs mixed in.
     pub replay: usize,
+    /// Recent documents rehearsed in this step.
+    pub rehearsed: usize,
     /// Tokens in the batch.
     pub tokens: usize,
     /// How each document's spans were found.
     pub span_rules: Vec<SpanRule>,
+    /// Documents whose given spans marked no target token, so an automatic rule found them.
+    pub span_fallbacks: usize,
     /// Mean NLL over all targets before the update.
     pub loss_before: f64,
     /// Mean NLL over span targets before the update.
     pub span_loss: f64,
-    /// Mean NLL over all targets after the update (same batch).
-    pub loss_after: f64,
+    /// Mean NLL over all targets after the update (same batch), when measured.
+    pub loss_after: Option<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Groups updated.
@@ -84,14 +90,6 @@ pub struct UpdateReport {
     pub traced: bool,
     /// Wall-clock seconds of the step.
     pub seconds: f64,
-}
-
-/// A tokenized row of the batch.
-struct Row {
-    ids: Vec<u32>,
-    /// Span targets, or `None` for the surprisal rule to fill from this step's losses.
-    targets: Option<Vec<bool>>,
-    rule: Option<SpanRule>,
 }
 
 /// Drives continual pretraining of one model.
@@ -109,6 +107,8 @@ pub struct Learner {
     selection: Option<Vec<GroupId>>,
     /// Low-rank adapters by weight name, when the strategy is LoRA.
     adapters: BTreeMap<String, Adapter>,
+    /// Recent documents waiting to be learned again.
+    rehearsal: Rehearsal,
 }
 
 /// What learning needs to resume after a restart as if it had never stopped, besides the
@@ -124,6 +124,8 @@ pub struct LearnerState {
     pub norms: Option<BTreeMap<GroupId, (f64, f64)>>,
     /// The groups selected.
     pub selection: Option<Vec<GroupId>>,
+    /// Recent documents waiting for rehearsal.
+    pub rehearsal: Vec<Entry>,
 }
 
 /// A LoRA adapter `W + scale * B @ A` on one weight matrix; `B` starts at zero.
@@ -167,7 +169,6 @@ impl Learner {
         let opt = AdamW::new(cfg.betas, cfg.eps, cfg.weight_decay);
         Ok(Learner {
             model,
-            cfg,
             opt,
             replay,
             rng,
@@ -177,6 +178,8 @@ impl Learner {
             norms: None,
             selection: None,
             adapters,
+            rehearsal: Rehearsal::new(cfg.rehearse, cfg.rehearsal_window),
+            cfg,
         })
     }
 
@@ -204,6 +207,7 @@ impl Learner {
             applied: self.applied,
             norms: self.norms.clone(),
             selection: self.selection.clone(),
+            rehearsal: self.rehearsal.export(),
         })
     }
 
@@ -223,9 +227,7 @@ impl Learner {
         self.applied = state.applied;
         self.norms = state.norms;
         self.selection = state.selection;
-        // Replay sampling goes on from a stream that depends on the batches seen, not the
-        // generator's lost position.
-        self.rng = rand::rngs::StdRng::seed_from_u64(self.cfg.seed.wrapping_add(self.batches));
+        self.rehearsal.import(state.rehearsal);
         Ok(())
     }
 
@@ -383,66 +385,46 @@ impl Learner {
         Ok(())
     }
 
+    /// Whether this step measures norms: until norms exist, and under per-batch localization on
+    /// the steps where the selection is due to be recomputed (the others reuse it).
     fn needs_trace(&self) -> bool {
-        self.cfg.strategy.needs_norms()
-            && (self.norms.is_none()
-                || matches!(self.cfg.localization, Localization::PerBatch { .. }))
+        if !self.cfg.strategy.needs_norms() {
+            return false;
+        }
+        match self.cfg.localization {
+            _ if self.norms.is_none() => true,
+            Localization::Static => false,
+            Localization::PerBatch { reselect_every, .. } => {
+                self.batches.is_multiple_of(reselect_every.max(1) as u64)
+            }
+        }
     }
 
-    fn rows(&mut self, docs: &[Doc]) -> Result<(Vec<Row>, usize)> {
+    /// The step's rows: the client's documents, the recent ones due for rehearsal (sentences
+    /// reordered), and Mix-Review's replay paragraphs.
+    fn batch(&mut self, docs: &[Doc]) -> Result<Batch> {
         let tok = &self.model.tokenizer;
+        let max = self.cfg.max_tokens;
         let mut rows = Vec::with_capacity(docs.len());
         for (i, d) in docs.iter().enumerate() {
-            let mut enc = tok.encode(&d.text)?;
-            enc.ids.truncate(self.cfg.max_tokens);
-            enc.offsets.truncate(self.cfg.max_tokens);
-            if enc.ids.len() < 2 {
-                return Err(Error::Input {
-                    source_name: "batch".into(),
-                    line: i + 1,
-                    field: "text".into(),
-                    reason: format!("{} token(s); at least 2 are needed", enc.ids.len()),
-                });
-            }
-            let (targets, rule) = match &d.spans {
-                Some(s) => (Some(span_targets(&enc, s)), SpanRule::Given),
-                None => {
-                    let t = span_targets(&enc, &entity_spans(&d.text));
-                    if t.iter().any(|&b| b) {
-                        (Some(t), SpanRule::Entity)
-                    } else {
-                        (None, SpanRule::Surprisal)
-                    }
-                }
-            };
-            rows.push(Row {
-                ids: enc.ids,
-                targets,
-                rule: Some(rule),
-            });
+            rows.push(Row::document(tok, d, max, Kind::Fresh, i)?);
         }
-        let mut replay = 0;
+        let limit = docs.len() * self.cfg.rehearse;
+        for d in self.rehearsal.take_due(self.batches, limit) {
+            let d = reorder(&d, &mut self.rng);
+            // A document that was learnable when it arrived stays so; a reorder cannot shorten it.
+            rows.push(Row::document(tok, &d, max, Kind::Rehearsed, rows.len())?);
+        }
         if self.cfg.strategy.mix_review {
-            let picks: Vec<String> = self
+            let picks: Vec<&String> = self
                 .replay
                 .choose_multiple(&mut self.rng, self.cfg.replay_per_batch)
-                .cloned()
                 .collect();
             for text in picks {
-                let mut ids = tok.encode(&text)?.ids;
-                ids.truncate(self.cfg.max_tokens);
-                if ids.len() >= 2 {
-                    let n = ids.len() - 1;
-                    rows.push(Row {
-                        ids,
-                        targets: Some(vec![false; n]),
-                        rule: None,
-                    });
-                    replay += 1;
-                }
+                rows.extend(Row::replay(tok, text, max)?);
             }
         }
-        Ok((rows, replay))
+        Batch::new(rows, self.model.device())
     }
 
     /// Learns from one batch of documents and reports what changed.
@@ -451,50 +433,34 @@ impl Learner {
         if docs.is_empty() {
             return Err(Error::Invalid("empty batch".into()));
         }
-        let (mut rows, replay) = self.rows(docs)?;
-        let dev = self.model.device().clone();
-        let (b, t) = (
-            rows.len(),
-            rows.iter().map(|r| r.ids.len()).max().unwrap_or(0),
+        // Each step draws from its own stream (seed, batch), so learning resumed from a checkpoint
+        // samples exactly what learning that never stopped would have.
+        self.rng = rand::rngs::StdRng::seed_from_u64(
+            self.cfg.seed ^ self.batches.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        let mut ids = vec![0u32; b * t];
-        let mut valid = vec![0f32; b * (t - 1)];
-        for (i, r) in rows.iter().enumerate() {
-            ids[i * t..i * t + r.ids.len()].copy_from_slice(&r.ids);
-            valid[i * (t - 1)..i * (t - 1) + r.ids.len() - 1].fill(1.0);
-        }
-        let ids = Tensor::from_vec(ids, (b, t), &dev)?;
-        let valid = Tensor::from_vec(valid, (b, t - 1), &dev)?;
-        let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
-
-        let has_spans = rows
-            .iter()
-            .any(|r| r.targets.as_ref().is_none_or(|t| t.iter().any(|&b| b)));
+        let mut batch = self.batch(docs)?;
         // A batch with no span target cannot be localized; it still trains the current selection.
-        let traced = self.needs_trace() && has_spans;
+        let traced = self.needs_trace() && batch.has_spans();
         let trainable = self.trainable();
         let model = Arc::clone(&self.model);
         let params = self.params_for(traced, &trainable)?;
 
-        let logits = model.arch.forward(&params, &ids)?;
-        let nll = ops::next_token_nll(&logits, &ids)?;
-        let nll_rows: Vec<Vec<f32>> = nll.to_vec2()?;
-        let mut span = vec![0f32; b * (t - 1)];
-        for (i, r) in rows.iter_mut().enumerate() {
-            let n = r.ids.len() - 1;
-            let targets = r.targets.get_or_insert_with(|| {
-                surprisal_targets(&nll_rows[i][..n], self.cfg.surprisal_fraction)
-            });
-            for (j, &on) in targets.iter().enumerate() {
-                span[i * (t - 1) + j] = f32::from(u8::from(on));
-            }
-        }
-        let span = Tensor::from_vec(span, (b, t - 1), &dev)?;
-        let masked = (&nll * &valid)?;
+        let logits = model.arch.forward(&params, &batch.ids)?;
+        let nll = ops::next_token_nll(&logits, &batch.ids)?;
+        let span = batch.span_mask(&nll.to_vec2()?, self.cfg.surprisal_fraction)?;
+        let masked = (&nll * &batch.valid)?;
+        let spans = span.sum_all()?.to_scalar::<f32>()?;
         let (span_loss, _) = span_and_full_loss(&masked, &span)?;
-        let full = (masked.sum_all()? / valid.sum_all()?.to_scalar::<f32>()? as f64)?;
+        let full = (masked.sum_all()? / batch.valid.sum_all()?.to_scalar::<f32>()? as f64)?;
         let loss_before = f64::from(full.to_scalar::<f32>()?);
         let span_value = f64::from(span_loss.to_scalar::<f32>()?);
+        // The update objective: the full loss, plus the span loss weighted (new knowledge sits in
+        // the spans; the rest of the text mostly restates what the model knows).
+        let weight = if spans > 0.0 {
+            self.cfg.span_weight
+        } else {
+            0.0
+        };
 
         let grads = if traced {
             // Norms are read off the variables: under LoRA `params` holds `W + BA`, whose gradient
@@ -502,28 +468,55 @@ impl Learner {
             let variables = model.params(|_| true);
             let span_grads = span_loss.backward()?;
             let span_sq = squared_norms(&model, &variables, &span_grads)?;
-            drop(span_grads);
             let full_grads = full.backward()?;
             let full_sq = squared_norms(&model, &variables, &full_grads)?;
             self.observe(&span_sq.groups, &full_sq.groups);
-            Some(full_grads)
+            Some(Gradients::Parts {
+                full: full_grads,
+                span: (weight > 0.0).then_some(span_grads),
+                weight,
+            })
         } else if trainable.is_empty() {
             None
+        } else if weight > 0.0 {
+            Some(Gradients::Whole(
+                (full + (span_loss * weight)?)?.backward()?,
+            ))
         } else {
-            Some(full.backward()?)
+            Some(Gradients::Whole(full.backward()?))
         };
-        self.finish(
-            start,
-            rows,
-            replay,
-            tokens,
+        let outcome = self.apply(grads, loss_before)?;
+        let loss_after = match outcome.applied && self.cfg.measure_after {
+            true => Some(self.loss_of(&batch)?),
+            false => None,
+        };
+        self.rehearsal.add(docs, self.batches);
+        let report = UpdateReport {
+            batch: self.batches,
+            version: self.version,
+            applied: outcome.applied,
+            skipped: outcome.skipped,
+            documents: batch.count(Kind::Fresh),
+            replay: batch.count(Kind::Replay),
+            rehearsed: batch.count(Kind::Rehearsed),
+            tokens: batch.tokens,
+            span_rules: batch
+                .rows
+                .iter()
+                .filter(|r| r.kind == Kind::Fresh)
+                .map(|r| r.rule)
+                .collect(),
+            span_fallbacks: batch.rows.iter().filter(|r| r.fell_back).count(),
             loss_before,
-            span_value,
-            &ids,
-            &valid,
-            grads,
+            span_loss: span_value,
+            loss_after,
+            grad_norm: outcome.grad_norm,
+            groups: outcome.groups,
             traced,
-        )
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        self.batches += 1;
+        Ok(report)
     }
 
     /// Folds one batch's norms into the static or moving-average norms and re-selects when due.
@@ -542,12 +535,9 @@ impl Learner {
                 )
             })
             .collect();
-        let (ema, every) = match self.cfg.localization {
-            Localization::Static => (0.0, usize::MAX),
-            Localization::PerBatch {
-                ema,
-                reselect_every,
-            } => (ema, reselect_every.max(1)),
+        let ema = match self.cfg.localization {
+            Localization::Static => 0.0,
+            Localization::PerBatch { ema, .. } => ema,
         };
         let merged = match self.norms.take() {
             Some(prev) if ema > 0.0 => current
@@ -560,119 +550,129 @@ impl Learner {
             _ => current,
         };
         self.norms = Some(merged);
-        if self.selection.is_none() || self.batches.is_multiple_of(every as u64) {
-            self.reselect();
-        }
+        self.reselect();
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &mut self,
-        start: Instant,
-        rows: Vec<Row>,
-        replay: usize,
-        tokens: usize,
-        loss_before: f64,
-        span_loss: f64,
-        ids: &Tensor,
-        valid: &Tensor,
-        grads: Option<GradStore>,
-        traced: bool,
-    ) -> Result<UpdateReport> {
+    /// Clips the gradient and takes an AdamW step on the trainable groups, unless there are none
+    /// or the loss or gradient is not finite.
+    fn apply(&mut self, grads: Option<Gradients>, loss_before: f64) -> Result<Outcome> {
         let trainable = self.trainable();
-        let model = Arc::clone(&self.model);
         let names = self.trainables(&trainable);
-        let mut skipped = None;
-        let mut grad_norm = 0.0;
-        let mut applied = false;
-        match grads {
-            None => skipped = Some("no trainable groups".to_string()),
-            Some(_) if names.is_empty() => skipped = Some("no trainable groups".to_string()),
-            Some(grads) => {
-                let mut sq = 0f64;
-                for (_, var, _) in &names {
-                    if let Some(g) = grads.get(var.as_tensor()) {
-                        sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-                    }
-                }
-                grad_norm = sq.sqrt();
-                if !loss_before.is_finite() || !grad_norm.is_finite() {
-                    skipped = Some(format!("non-finite loss {loss_before} or gradient norm {grad_norm}; weights unchanged"));
-                } else {
-                    let clip = if self.cfg.clip > 0.0 && grad_norm > self.cfg.clip {
-                        self.cfg.clip / grad_norm
-                    } else {
-                        1.0
-                    };
-                    let warm = if self.cfg.warmup > 0 {
-                        ((self.applied + 1) as f64 / self.cfg.warmup as f64).min(1.0)
-                    } else {
-                        1.0
-                    };
-                    for (key, var, g) in &names {
-                        if let Some(grad) = grads.get(var.as_tensor()) {
-                            let grad = if clip < 1.0 {
-                                (grad * clip)?
-                            } else {
-                                grad.clone()
-                            };
-                            self.opt
-                                .update(key, var, &grad, self.cfg.lr * warm * trainable[g])?;
-                        }
-                    }
-                    applied = true;
-                    self.applied += 1;
-                    self.version += 1;
-                }
+        let grads = match grads {
+            Some(g) if !names.is_empty() => g,
+            _ => return Ok(Outcome::skipped("no trainable groups".into(), 0.0)),
+        };
+        let mut update = Vec::with_capacity(names.len());
+        let mut sq = 0f64;
+        for (key, var, g) in &names {
+            if let Some(grad) = grads.of(var)? {
+                sq += f64::from(grad.sqr()?.sum_all()?.to_scalar::<f32>()?);
+                update.push((key, var, g, grad));
             }
         }
-        let loss_after = if applied {
-            let logits = model.arch.forward(&self.current_params()?, ids)?;
-            let nll = (ops::next_token_nll(&logits, ids)? * valid)?;
-            f64::from(
-                (nll.sum_all()? / valid.sum_all()?.to_scalar::<f32>()? as f64)?
-                    .to_scalar::<f32>()?,
-            )
+        let grad_norm = sq.sqrt();
+        if !loss_before.is_finite() || !grad_norm.is_finite() {
+            return Ok(Outcome::skipped(
+                format!(
+                    "non-finite loss {loss_before} or gradient norm {grad_norm}; weights unchanged"
+                ),
+                grad_norm,
+            ));
+        }
+        let clip = if self.cfg.clip > 0.0 && grad_norm > self.cfg.clip {
+            self.cfg.clip / grad_norm
         } else {
-            loss_before
+            1.0
         };
+        let warm = if self.cfg.warmup > 0 {
+            ((self.applied + 1) as f64 / self.cfg.warmup as f64).min(1.0)
+        } else {
+            1.0
+        };
+        for (key, var, g, grad) in update {
+            let grad = if clip < 1.0 { (grad * clip)? } else { grad };
+            self.opt
+                .update(key, var, &grad, self.cfg.lr * warm * trainable[g])?;
+        }
+        self.applied += 1;
+        self.version += 1;
         let rel: BTreeMap<GroupId, f64> = self
             .stats()
             .into_iter()
             .map(|s| (s.id(), s.relative))
             .collect();
-        let updated: BTreeSet<GroupId> = if applied {
-            trainable.keys().copied().collect()
-        } else {
-            BTreeSet::new()
-        };
-        let report = UpdateReport {
-            batch: self.batches,
-            version: self.version,
-            applied,
-            skipped,
-            documents: rows.len() - replay,
-            replay,
-            tokens,
-            span_rules: rows.iter().filter_map(|r| r.rule).collect(),
-            loss_before,
-            span_loss,
-            loss_after,
+        Ok(Outcome {
+            applied: true,
+            skipped: None,
             grad_norm,
-            groups: updated
-                .into_iter()
-                .map(|g| UpdatedGroup {
+            groups: trainable
+                .iter()
+                .map(|(&g, &lr_scale)| UpdatedGroup {
                     layer: g.layer,
                     module: g.module,
                     relative: rel.get(&g).copied(),
-                    lr_scale: trainable[&g],
+                    lr_scale,
                 })
                 .collect(),
-            traced,
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        self.batches += 1;
-        Ok(report)
+        })
+    }
+
+    /// Mean NLL of the batch under the weights as they now serve.
+    fn loss_of(&self, batch: &Batch) -> Result<f64> {
+        let logits = self
+            .model
+            .arch
+            .forward(&self.current_params()?, &batch.ids)?;
+        let nll = (ops::next_token_nll(&logits, &batch.ids)? * &batch.valid)?;
+        let mean = nll.sum_all()? / batch.valid.sum_all()?.to_scalar::<f32>()? as f64;
+        Ok(f64::from(mean?.to_scalar::<f32>()?))
+    }
+}
+
+/// The gradient an update follows.
+enum Gradients {
+    /// Of the update objective itself.
+    Whole(GradStore),
+    /// From a trace step's two backward passes: `full + weight * span`.
+    Parts {
+        full: GradStore,
+        span: Option<GradStore>,
+        weight: f64,
+    },
+}
+
+impl Gradients {
+    /// The gradient of one variable, if it received one.
+    fn of(&self, var: &Var) -> Result<Option<Tensor>> {
+        let t = var.as_tensor();
+        Ok(match self {
+            Gradients::Whole(g) => g.get(t).cloned(),
+            Gradients::Parts { full, span, weight } => {
+                match (full.get(t), span.as_ref().and_then(|s| s.get(t))) {
+                    (Some(f), Some(s)) => Some((f + (s * *weight)?)?),
+                    (f, _) => f.cloned(),
+                }
+            }
+        })
+    }
+}
+
+/// What [`Learner::apply`] did.
+struct Outcome {
+    applied: bool,
+    skipped: Option<String>,
+    grad_norm: f64,
+    groups: Vec<UpdatedGroup>,
+}
+
+impl Outcome {
+    fn skipped(why: String, grad_norm: f64) -> Self {
+        Outcome {
+            applied: false,
+            skipped: Some(why),
+            grad_norm,
+            groups: Vec::new(),
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! No transport types here; the service and `locus eval` both drive a [`engine::Learner`].
 
+pub mod batch;
 pub mod engine;
 pub mod optimizer;
+pub mod rehearsal;
 pub mod strategy;
 
 pub use engine::{Doc, Learner, UpdateReport};

@@ -163,6 +163,14 @@ pub struct LearnConfig {
     pub lora_rank: usize,
     /// LoRA alpha (the update is scaled by alpha / rank).
     pub lora_alpha: f64,
+    /// Times each document is learned again at spaced later steps (0: once only).
+    pub rehearse: usize,
+    /// Recent documents kept for rehearsal at most; the oldest go first.
+    pub rehearsal_window: usize,
+    /// Weight of the mean span loss added to the mean full loss in the update objective.
+    pub span_weight: f64,
+    /// Measure the batch's loss again after the update (one more forward pass).
+    pub measure_after: bool,
 }
 
 impl Default for LearnConfig {
@@ -182,6 +190,10 @@ impl Default for LearnConfig {
             surprisal_fraction: 0.15,
             lora_rank: 8,
             lora_alpha: 16.0,
+            rehearse: 0,
+            rehearsal_window: 1024,
+            span_weight: 0.0,
+            measure_after: true,
         }
     }
 }

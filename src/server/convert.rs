@@ -64,6 +64,8 @@ pub fn report(r: &DomainReport) -> pb::UpdateReport {
         groups: r.groups.iter().map(updated_group).collect(),
         traced: r.traced,
         seconds: r.seconds,
+        rehearsed: r.rehearsed as u32,
+        span_fallbacks: r.span_fallbacks as u32,
     }
 }
 

@@ -534,6 +534,7 @@ impl Worker {
                 groups = report.groups.len(),
                 loss_before = report.loss_before,
                 loss_after = report.loss_after,
+                rehearsed = report.rehearsed,
                 seconds = report.seconds,
                 "update step"
             );

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use super::{sync_dir, Result, StoreError};
 use crate::learn::engine::LearnerState;
 use crate::learn::optimizer::Moments;
+use crate::learn::rehearsal::Entry;
 use crate::model::GroupId;
 
 /// The file format version in [`Meta::format`].
@@ -75,6 +76,9 @@ pub struct LearnerMeta {
     pub norms: Option<Vec<(String, f64, f64)>>,
     /// The groups selected.
     pub selection: Option<Vec<String>>,
+    /// Recent documents waiting for rehearsal (absent in checkpoints of older versions).
+    #[serde(default)]
+    pub rehearsal: Vec<Entry>,
 }
 
 /// Name prefix of optimizer moments among a checkpoint's tensors.
@@ -98,6 +102,7 @@ pub fn learner_parts(state: &LearnerState) -> (LearnerMeta, BTreeMap<String, Ten
                 .collect()
         }),
         selection: state.selection.as_deref().map(names),
+        rehearsal: state.rehearsal.clone(),
     };
     let tensors = state
         .moments
@@ -142,6 +147,7 @@ fn learner_state(
                 .collect()
         }),
         selection: meta.selection.as_deref().map(groups),
+        rehearsal: meta.rehearsal.clone(),
     }))
 }
 

@@ -1,0 +1,141 @@
+//! A learning step's batch: tokenized rows with their span targets, padded into one tensor.
+
+use candle_core::{Device, Tensor};
+
+use super::engine::Doc;
+use crate::error::{Error, Result};
+use crate::spans::{choose_targets, surprisal_targets, SpanRule};
+use crate::tokenize::TextTokenizer;
+
+/// What a row of the batch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A document of the client's batch.
+    Fresh,
+    /// A recent document learned again.
+    Rehearsed,
+    /// General text mixed in against forgetting; it has no span targets.
+    Replay,
+}
+
+/// A tokenized row.
+pub struct Row {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Span targets, or `None` for the surprisal rule to fill from this step's losses.
+    pub targets: Option<Vec<bool>>,
+    /// How the spans were found.
+    pub rule: SpanRule,
+    /// Whether given spans had no target token and an automatic rule stood in.
+    pub fell_back: bool,
+    /// Fresh, rehearsed or replay.
+    pub kind: Kind,
+}
+
+impl Row {
+    /// A document's row: its given spans, or where they mark no target token (a span on the first
+    /// token alone) or are absent, the `entity` rule, else `surprisal` at the forward pass.
+    /// `index` numbers the document in errors.
+    pub fn document(
+        tok: &TextTokenizer,
+        doc: &Doc,
+        max_tokens: usize,
+        kind: Kind,
+        index: usize,
+    ) -> Result<Row> {
+        let mut enc = tok.encode(&doc.text)?;
+        enc.ids.truncate(max_tokens);
+        enc.offsets.truncate(max_tokens);
+        if enc.ids.len() < 2 {
+            return Err(Error::Input {
+                source_name: "batch".into(),
+                line: index + 1,
+                field: "text".into(),
+                reason: format!("{} token(s); at least 2 are needed", enc.ids.len()),
+            });
+        }
+        let (targets, rule, fell_back) = choose_targets(&enc, &doc.text, doc.spans.as_deref());
+        Ok(Row {
+            ids: enc.ids,
+            targets,
+            rule,
+            fell_back,
+            kind,
+        })
+    }
+
+    /// A replay paragraph's row, or `None` when it is shorter than two tokens.
+    pub fn replay(tok: &TextTokenizer, text: &str, max_tokens: usize) -> Result<Option<Row>> {
+        let mut ids = tok.encode(text)?.ids;
+        ids.truncate(max_tokens);
+        Ok((ids.len() >= 2).then(|| Row {
+            targets: Some(vec![false; ids.len() - 1]),
+            ids,
+            rule: SpanRule::Given,
+            fell_back: false,
+            kind: Kind::Replay,
+        }))
+    }
+}
+
+/// Rows padded to one length: ids `(b, t)` and the mask of real targets `(b, t - 1)`.
+pub struct Batch {
+    /// The rows, fresh documents first.
+    pub rows: Vec<Row>,
+    /// Padded token ids.
+    pub ids: Tensor,
+    /// 1.0 where a target is a real token.
+    pub valid: Tensor,
+    /// Tokens over all rows.
+    pub tokens: usize,
+}
+
+impl Batch {
+    /// Pads `rows` into tensors on `device`.
+    pub fn new(rows: Vec<Row>, device: &Device) -> Result<Batch> {
+        let (b, t) = (
+            rows.len(),
+            rows.iter().map(|r| r.ids.len()).max().unwrap_or(0),
+        );
+        let mut ids = vec![0u32; b * t];
+        let mut valid = vec![0f32; b * (t - 1)];
+        for (i, r) in rows.iter().enumerate() {
+            ids[i * t..i * t + r.ids.len()].copy_from_slice(&r.ids);
+            valid[i * (t - 1)..i * (t - 1) + r.ids.len() - 1].fill(1.0);
+        }
+        Ok(Batch {
+            tokens: rows.iter().map(|r| r.ids.len()).sum(),
+            ids: Tensor::from_vec(ids, (b, t), device)?,
+            valid: Tensor::from_vec(valid, (b, t - 1), device)?,
+            rows,
+        })
+    }
+
+    /// Rows of one kind.
+    pub fn count(&self, kind: Kind) -> usize {
+        self.rows.iter().filter(|r| r.kind == kind).count()
+    }
+
+    /// Whether any row may have a span target (a surprisal row always gets some).
+    pub fn has_spans(&self) -> bool {
+        self.rows
+            .iter()
+            .any(|r| r.targets.as_ref().is_none_or(|t| t.iter().any(|&b| b)))
+    }
+
+    /// The span mask `(b, t - 1)`, filling surprisal rows from this step's per-target losses.
+    pub fn span_mask(&mut self, nll_rows: &[Vec<f32>], fraction: f64) -> Result<Tensor> {
+        let (b, t1) = self.valid.dims2()?;
+        let mut span = vec![0f32; b * t1];
+        for (i, r) in self.rows.iter_mut().enumerate() {
+            let n = r.ids.len() - 1;
+            let targets = r
+                .targets
+                .get_or_insert_with(|| surprisal_targets(&nll_rows[i][..n], fraction));
+            for (j, &on) in targets.iter().enumerate() {
+                span[i * t1 + j] = f32::from(u8::from(on));
+            }
+        }
+        Ok(Tensor::from_vec(span, (b, t1), self.valid.device())?)
+    }
+}
