@@ -124,12 +124,14 @@ pub fn span_targets(enc: &Encoded, spans: &[(usize, usize)]) -> Vec<bool> {
 }
 
 /// A document's span targets: its given spans where they mark a target token, else (absent, or a
-/// span on the first token alone) the `entity` rule's; `None` when neither marks one, for the
-/// `surprisal` rule to fill at the forward pass. The flag says whether given spans fell back.
+/// span on the first token alone) the automatic rule's: `entity` marks names now, falling back to
+/// `surprisal` where it finds none; `None` leaves the `surprisal` rule to fill them at the forward
+/// pass. The flag says whether given spans fell back.
 pub fn choose_targets(
     enc: &Encoded,
     text: &str,
     given: Option<&[(usize, usize)]>,
+    auto: SpanRule,
 ) -> (Option<Vec<bool>>, SpanRule, bool) {
     let given_targets = given
         .map(|s| span_targets(enc, s))
@@ -138,16 +140,17 @@ pub fn choose_targets(
         return (Some(t), SpanRule::Given, false);
     }
     let fell_back = given.is_some();
-    let t = span_targets(enc, &entity_spans(text));
-    if t.iter().any(|&b| b) {
-        (Some(t), SpanRule::Entity, fell_back)
-    } else {
-        (None, SpanRule::Surprisal, fell_back)
+    if auto == SpanRule::Entity {
+        let t = span_targets(enc, &entity_spans(text));
+        if t.iter().any(|&b| b) {
+            return (Some(t), SpanRule::Entity, fell_back);
+        }
     }
+    (None, SpanRule::Surprisal, fell_back)
 }
 
 /// How salient spans are found for a document that brings none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpanRule {
     /// The spans the client gave.

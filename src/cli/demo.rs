@@ -6,16 +6,23 @@ use std::time::Instant;
 
 use clap::Args;
 use locus::client::Client;
-use locus::eval::data::Update;
+use locus::eval::data::{StableProbe, Update};
 use locus::proto::v1 as pb;
 use tokio_stream::StreamExt;
 
 use super::client::group_name;
+use super::probes;
 use super::progress::IngestProgress;
 use super::serve::LearnArgs;
 
 /// The bundled drifted facts (documents, salient strings and probes).
 const UPDATES: &str = include_str!("../../data/drift/updates.jsonl");
+/// Facts that did not change, which learning must not disturb.
+const STABLE: &str = include_str!("../../data/drift/stable.jsonl");
+/// General prose, whose perplexity learning must not raise.
+const GENERAL: &str = include_str!("../../data/drift/general.txt");
+/// Stable facts and general paragraphs the demo checks (all of them would take minutes).
+const CHECKS: usize = 20;
 
 /// Arguments of `locus demo`.
 #[derive(Args)]
@@ -28,42 +35,71 @@ pub struct DemoArgs {
     /// How many `dev-` facts of data/drift/updates.jsonl to stream.
     #[arg(long, default_value_t = 4)]
     facts: usize,
-    /// Passes over their documents.
-    #[arg(long, default_value_t = 2)]
+    /// Passes over their documents (one is what the service promises: a fact streamed once sticks).
+    #[arg(long, default_value_t = 1)]
     epochs: usize,
     #[command(flatten)]
     learn: LearnArgs,
 }
 
-/// A probe's scores: (new answer, old answer) log-probabilities.
-type Pair = (f64, f64);
-
 /// Runs `locus demo`.
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let device = a.device.open()?;
-    let facts: Vec<Update> = UPDATES
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<Vec<Update>, _>>()?
+    let facts: Vec<Update> = jsonl::<Update>(UPDATES)?
         .into_iter()
         .filter(|u| u.id.starts_with("dev-"))
         .take(a.facts.max(1))
         .collect();
+    let checks = Checks {
+        stable: jsonl(STABLE)?.into_iter().take(CHECKS).collect(),
+        general: GENERAL.lines().take(CHECKS).map(String::from).collect(),
+    };
     let model = super::load_model(&a.model, &device)?;
     super::inproc::with_server(model, &a.learn, |addr| async move {
-        demo(&addr, &facts, a.epochs).await
+        demo(&addr, &facts, &checks, a.epochs).await
     })
 }
 
-async fn demo(addr: &str, facts: &[Update], epochs: usize) -> anyhow::Result<()> {
+/// One fact a line.
+fn jsonl<T: serde::de::DeserializeOwned>(text: &str) -> anyhow::Result<Vec<T>> {
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<Vec<T>, _>>()?)
+}
+
+/// What learning must leave alone.
+struct Checks {
+    stable: Vec<StableProbe>,
+    general: Vec<String>,
+}
+
+/// Stable answers kept (gold over foil) and general-text perplexity.
+async fn check(client: &mut Client, checks: &Checks) -> anyhow::Result<(usize, f64)> {
+    let stable = probes::stable(client, &checks.stable).await?;
+    Ok((
+        stable.iter().filter(|(g, f)| g > f).count(),
+        probes::perplexity(client, &checks.general).await?,
+    ))
+}
+
+async fn demo(
+    addr: &str,
+    facts: &[Update],
+    checks: &Checks,
+    epochs: usize,
+) -> anyhow::Result<()> {
     let mut client = Client::connect(addr, None).await?;
     let info = client.info().await?;
     eprintln!(
         "locus: {} ({} layers), strategy {} ({}), lr {}",
         info.architecture, info.layers, info.strategy, info.localization, info.lr
     );
-    let (v0, before) = probe(&mut client, facts).await?;
+    let all: Vec<&Update> = facts.iter().collect();
+    let v0 = client.info().await?.version;
+    let before = probes::updates(&mut client, &all).await?;
+    let kept0 = check(&mut client, checks).await?;
 
     let batches: Vec<pb::IngestRequest> = (0..epochs.max(1))
         .flat_map(|e| {
@@ -109,7 +145,9 @@ async fn demo(addr: &str, facts: &[Update], epochs: usize) -> anyhow::Result<()>
         ));
     }
     drop(progress);
-    let (v1, after) = probe(&mut client, facts).await?;
+    let v1 = client.info().await?.version;
+    let after = probes::updates(&mut client, &all).await?;
+    let kept1 = check(&mut client, checks).await?;
 
     println!(
         "\n{:<46} {:<22} {:<22} {:>16} {:>16}",
@@ -122,7 +160,7 @@ async fn demo(addr: &str, facts: &[Update], epochs: usize) -> anyhow::Result<()>
     let probes = facts.iter().flat_map(|u| &u.probes);
     let mut wins = (0, 0);
     for (p, (b, f)) in probes.zip(before.iter().zip(&after)) {
-        let (db, da) = (b.0 - b.1, f.0 - f.1);
+        let (db, da) = (b.0 - b.2, f.0 - f.2);
         wins.0 += usize::from(db > 0.0);
         wins.1 += usize::from(da > 0.0);
         let mark = |d: f64| if d > 0.0 { "new" } else { "old" };
@@ -144,6 +182,18 @@ async fn demo(addr: &str, facts: &[Update], epochs: usize) -> anyhow::Result<()>
         wins.1,
         after.len()
     );
+    println!(
+        "stable answers kept: {}/{n} at version {v0}, {}/{n} at version {v1}",
+        kept0.0,
+        kept1.0,
+        n = checks.stable.len()
+    );
+    println!(
+        "general-text perplexity: {:.2} at version {v0}, {:.2} at version {v1} (ratio {:.3})",
+        kept0.1,
+        kept1.1,
+        kept1.1 / kept0.1
+    );
     let layers: Vec<String> = updated.values().map(|(g, n)| format!("{g} x{n}")).collect();
     println!(
         "layer groups updated (times): {}",
@@ -154,26 +204,6 @@ async fn demo(addr: &str, facts: &[Update], epochs: usize) -> anyhow::Result<()>
         }
     );
     Ok(())
-}
-
-/// Scores every probe's new and old answer; all on one version (nothing learns meanwhile).
-async fn probe(client: &mut Client, facts: &[Update]) -> anyhow::Result<(u64, Vec<Pair>)> {
-    let mut out = Vec::new();
-    let mut version = 0;
-    for p in facts.iter().flat_map(|u| &u.probes) {
-        let r = client
-            .score(&p.prompt, &[p.new.clone(), p.old.clone()])
-            .await?;
-        version = r.version;
-        let lp = |i: u32| {
-            r.ranked
-                .iter()
-                .find(|c| c.index == i)
-                .map_or(f64::NAN, |c| c.logprob)
-        };
-        out.push((lp(0), lp(1)));
-    }
-    Ok((version, out))
 }
 
 /// `text` cut to `n` characters with an ellipsis.

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use super::probes::{self, preference, ProbeScore};
 use super::serve::LearnArgs;
 
 /// Arguments of `locus eval-stream`.
@@ -243,64 +244,14 @@ fn order(
     })
 }
 
-/// One probe's (new log-probability, new tokens, old log-probability, held out).
-type ProbeScore = (f64, usize, f64, bool);
-
-async fn probe(client: &mut Client, facts: &[&Update]) -> anyhow::Result<Vec<ProbeScore>> {
-    let mut out = Vec::new();
-    for u in facts {
-        for p in &u.probes {
-            let r = client
-                .score(&p.prompt, &[p.new.clone(), p.old.clone()])
-                .await?;
-            let of = |i: u32| r.ranked.iter().find(|c| c.index == i);
-            let (Some(new), Some(old)) = (of(0), of(1)) else {
-                anyhow::bail!("the server scored {} of 2 candidates", r.ranked.len());
-            };
-            out.push((
-                new.logprob,
-                new.tokens as usize,
-                old.logprob,
-                u.id.starts_with("test-"),
-            ));
-        }
-    }
-    Ok(out)
-}
-
 /// Every probe, stable probe and the general text's perplexity, through the query API.
 async fn scores(client: &mut Client, set: &DriftSet, facts: &[Update]) -> anyhow::Result<Scores> {
-    let mut stable = Vec::new();
-    for s in &set.stable {
-        let r = client
-            .score(&s.prompt, &[s.gold.clone(), s.foil.clone()])
-            .await?;
-        let of = |i: u32| {
-            r.ranked
-                .iter()
-                .find(|c| c.index == i)
-                .map_or(f64::NAN, |c| c.logprob)
-        };
-        stable.push((of(0), of(1)));
-    }
-    let (mut nll, mut tokens) = (0.0, 0.0);
-    for chunk in set.general.chunks(32) {
-        for t in client.perplexity(chunk.to_vec()).await?.texts {
-            nll += t.mean_nll * t.tokens as f64;
-            tokens += t.tokens as f64;
-        }
-    }
     Ok(Scores {
-        updates: probe(client, &facts.iter().collect::<Vec<_>>()).await?,
-        stable,
-        general_ppl: (nll / tokens).exp(),
+        updates: probes::updates(client, &facts.iter().collect::<Vec<_>>()).await?,
+        stable: probes::stable(client, &set.stable).await?,
+        general_ppl: probes::perplexity(client, &set.general).await?,
         entity_span_ppl: f64::NAN,
     })
-}
-
-/// Share of probes whose new answer wins.
-fn preference(scores: &[ProbeScore]) -> f64 {
-    scores.iter().filter(|s| s.0 > s.2).count() as f64 / scores.len().max(1) as f64
 }
 
 async fn evaluate(
@@ -360,7 +311,7 @@ async fn evaluate(
         for (k, &end) in last.iter().enumerate() {
             for (li, &lag) in lags.iter().enumerate() {
                 if done >= end + lag && !measured.contains_key(&(k, li)) {
-                    let s = probe(&mut client, &[&facts[k]]).await?;
+                    let s = probes::updates(&mut client, &[&facts[k]]).await?;
                     measured.insert((k, li), (done - end, s));
                 }
             }

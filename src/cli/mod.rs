@@ -6,6 +6,7 @@ mod eval;
 mod eval_stream;
 mod export;
 mod inproc;
+mod probes;
 mod progress;
 mod select;
 mod serve;

@@ -8,6 +8,7 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Args, Command};
 use locus::learn::{LearnConfig, Localization, Strategy};
 use locus::server::{self, Auth, Config, Limits, State, Tls, Token};
+use locus::spans::SpanRule;
 
 /// The replay corpus Mix-Review samples when no `--replay` is given.
 const REPLAY: &str = include_str!("../../data/replay/general.txt");
@@ -182,6 +183,10 @@ pub struct LearnArgs {
     /// language-modelling loss).
     #[arg(long, default_value_t = 1.0, env = "LOCUS_SPAN_WEIGHT")]
     pub span_weight: f64,
+    /// How spans are found in documents sent without any: `entity` (capitalised names, numbers and
+    /// dates; the highest-loss tokens where there are none) or `surprisal` (the highest-loss tokens).
+    #[arg(long, default_value = "entity", env = "LOCUS_AUTO_SPANS")]
+    pub auto_spans: String,
     /// Measure each batch's loss again after its update (one more forward pass per step).
     #[arg(long, env = "LOCUS_MEASURE_AFTER")]
     pub measure_after: bool,
@@ -232,6 +237,11 @@ impl LearnArgs {
             rehearsal_window: self.rehearsal_window,
             span_weight: self.span_weight,
             measure_after: self.measure_after,
+            auto_spans: match self.auto_spans.as_str() {
+                "entity" => SpanRule::Entity,
+                "surprisal" => SpanRule::Surprisal,
+                other => anyhow::bail!("--auto-spans {other}: use entity or surprisal"),
+            },
             ..LearnConfig::default()
         };
         Ok((learn, replay))

@@ -15,7 +15,7 @@ use crate::learn::strategy::Localization;
 use crate::learn::{Doc, LearnConfig, Learner, Strategy};
 use crate::memory;
 use crate::model::{GroupId, Model};
-use crate::spans::{choose_targets, find_all};
+use crate::spans::{choose_targets, find_all, SpanRule};
 use crate::trace::{trace, Prepared};
 
 /// How `locus eval` trains each strategy.
@@ -96,7 +96,7 @@ fn diagnostic_set(
         let mut enc = model.tokenizer.encode(&d.text)?;
         enc.ids.truncate(max_tokens);
         enc.offsets.truncate(max_tokens);
-        let (targets, _, fell_back) = choose_targets(&enc, &d.text, d.spans.as_deref());
+        let (targets, _, fell_back) = choose_targets(&enc, &d.text, d.spans.as_deref(), SpanRule::Entity);
         fallbacks += usize::from(fell_back);
         if let Some(targets) = targets.filter(|_| enc.ids.len() >= 2) {
             out.push(Prepared {

@@ -33,13 +33,12 @@ pub struct Row {
 }
 
 impl Row {
-    /// A document's row: its given spans, or where they mark no target token (a span on the first
-    /// token alone) or are absent, the `entity` rule, else `surprisal` at the forward pass.
+    /// A document's row with its span targets chosen by [`choose_targets`] with the `auto` rule;
     /// `index` numbers the document in errors.
     pub fn document(
         tok: &TextTokenizer,
         doc: &Doc,
-        max_tokens: usize,
+        (max_tokens, auto): (usize, SpanRule),
         kind: Kind,
         index: usize,
     ) -> Result<Row> {
@@ -54,7 +53,7 @@ impl Row {
                 reason: format!("{} token(s); at least 2 are needed", enc.ids.len()),
             });
         }
-        let (targets, rule, fell_back) = choose_targets(&enc, &doc.text, doc.spans.as_deref());
+        let (targets, rule, fell_back) = choose_targets(&enc, &doc.text, doc.spans.as_deref(), auto);
         Ok(Row {
             ids: enc.ids,
             targets,

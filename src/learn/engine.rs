@@ -404,7 +404,7 @@ impl Learner {
     /// reordered), and Mix-Review's replay paragraphs.
     fn batch(&mut self, docs: &[Doc]) -> Result<Batch> {
         let tok = &self.model.tokenizer;
-        let max = self.cfg.max_tokens;
+        let max = (self.cfg.max_tokens, self.cfg.auto_spans);
         let mut rows = Vec::with_capacity(docs.len());
         for (i, d) in docs.iter().enumerate() {
             rows.push(Row::document(tok, d, max, Kind::Fresh, i)?);
@@ -421,7 +421,7 @@ impl Learner {
                 .choose_multiple(&mut self.rng, self.cfg.replay_per_batch)
                 .collect();
             for text in picks {
-                rows.extend(Row::replay(tok, text, max)?);
+                rows.extend(Row::replay(tok, text, max.0)?);
             }
         }
         Batch::new(rows, self.model.device())

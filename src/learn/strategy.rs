@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::select::Rule;
+use crate::spans::SpanRule;
 
 /// Which layer groups an update touches and how.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -159,6 +160,9 @@ pub struct LearnConfig {
     pub replay_per_batch: usize,
     /// Share of tokens the surprisal rule marks.
     pub surprisal_fraction: f64,
+    /// How spans are found in documents that bring none: `Entity` (names, falling back to
+    /// surprisal) or `Surprisal`.
+    pub auto_spans: SpanRule,
     /// LoRA rank.
     pub lora_rank: usize,
     /// LoRA alpha (the update is scaled by alpha / rank).
@@ -188,6 +192,7 @@ impl Default for LearnConfig {
             max_tokens: 256,
             replay_per_batch: 2,
             surprisal_fraction: 0.15,
+            auto_spans: SpanRule::Entity,
             lora_rank: 8,
             lora_alpha: 16.0,
             rehearse: 0,
