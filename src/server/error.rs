@@ -82,6 +82,17 @@ impl ServerError {
         }
     }
 
+    /// A `Limit` for `field` when `count` (of `unit`) is more than `max`.
+    pub fn at_most(field: &str, count: usize, unit: &str, max: usize) -> Result<(), Self> {
+        if count > max {
+            return Err(ServerError::limit(
+                field,
+                format!("{count} {unit}, at most {max}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The gRPC code of this error.
     pub fn code(&self) -> Code {
         match self {
