@@ -1,6 +1,7 @@
 //! The one place where errors become gRPC status codes.
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -9,6 +10,7 @@ use tonic::codegen::Service;
 use tonic::{Code, Status};
 
 use crate::error::Error;
+use crate::store::StoreError;
 
 /// What a request can fail with, beyond the library's errors.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,10 @@ pub enum ServerError {
         /// The versions that are.
         retained: String,
     },
+    /// The data directory or the store of published versions failed. Its message names server
+    /// paths, which go to the log; a client is told only what happened (`client_message`).
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// A failure inside the server (a task or thread that died).
     #[error("internal: {0}")]
     Internal(String),
@@ -108,18 +114,53 @@ impl ServerError {
             ServerError::Paused | ServerError::Reader { .. } => Code::FailedPrecondition,
             ServerError::NotLoaded | ServerError::ShuttingDown => Code::Unavailable,
             ServerError::UnknownVersion { .. } => Code::NotFound,
+            ServerError::Store(e) => match e {
+                StoreError::Io { cause, .. } if is_full(cause) => Code::ResourceExhausted,
+                StoreError::Io { .. } | StoreError::Tensor(_) => Code::Internal,
+                // A checkpoint or journal record that fails its checksum is lost, not retried.
+                StoreError::Corrupt { .. } => Code::DataLoss,
+                StoreError::Mismatch(_) | StoreError::Location { .. } => Code::FailedPrecondition,
+                StoreError::Remote { .. } => Code::Unavailable,
+            },
             ServerError::Internal(_) | ServerError::Transport(_) => Code::Internal,
         }
     }
+
+    /// What a client is told: the message, less the server's paths.
+    fn client_message(&self) -> String {
+        let ServerError::Store(e) = self else {
+            return self.to_string();
+        };
+        match e {
+            StoreError::Io { cause, .. } if is_full(cause) => "data directory is full".into(),
+            StoreError::Io { cause, .. } => format!("data directory: {cause}"),
+            StoreError::Corrupt { path, reason } => format!(
+                "data directory: {} is corrupt: {reason}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            // Those with a path are refusals to start, which no client sees.
+            StoreError::Mismatch(_) | StoreError::Location { .. } => e.to_string(),
+            StoreError::Remote { .. } => format!("published store: {e}"),
+            StoreError::Tensor(t) => format!("data directory: tensor: {t}"),
+        }
+    }
+}
+
+/// Whether a write failed for lack of space (or quota) rather than for a fault.
+fn is_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 impl From<ServerError> for Status {
     fn from(e: ServerError) -> Self {
         let code = e.code();
-        if code == Code::Internal {
+        if code == Code::Internal || matches!(e, ServerError::Store(_)) {
             tracing::error!(error = %e, "request failed");
         }
-        Status::new(code, e.to_string())
+        Status::new(code, e.client_message())
     }
 }
 
@@ -181,5 +222,58 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: io::ErrorKind) -> StoreError {
+        StoreError::Io {
+            path: "/srv/locus/data/journal.log".into(),
+            cause: io::Error::from(kind),
+        }
+    }
+
+    /// The status a client gets for `e`, which must not name the server's paths.
+    fn answer(e: StoreError) -> Status {
+        let status = Status::from(ServerError::from(e));
+        assert!(!status.message().contains("/srv"), "{status:?}");
+        status
+    }
+
+    #[test]
+    fn store_failures_have_codes_and_client_messages_without_paths() {
+        for kind in [io::ErrorKind::StorageFull, io::ErrorKind::QuotaExceeded] {
+            let s = answer(io(kind));
+            assert_eq!(
+                (s.code(), s.message()),
+                (Code::ResourceExhausted, "data directory is full")
+            );
+        }
+        let s = answer(io(io::ErrorKind::PermissionDenied));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(s.message().starts_with("data directory: "), "{s:?}");
+        let s = answer(StoreError::Corrupt {
+            path: "/srv/locus/data/checkpoints/00000000000000000003.ckpt".into(),
+            reason: "checksum mismatch".into(),
+        });
+        assert_eq!(s.code(), Code::DataLoss);
+        assert_eq!(
+            s.message(),
+            "data directory: 00000000000000000003.ckpt is corrupt: checksum mismatch"
+        );
+        let s = answer(StoreError::Remote {
+            file: "s3://bucket/locus/deltas/1.delta".into(),
+            cause: Box::new(object_store::Error::Generic {
+                store: "S3",
+                source: "connection refused".into(),
+            }),
+        });
+        assert_eq!(s.code(), Code::Unavailable);
+        // The operator's view keeps the path.
+        let e = ServerError::from(io(io::ErrorKind::StorageFull));
+        assert!(e.to_string().contains("/srv/locus/data/journal.log"), "{e}");
     }
 }

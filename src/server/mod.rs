@@ -253,7 +253,7 @@ impl State {
         let (snapshots, store, restored, base_hash) = tokio::task::spawn_blocking(move || {
             let (store, restored) = learner::open_store(&m, durability, &strategy)?;
             let base_hash = if reader {
-                Some(crate::store::model_hash(&m).map_err(learner::store_error)?)
+                Some(crate::store::model_hash(&m)?)
             } else {
                 None
             };
