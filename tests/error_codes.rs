@@ -1,6 +1,6 @@
-//! Status codes for faults that are not the server's: a full data directory is
-//! RESOURCE_EXHAUSTED, a corrupt checkpoint DATA_LOSS; and no status message names a path on the
-//! server.
+//! Status codes for faults that are not the server's: request bytes that do not decode are
+//! INVALID_ARGUMENT, a full data directory is RESOURCE_EXHAUSTED, a corrupt checkpoint DATA_LOSS;
+//! and no status message names a path on the server.
 
 mod common;
 mod serving;
@@ -12,9 +12,114 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use bytes::{Buf, BufMut};
 use locus::server::Config;
 use locus::store::Durability;
-use tonic::Code;
+use tokio_stream::StreamExt;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::{Code, Status};
+
+/// Sends and receives messages as the bytes given, so a test can send what no client would.
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+async fn raw_client(addr: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc
+}
+
+/// The status of a unary call whose request message is `body`.
+async fn unary(addr: &str, path: &'static str, body: &[u8]) -> Status {
+    raw_client(addr)
+        .await
+        .unary(
+            tonic::Request::new(body.to_vec()),
+            PathAndQuery::from_static(path),
+            Raw,
+        )
+        .await
+        .expect_err("bytes that do not decode")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bytes_that_do_not_decode_are_invalid_argument_with_the_reason() {
+    let server = start().await;
+    // Field 14 with wire type 6, which does not exist.
+    let s = unary(&server.addr, "/locus.v1.Admin/Info", &[0x76, 0xc9, 0xc5]).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("wire type"), "{s:?}");
+    // ScoreRequest.prompt (field 1, length-delimited) holding two bytes that are not UTF-8.
+    let s = unary(
+        &server.addr,
+        "/locus.v1.Query/Score",
+        &[0x0a, 0x02, 0xff, 0xfe],
+    )
+    .await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().contains("ScoreRequest.prompt") && s.message().contains("UTF-8"),
+        "{s:?}"
+    );
+    // On a stream the handler reads the message itself: IngestRequest.client_batch_id (field 2).
+    let batches = tokio_stream::iter(vec![vec![0x12, 0x01, 0xff]]);
+    let mut answers = raw_client(&server.addr)
+        .await
+        .streaming(
+            tonic::Request::new(batches),
+            PathAndQuery::from_static("/locus.v1.Learn/Ingest"),
+            Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let s = answers.next().await.unwrap().expect_err("an error status");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("UTF-8"), "{s:?}");
+    // The server is unharmed.
+    assert_eq!(score(&mut server.client().await).await.version, 0);
+    server.shutdown().await;
+}
 
 /// A writer journaling to `dir` and checkpointing there after every update.
 fn durable(dir: &Path, keep_versions: usize) -> Config {

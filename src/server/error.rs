@@ -1,8 +1,10 @@
 //! The one place where errors become gRPC status codes.
 
+use std::error::Error as _;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::codegen::http;
@@ -160,35 +162,58 @@ impl From<ServerError> for Status {
         if code == Code::Internal || matches!(e, ServerError::Store(_)) {
             tracing::error!(error = %e, "request failed");
         }
-        Status::new(code, e.client_message())
-    }
-}
-
-/// A status from the transport (a stream read) as the server reports it: tonic answers an
-/// oversized message with OUT_OF_RANGE, which is a configured limit here.
-pub fn from_transport(status: Status) -> Status {
-    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
-        ServerError::limit("message", status.message().to_string()).into()
-    } else {
+        let mut status = Status::new(code, e.client_message());
+        // Marks the status as this server's own, logged above; see `from_codec`.
+        status.set_source(Arc::new(e));
         status
     }
 }
 
-/// Rewrites tonic's OUT_OF_RANGE answer to an oversized request message, which tonic sends before
-/// any handler runs, as RESOURCE_EXHAUSTED: the code this server gives every exceeded limit.
-#[derive(Clone)]
-pub struct OversizeAsLimit<S> {
-    inner: S,
-}
-
-impl<S> OversizeAsLimit<S> {
-    /// Wraps the service stack.
-    pub fn new(inner: S) -> Self {
-        OversizeAsLimit { inner }
+/// A status from tonic's codec (a request that did not read) as this server reports it: an
+/// oversized message is RESOURCE_EXHAUSTED, the code of every exceeded limit, and bytes that do not
+/// decode are the client's INVALID_ARGUMENT, with the decoder's reason, where tonic says INTERNAL,
+/// which this server keeps for its own faults. Any other status passes unchanged.
+pub fn from_codec(status: Status) -> Status {
+    let message = status.message();
+    match status.code() {
+        Code::OutOfRange if message.contains("message length too large") => {
+            ServerError::limit("message", message.to_string()).into()
+        }
+        Code::Internal if CLIENT_FAULTS.iter().any(|f| message.starts_with(f)) => {
+            ServerError::invalid("request", message.to_string()).into()
+        }
+        Code::Internal if !status.source().is_some_and(|s| s.is::<ServerError>()) => {
+            tracing::error!(error = %message, "request failed in the transport");
+            status
+        }
+        _ => status,
     }
 }
 
-impl<S, B, R> Service<http::Request<B>> for OversizeAsLimit<S>
+/// How tonic's INTERNAL answers to request bytes that do not decode begin.
+const CLIENT_FAULTS: [&str; 4] = [
+    "failed to decode Protobuf message",
+    "Missing request message",
+    "Unexpected EOF decoding stream",
+    "protocol error: received message with",
+];
+
+/// Applies [`from_codec`] to the answers tonic gives before any handler runs: a unary request's
+/// message is read, and fails, before its handler is called, and the status travels in the
+/// headers of a trailers-only response.
+#[derive(Clone)]
+pub struct CodecErrors<S> {
+    inner: S,
+}
+
+impl<S> CodecErrors<S> {
+    /// Wraps the service stack.
+    pub fn new(inner: S) -> Self {
+        CodecErrors { inner }
+    }
+}
+
+impl<S, B, R> Service<http::Request<B>> for CodecErrors<S>
 where
     S: Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
@@ -205,19 +230,19 @@ where
         let answer = self.inner.call(request);
         Box::pin(async move {
             let mut response = answer.await?;
+            // tonic keeps the status it answered with, its source included, beside the headers.
+            let status = response.extensions().get::<Status>().cloned();
             let headers = response.headers_mut();
-            // A trailers-only answer carries its status in the headers.
-            let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
-            let too_large = headers
-                .get("grpc-message")
-                .and_then(|m| m.to_str().ok())
-                .is_some_and(|m| {
-                    m.contains("length%20too%20large") || m.contains("length too large")
-                });
-            if out_of_range && too_large {
-                let code = (Code::ResourceExhausted as i32).to_string();
-                if let Ok(v) = http::HeaderValue::from_str(&code) {
-                    headers.insert("grpc-status", v);
+            let Some(status) = status.or_else(|| Status::from_header_map(headers)) else {
+                return Ok(response);
+            };
+            let code = status.code();
+            let mapped = from_codec(status);
+            if mapped.code() != code {
+                headers.remove(Status::GRPC_MESSAGE);
+                headers.remove(Status::GRPC_STATUS_DETAILS);
+                if let Err(e) = mapped.add_header(headers) {
+                    tracing::error!(error = %e, "cannot rewrite a codec status");
                 }
             }
             Ok(response)
@@ -275,5 +300,21 @@ mod tests {
         // The operator's view keeps the path.
         let e = ServerError::from(io(io::ErrorKind::StorageFull));
         assert!(e.to_string().contains("/srv/locus/data/journal.log"), "{e}");
+    }
+
+    #[test]
+    fn codec_failures_are_the_clients_and_keep_the_decoders_reason() {
+        let s = from_codec(Status::internal(
+            "failed to decode Protobuf message: invalid wire type value: 6",
+        ));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("invalid wire type value: 6"), "{s:?}");
+        let s = from_codec(Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 4 bytes",
+        ));
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        // The server's own faults stay INTERNAL.
+        let s = from_codec(ServerError::Internal("a thread died".into()).into());
+        assert_eq!(s.code(), Code::Internal);
     }
 }

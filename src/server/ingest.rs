@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
-use super::error::from_transport;
+use super::error::from_codec;
 use super::learner::Job;
 use super::{Limits, ServerError, State};
 use crate::error::Error;
@@ -238,7 +238,7 @@ impl Learn for LearnService {
                     let next = match message {
                         Ok(Some(req)) => read_batch(&state, req).await,
                         Ok(None) => break,
-                        Err(status) => Pending::Fail(from_transport(status)),
+                        Err(status) => Pending::Fail(from_codec(status)),
                     };
                     let failed = matches!(next, Pending::Fail(_));
                     if pending_tx.send(next).await.is_err() || failed {

@@ -454,7 +454,7 @@ pub async fn run(
         .initial_connection_window_size(STREAM_WINDOW * 16)
         // One span per RPC, health and reflection included; handlers' spans nest inside it.
         .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-        .layer(tower::layer::layer_fn(error::OversizeAsLimit::new))
+        .layer(tower::layer::layer_fn(error::CodecErrors::new))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
