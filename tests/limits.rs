@@ -195,17 +195,22 @@ async fn send(client: &mut Client, what: Send, n: usize) -> Result<(), tonic::St
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_limit_admits_its_maximum_and_refuses_one_more_naming_the_field() {
-    let limits = limits();
-    let server = start_with(
+/// A server with the test configuration under `limits`.
+async fn start_under(limits: &Limits) -> Running {
+    start_with(
         Config {
             limits: limits.clone(),
             ..config()
         },
         true,
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_limit_admits_its_maximum_and_refuses_one_more_naming_the_field() {
+    let limits = limits();
+    let server = start_under(&limits).await;
     let mut client = server.client().await;
     for (what, field, limit) in cases(&limits) {
         if let Err(s) = send(&mut client, what, limit).await {
@@ -256,14 +261,7 @@ async fn a_completion_with_the_most_stop_strings_allowed_finishes_in_time() {
         max_complete_tokens: 64,
         ..config().limits
     };
-    let server = start_with(
-        Config {
-            limits: limits.clone(),
-            ..config()
-        },
-        true,
-    )
-    .await;
+    let server = start_under(&limits).await;
     let mut client = server.client().await;
     // Strings the tiny model will not produce, so that generation runs to its length limit.
     let stop: Vec<String> = (0..limits.max_stop_strings)
