@@ -4,8 +4,8 @@
 Needs `pip install helm-python-sdk kubernetes-validate` (Helm v4's engine as a library, and the
 Kubernetes API schemas). In order:
 
-1. `helm lint --strict` of the chart.
-2. Renders it with several value sets and validates every manifest with `kubernetes-validate
+1. `helm lint --strict` of the chart, with its own defaults and with readers on a store.
+2. Renders it with several value sets, its defaults (a single writer) first, and validates every manifest with `kubernetes-validate
    --strict` against the oldest Kubernetes the chart allows and the newest the validator knows.
    The ServiceMonitor is a CRD outside those schemas: its shape is checked here instead.
 3. Asserts what the deployment relies on (gRPC probes, GPU limits, tokens only through
@@ -45,28 +45,33 @@ KUBE_VERSIONS = ["1.27.0", "1.37.0"]
 CRD_KINDS = {"ServiceMonitor"}
 
 S3 = {"store": {"url": "s3://models-bucket/locus"}}
+READERS = {"readers": {"enabled": True}}
+# Readers on an object store: the base the value mutations and the bad value sets start from.
+SCALED = {**S3, **READERS}
 
 CASES: dict[str, dict[str, Any]] = {
-    # The least a user must give: store.url has no usable default.
-    "minimal": S3,
+    # `helm install` with nothing given: one writer on its volume, no store, no readers.
+    "defaults": {},
+    "scaled": SCALED,
     "gpu": {
-        **S3,
+        **SCALED,
         "gpu": {"enabled": True},
         "config": {"strategy": "tgl-fp", "lr": 1e-4, "batch-size": 16, "ema": 0.95},
     },
     "s3-secrets-monitor": {
         "store": {"url": "s3://models-bucket/locus", "existingSecret": "locus-s3"},
+        **READERS,
         "auth": {"existingSecret": "locus-tokens"},
         "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/locus"}},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "env": [{"name": "RUST_LOG", "value": "info"}],
     },
-    "writer-only": {**S3, "readers": {"enabled": False}},
+    "writer-publishing": S3,
     "shared-volume": {
         "store": {"url": "file:///shared/locus", "sharedVolume": {"claimName": "locus-shared"}},
         "model": {"path": "/models/custom.gguf", "volume": {"persistentVolumeClaim": {"claimName": "models"}}},
         "auth": {"writeToken": "w-secret-123", "queryToken": "q-secret-456"},
-        "readers": {"autoscaling": {"enabled": False}, "replicas": 3},
+        "readers": {"enabled": True, "autoscaling": {"enabled": False}, "replicas": 3},
         "config": {"follow-interval": 5, "checkpoint-every": 50, "shutdown-grace": 60},
     },
 }
@@ -130,7 +135,8 @@ def secret_ref(env: list[dict], name: str) -> dict | None:
 
 
 def check_case(name: str, values: dict, docs: list[dict], f: Failures) -> None:
-    """The facts every deployment relies on, for one rendering."""
+    """The facts every deployment relies on, for one rendering; `values` has the chart's defaults
+    filled in."""
     p = f"[{name}]"
     readers_on = values.get("readers", {}).get("enabled", True)
     gpu = values.get("gpu", {}).get("enabled", False)
@@ -170,7 +176,10 @@ def check_case(name: str, values: dict, docs: list[dict], f: Failures) -> None:
         c, pod = container(w), pod_of(w)
         args = c["args"]
         f.check(args[0] == "serve" and f"--role={role}" in args, f"{q} serve --role={role}")
-        f.check(f"--store={store_url}" in args, f"{q} --store={store_url}")
+        if store_url:
+            f.check(f"--store={store_url}" in args, f"{q} --store={store_url}")
+        else:
+            f.check(not any(a.startswith("--store") for a in args), f"{q} no --store without store.url")
         f.check("--grpc-addr=0.0.0.0:50051" in args and "--metrics-addr=0.0.0.0:9090" in args, f"{q} listen addresses")
         f.check("--config=/etc/locus/locus.toml" in args, f"{q} --config")
         # Probes: native gRPC health checks only.
@@ -446,7 +455,7 @@ def check_values_used(chart: helm.Chart, f: Failures) -> None:
             node = schema_node(schema, node, key) if node is not None else None
         f.check(node is not None and "type" in node, f"values.schema.json gives no type for {path}")
     for path, (context, value) in MUTATIONS.items():
-        base = merge(S3, context)
+        base = merge(SCALED, context)
         try:
             before = documents(render(chart, base))
             after = documents(render(chart, merge(base, nest(path, value))))
@@ -456,9 +465,9 @@ def check_values_used(chart: helm.Chart, f: Failures) -> None:
         f.check(before != after, f"{path} is dead: changing it to {value!r} changes no manifest")
 
 
-# (values over the minimal case, text the error must contain). None: the whole value set.
-REJECTED: list[tuple[str, dict | None, str]] = [
-    ("no store.url", None, "/store/url"),
+# (values over SCALED, text the error must contain).
+REJECTED: list[tuple[str, dict, str]] = [
+    ("readers without a store", {"store": {"url": ""}}, "readers.enabled needs store.url"),
     ("readers.replicas -1", {"readers": {"replicas": -1}}, "/readers/replicas"),
     ("readers.replicas of the wrong type", {"readers": {"replicas": "two"}}, "/readers/replicas"),
     ("gpu.enabled of the wrong type", {"gpu": {"enabled": "yes"}}, "/gpu/enabled"),
@@ -492,9 +501,8 @@ REJECTED: list[tuple[str, dict | None, str]] = [
 
 def check_rejected(chart: helm.Chart, f: Failures) -> None:
     for what, over, needle in REJECTED:
-        values = None if over is None else merge(S3, over)
         try:
-            render(chart, values)
+            render(chart, merge(SCALED, over))
         except (helm.HelmValuesError, helm.HelmRenderError) as e:
             f.check(needle in str(e), f"{what}: rejected, but the message does not name {needle!r}: {e}")
         else:
@@ -506,11 +514,12 @@ def main() -> int:
     f = Failures()
     chart = helm.Chart.load(CHART)
 
-    report = helm.lint(CHART, S3, strict=True)
-    for m in report["messages"]:
-        # Severity 1 is informational (e.g. "icon is recommended").
-        f.check(m["severity"] < 2, f"helm lint: {m['path']}: {m['error'].strip()}")
-    f.check(not report["errors"], f"helm lint errors: {report['errors']}")
+    for name, values in (("defaults", None), ("scaled", SCALED)):
+        report = helm.lint(CHART, values, strict=True)
+        for m in report["messages"]:
+            # Severity 1 is informational (e.g. "icon is recommended").
+            f.check(m["severity"] < 2, f"helm lint [{name}]: {m['path']}: {m['error'].strip()}")
+        f.check(not report["errors"], f"helm lint [{name}] errors: {report['errors']}")
 
     with tempfile.TemporaryDirectory(prefix="check_chart.") as tmp_name:
         tmp = Path(tmp_name)
@@ -523,7 +532,7 @@ def main() -> int:
                 continue
             docs = documents(rendered)
             f.check(bool(rendered.get("locus/templates/NOTES.txt", "").strip()), f"[{name}] NOTES.txt renders")
-            check_case(name, values, docs, f)
+            check_case(name, merge(chart.values, values), docs, f)
             core = [d for d in docs if d["kind"] not in CRD_KINDS]
             path = tmp / f"{name}.yaml"
             path.write_text(yaml.safe_dump_all(core, sort_keys=False))
@@ -541,7 +550,7 @@ def main() -> int:
             print(f"  - {item}", file=sys.stderr)
         return 1
     print(
-        f"check_chart: helm/locus OK in {elapsed:.1f} s: lint, {len(CASES)} value sets valid for Kubernetes "
+        f"check_chart: helm/locus OK in {elapsed:.1f} s: lint of the defaults and of readers, {len(CASES)} value sets valid for Kubernetes "
         f"{' and '.join(KUBE_VERSIONS)} (ServiceMonitor checked by shape), {len(MUTATIONS)} values each used, "
         f"{len(REJECTED)} bad value sets rejected"
     )

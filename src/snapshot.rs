@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
+use aho_corasick::{AhoCorasick, Input, MatchKind};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
@@ -230,7 +231,8 @@ impl Snapshot {
             return Err(Error::Invalid("the prompt has no tokens".into()));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
-        let holdback = sampling.stop.iter().map(String::len).max().unwrap_or(1) - 1;
+        let mut stops = Stops::new(&sampling.stop)?;
+        let holdback = stops.longest.saturating_sub(1);
         let limit = self.model.arch.max_positions().unwrap_or(usize::MAX);
         // The prompt goes through once; then each new token alone, against the cached keys and values.
         let mut cache = KvCache::new(self.model.arch.num_layers());
@@ -255,12 +257,7 @@ impl Snapshot {
                 // A byte-level token split a character; wait for the text to settle.
                 continue;
             }
-            if let Some(at) = sampling
-                .stop
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
+            if let Some(at) = stops.find(&text) {
                 let piece = text.get(sent.len()..at).unwrap_or("");
                 if !piece.is_empty() && !emit(piece, generated.len()) {
                     return Ok(Finish::Cancelled);
@@ -303,6 +300,56 @@ pub struct Sampling {
     pub stop: Vec<String>,
     /// Seed of the sampler.
     pub seed: u64,
+}
+
+/// The stop strings of one generation as one automaton, searched only where the text can hold a
+/// new match: a token then costs the same however many stop strings a request brings.
+struct Stops {
+    automaton: Option<AhoCorasick>,
+    /// Bytes of the longest stop string.
+    longest: usize,
+    /// The text last searched, which holds no stop string.
+    searched: String,
+}
+
+impl Stops {
+    fn new(stop: &[String]) -> Result<Self> {
+        let automaton = if stop.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostFirst)
+                    .build(stop)
+                    .map_err(|e| Error::Invalid(format!("stop strings: {e}")))?,
+            )
+        };
+        Ok(Stops {
+            automaton,
+            longest: stop.iter().map(String::len).max().unwrap_or(0),
+            searched: String::new(),
+        })
+    }
+
+    /// Where the first stop string in `text` starts. Past their common prefix `text` may differ from
+    /// the text searched before (a byte-level token can complete a character); a new match ends
+    /// after that prefix, so it starts no more than `longest - 1` bytes before the prefix ends.
+    fn find(&mut self, text: &str) -> Option<usize> {
+        let automaton = self.automaton.as_ref()?;
+        let common = self
+            .searched
+            .bytes()
+            .zip(text.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let from = common.saturating_sub(self.longest.saturating_sub(1));
+        let found = automaton
+            .find(Input::new(text).span(from..text.len()))
+            .map(|m| m.start());
+        self.searched.clear();
+        self.searched.push_str(text);
+        found
+    }
 }
 
 /// Why generation ended.
@@ -418,5 +465,32 @@ impl Snapshots {
     /// The retained snapshot of `version`, if any.
     pub fn get(&self, version: u64) -> Option<Arc<Snapshot>> {
         self.retained().into_iter().find(|s| s.version == version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stops;
+
+    fn stops(s: &[&str]) -> Stops {
+        Stops::new(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn a_stop_string_is_found_across_the_texts_it_grows_through() {
+        let mut s = stops(&["END", "xyzab", "za"]);
+        for text in ["The E", "The EN", "The ENxy"] {
+            assert_eq!(s.find(text), None, "{text}");
+        }
+        // "za" ends first, but "xyzab" starts first.
+        assert_eq!(s.find("The ENxyzab"), Some(6));
+    }
+
+    #[test]
+    fn a_text_that_changes_behind_its_end_is_searched_again_there() {
+        let mut s = stops(&["é!"]);
+        assert_eq!(s.find("caf\u{FFFD}"), None);
+        assert_eq!(s.find("café!"), Some(3));
+        assert_eq!(stops(&[]).find("anything"), None);
     }
 }

@@ -263,6 +263,21 @@ struct LimitArgs {
     /// Candidates per score request.
     #[arg(long, default_value_t = 64, env = "LOCUS_MAX_CANDIDATES")]
     max_candidates: usize,
+    /// Stop strings per completion request.
+    #[arg(long, default_value_t = 64, env = "LOCUS_MAX_STOP_STRINGS")]
+    max_stop_strings: usize,
+    /// Bytes of all stop strings of a completion request together.
+    #[arg(long, default_value_t = 4096, env = "LOCUS_MAX_STOP_BYTES")]
+    max_stop_bytes: usize,
+    /// Salient strings per document or traced text.
+    #[arg(long, default_value_t = 64, env = "LOCUS_MAX_SALIENT")]
+    max_salient: usize,
+    /// Spans per document or traced text.
+    #[arg(long, default_value_t = 256, env = "LOCUS_MAX_SPANS")]
+    max_spans: usize,
+    /// Bytes of a document's source and of a batch's client_batch_id.
+    #[arg(long, default_value_t = 256, env = "LOCUS_MAX_LABEL_BYTES")]
+    max_label_bytes: usize,
     /// Tokens one completion may generate.
     #[arg(long, default_value_t = 256, env = "LOCUS_MAX_COMPLETE_TOKENS")]
     max_complete_tokens: usize,
@@ -287,6 +302,11 @@ impl LimitArgs {
             max_document_tokens: self.max_document_tokens,
             max_documents: self.max_documents,
             max_candidates: self.max_candidates,
+            max_stop_strings: self.max_stop_strings,
+            max_stop_bytes: self.max_stop_bytes,
+            max_salient: self.max_salient,
+            max_spans: self.max_spans,
+            max_label_bytes: self.max_label_bytes,
             max_complete_tokens: self.max_complete_tokens,
             max_concurrent_streams: self.max_concurrent_streams,
             query_concurrency: self.query_concurrency,

@@ -112,7 +112,7 @@ impl Admin for AdminService {
         let loaded = self.state.loaded()?;
         let checkpoints = match &self.state.config.durability {
             Some(d) => crate::store::checkpoint::list_in(&crate::store::checkpoints_in(&d.dir))
-                .map_err(super::learner::store_error)?
+                .map_err(ServerError::from)?
                 .into_iter()
                 .rev()
                 .map(|c| c.0)

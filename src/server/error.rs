@@ -1,7 +1,10 @@
 //! The one place where errors become gRPC status codes.
 
+use std::error::Error as _;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::codegen::http;
@@ -9,6 +12,7 @@ use tonic::codegen::Service;
 use tonic::{Code, Status};
 
 use crate::error::Error;
+use crate::store::StoreError;
 
 /// What a request can fail with, beyond the library's errors.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,10 @@ pub enum ServerError {
         /// The versions that are.
         retained: String,
     },
+    /// The data directory or the store of published versions failed. Its message names server
+    /// paths, which go to the log; a client is told only what happened (`client_message`).
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// A failure inside the server (a task or thread that died).
     #[error("internal: {0}")]
     Internal(String),
@@ -82,6 +90,17 @@ impl ServerError {
         }
     }
 
+    /// A `Limit` for `field` when `count` (of `unit`) is more than `max`.
+    pub fn at_most(field: &str, count: usize, unit: &str, max: usize) -> Result<(), Self> {
+        if count > max {
+            return Err(ServerError::limit(
+                field,
+                format!("{count} {unit}, at most {max}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The gRPC code of this error.
     pub fn code(&self) -> Code {
         match self {
@@ -97,46 +116,104 @@ impl ServerError {
             ServerError::Paused | ServerError::Reader { .. } => Code::FailedPrecondition,
             ServerError::NotLoaded | ServerError::ShuttingDown => Code::Unavailable,
             ServerError::UnknownVersion { .. } => Code::NotFound,
+            ServerError::Store(e) => match e {
+                StoreError::Io { cause, .. } if is_full(cause) => Code::ResourceExhausted,
+                StoreError::Io { .. } | StoreError::Tensor(_) => Code::Internal,
+                // A checkpoint or journal record that fails its checksum is lost, not retried.
+                StoreError::Corrupt { .. } => Code::DataLoss,
+                StoreError::Mismatch(_) | StoreError::Location { .. } => Code::FailedPrecondition,
+                StoreError::Remote { .. } => Code::Unavailable,
+            },
             ServerError::Internal(_) | ServerError::Transport(_) => Code::Internal,
         }
     }
+
+    /// What a client is told: the message, less the server's paths.
+    fn client_message(&self) -> String {
+        let ServerError::Store(e) = self else {
+            return self.to_string();
+        };
+        match e {
+            StoreError::Io { cause, .. } if is_full(cause) => "data directory is full".into(),
+            StoreError::Io { cause, .. } => format!("data directory: {cause}"),
+            StoreError::Corrupt { path, reason } => format!(
+                "data directory: {} is corrupt: {reason}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            // Those with a path are refusals to start, which no client sees.
+            StoreError::Mismatch(_) | StoreError::Location { .. } => e.to_string(),
+            StoreError::Remote { .. } => format!("published store: {e}"),
+            StoreError::Tensor(t) => format!("data directory: tensor: {t}"),
+        }
+    }
+}
+
+/// Whether a write failed for lack of space (or quota) rather than for a fault.
+fn is_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 impl From<ServerError> for Status {
     fn from(e: ServerError) -> Self {
         let code = e.code();
-        if code == Code::Internal {
+        if code == Code::Internal || matches!(e, ServerError::Store(_)) {
             tracing::error!(error = %e, "request failed");
         }
-        Status::new(code, e.to_string())
-    }
-}
-
-/// A status from the transport (a stream read) as the server reports it: tonic answers an
-/// oversized message with OUT_OF_RANGE, which is a configured limit here.
-pub fn from_transport(status: Status) -> Status {
-    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
-        ServerError::limit("message", status.message().to_string()).into()
-    } else {
+        let mut status = Status::new(code, e.client_message());
+        // Marks the status as this server's own, logged above; see `from_codec`.
+        status.set_source(Arc::new(e));
         status
     }
 }
 
-/// Rewrites tonic's OUT_OF_RANGE answer to an oversized request message, which tonic sends before
-/// any handler runs, as RESOURCE_EXHAUSTED: the code this server gives every exceeded limit.
-#[derive(Clone)]
-pub struct OversizeAsLimit<S> {
-    inner: S,
-}
-
-impl<S> OversizeAsLimit<S> {
-    /// Wraps the service stack.
-    pub fn new(inner: S) -> Self {
-        OversizeAsLimit { inner }
+/// A status from tonic's codec (a request that did not read) as this server reports it: an
+/// oversized message is RESOURCE_EXHAUSTED, the code of every exceeded limit, and bytes that do not
+/// decode are the client's INVALID_ARGUMENT, with the decoder's reason, where tonic says INTERNAL,
+/// which this server keeps for its own faults. Any other status passes unchanged.
+pub fn from_codec(status: Status) -> Status {
+    let message = status.message();
+    match status.code() {
+        Code::OutOfRange if message.contains("message length too large") => {
+            ServerError::limit("message", message.to_string()).into()
+        }
+        Code::Internal if CLIENT_FAULTS.iter().any(|f| message.starts_with(f)) => {
+            ServerError::invalid("request", message.to_string()).into()
+        }
+        Code::Internal if !status.source().is_some_and(|s| s.is::<ServerError>()) => {
+            tracing::error!(error = %message, "request failed in the transport");
+            status
+        }
+        _ => status,
     }
 }
 
-impl<S, B, R> Service<http::Request<B>> for OversizeAsLimit<S>
+/// How tonic's INTERNAL answers to request bytes that do not decode begin.
+const CLIENT_FAULTS: [&str; 4] = [
+    "failed to decode Protobuf message",
+    "Missing request message",
+    "Unexpected EOF decoding stream",
+    "protocol error: received message with",
+];
+
+/// Applies [`from_codec`] to the answers tonic gives before any handler runs: a unary request's
+/// message is read, and fails, before its handler is called, and the status travels in the
+/// headers of a trailers-only response.
+#[derive(Clone)]
+pub struct CodecErrors<S> {
+    inner: S,
+}
+
+impl<S> CodecErrors<S> {
+    /// Wraps the service stack.
+    pub fn new(inner: S) -> Self {
+        CodecErrors { inner }
+    }
+}
+
+impl<S, B, R> Service<http::Request<B>> for CodecErrors<S>
 where
     S: Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
@@ -153,22 +230,91 @@ where
         let answer = self.inner.call(request);
         Box::pin(async move {
             let mut response = answer.await?;
+            // tonic keeps the status it answered with, its source included, beside the headers.
+            let status = response.extensions().get::<Status>().cloned();
             let headers = response.headers_mut();
-            // A trailers-only answer carries its status in the headers.
-            let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
-            let too_large = headers
-                .get("grpc-message")
-                .and_then(|m| m.to_str().ok())
-                .is_some_and(|m| {
-                    m.contains("length%20too%20large") || m.contains("length too large")
-                });
-            if out_of_range && too_large {
-                let code = (Code::ResourceExhausted as i32).to_string();
-                if let Ok(v) = http::HeaderValue::from_str(&code) {
-                    headers.insert("grpc-status", v);
+            let Some(status) = status.or_else(|| Status::from_header_map(headers)) else {
+                return Ok(response);
+            };
+            let code = status.code();
+            let mapped = from_codec(status);
+            if mapped.code() != code {
+                headers.remove(Status::GRPC_MESSAGE);
+                headers.remove(Status::GRPC_STATUS_DETAILS);
+                if let Err(e) = mapped.add_header(headers) {
+                    tracing::error!(error = %e, "cannot rewrite a codec status");
                 }
             }
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: io::ErrorKind) -> StoreError {
+        StoreError::Io {
+            path: "/srv/locus/data/journal.log".into(),
+            cause: io::Error::from(kind),
+        }
+    }
+
+    /// The status a client gets for `e`, which must not name the server's paths.
+    fn answer(e: StoreError) -> Status {
+        let status = Status::from(ServerError::from(e));
+        assert!(!status.message().contains("/srv"), "{status:?}");
+        status
+    }
+
+    #[test]
+    fn store_failures_have_codes_and_client_messages_without_paths() {
+        for kind in [io::ErrorKind::StorageFull, io::ErrorKind::QuotaExceeded] {
+            let s = answer(io(kind));
+            assert_eq!(
+                (s.code(), s.message()),
+                (Code::ResourceExhausted, "data directory is full")
+            );
+        }
+        let s = answer(io(io::ErrorKind::PermissionDenied));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(s.message().starts_with("data directory: "), "{s:?}");
+        let s = answer(StoreError::Corrupt {
+            path: "/srv/locus/data/checkpoints/00000000000000000003.ckpt".into(),
+            reason: "checksum mismatch".into(),
+        });
+        assert_eq!(s.code(), Code::DataLoss);
+        assert_eq!(
+            s.message(),
+            "data directory: 00000000000000000003.ckpt is corrupt: checksum mismatch"
+        );
+        let s = answer(StoreError::Remote {
+            file: "s3://bucket/locus/deltas/1.delta".into(),
+            cause: Box::new(object_store::Error::Generic {
+                store: "S3",
+                source: "connection refused".into(),
+            }),
+        });
+        assert_eq!(s.code(), Code::Unavailable);
+        // The operator's view keeps the path.
+        let e = ServerError::from(io(io::ErrorKind::StorageFull));
+        assert!(e.to_string().contains("/srv/locus/data/journal.log"), "{e}");
+    }
+
+    #[test]
+    fn codec_failures_are_the_clients_and_keep_the_decoders_reason() {
+        let s = from_codec(Status::internal(
+            "failed to decode Protobuf message: invalid wire type value: 6",
+        ));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("invalid wire type value: 6"), "{s:?}");
+        let s = from_codec(Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 4 bytes",
+        ));
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        // The server's own faults stay INTERNAL.
+        let s = from_codec(ServerError::Internal("a thread died".into()).into());
+        assert_eq!(s.code(), Code::Internal);
     }
 }

@@ -46,7 +46,7 @@ impl Follower {
             })
             .await
             .map_err(|e| ServerError::Internal(format!("reading the store: {e}")))?
-            .map_err(|e| ServerError::Internal(format!("store: {e}")))?;
+            .map_err(ServerError::from)?;
             self.published.fetch_max(newest, Ordering::SeqCst);
             let Some(file) = next else {
                 return Ok(current);

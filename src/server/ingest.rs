@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
-use super::error::from_transport;
+use super::error::from_codec;
 use super::learner::Job;
 use super::{Limits, ServerError, State};
 use crate::error::Error;
@@ -82,11 +82,13 @@ fn validate(
             "a batch needs at least one document",
         ));
     }
-    if n > limits.max_documents {
-        return Err(ServerError::limit(
-            "documents",
-            format!("{n} documents; at most {} per batch", limits.max_documents),
-        ));
+    ServerError::at_most("documents", n, "documents", limits.max_documents)?;
+    let label = limits.max_label_bytes;
+    ServerError::at_most("client_batch_id", req.client_batch_id.len(), "bytes", label)?;
+    for (i, d) in req.documents.iter().enumerate() {
+        let field = format!("documents[{i}]");
+        ServerError::at_most(&format!("{field}.source"), d.source.len(), "bytes", label)?;
+        check_counts(&field, &d.spans, &d.salient, limits)?;
     }
     let max_tokens = token_limit(model, limits);
     let mut out = Validated {
@@ -116,6 +118,28 @@ fn validate(
         }
     }
     Ok(out)
+}
+
+/// Checks how many spans and salient strings the document or text `field` brings: each one is
+/// searched for or checked against the text, so their number is a cost, not just a size.
+fn check_counts(
+    field: &str,
+    spans: &[pb::Span],
+    salient: &[String],
+    limits: &Limits,
+) -> Result<(), ServerError> {
+    ServerError::at_most(
+        &format!("{field}.spans"),
+        spans.len(),
+        "spans",
+        limits.max_spans,
+    )?;
+    ServerError::at_most(
+        &format!("{field}.salient"),
+        salient.len(),
+        "strings",
+        limits.max_salient,
+    )
 }
 
 /// Character ranges of salient spans.
@@ -214,7 +238,7 @@ impl Learn for LearnService {
                     let next = match message {
                         Ok(Some(req)) => read_batch(&state, req).await,
                         Ok(None) => break,
-                        Err(status) => Pending::Fail(from_transport(status)),
+                        Err(status) => Pending::Fail(from_codec(status)),
                     };
                     let failed = matches!(next, Pending::Fail(_));
                     if pending_tx.send(next).await.is_err() || failed {
@@ -261,12 +285,9 @@ impl Learn for LearnService {
         if texts.is_empty() {
             return Err(ServerError::invalid("texts", "nothing to trace").into());
         }
-        if texts.len() > limits.max_documents {
-            return Err(ServerError::limit(
-                "texts",
-                format!("{} texts; at most {}", texts.len(), limits.max_documents),
-            )
-            .into());
+        ServerError::at_most("texts", texts.len(), "texts", limits.max_documents)?;
+        for (i, t) in texts.iter().enumerate() {
+            check_counts(&format!("texts[{i}]"), &t.spans, &t.salient, limits)?;
         }
         let max_tokens = token_limit(&loaded.model, limits);
         let mut span_texts = Vec::with_capacity(texts.len());

@@ -23,7 +23,7 @@ use crate::model::{GroupId, Model, ParamKind, Params};
 use crate::snapshot::{Snapshot, Snapshots};
 use crate::spans::SpanText;
 use crate::store::publish::Published;
-use crate::store::{Durability, Restored, Store, StoreError, Written};
+use crate::store::{Durability, Restored, Store, Written};
 use crate::trace::{prepare, trace, Trace};
 
 /// A reply channel for a job's result.
@@ -303,7 +303,7 @@ impl Worker {
         let Some(store) = self.setup.store.as_mut() else {
             return self.learn(docs);
         };
-        let seq = store.journal(batch_id, docs).map_err(store_error)?;
+        let seq = store.journal(batch_id, docs)?;
         let result = self.learn(docs);
         self.applied(seq);
         result
@@ -356,7 +356,7 @@ impl Worker {
             return Ok(());
         };
         let current = self.setup.snapshots.current().version();
-        let newest = out.list().map_err(store_error)?.newest();
+        let newest = out.list()?.newest();
         // A writer publishes only what it has journaled and applied, so after any restart its
         // version is at least the store's; a store ahead of it belongs to another history.
         if newest > current {
@@ -463,9 +463,7 @@ impl Worker {
         let snapshot = self.setup.snapshots.current();
         let selection = self.learner.selection().unwrap_or_default();
         let state = self.learner.export_state()?;
-        let written = store
-            .checkpoint(&snapshot, selection, Some(&state))
-            .map_err(store_error)?;
+        let written = store.checkpoint(&snapshot, selection, Some(&state))?;
         tracing::info!(
             version = written.meta.version,
             parent = ?written.meta.parent,
@@ -598,7 +596,7 @@ impl Worker {
         let (groups, mut tensors) = if version == 0 {
             (Vec::new(), BTreeMap::new())
         } else {
-            match store.checkpoint_of(version, device).map_err(store_error)? {
+            match store.checkpoint_of(version, device)? {
                 Some(c) => (c.meta.group_ids(), c.tensors),
                 None => return Err(self.unknown_version(version)),
             }
@@ -631,7 +629,7 @@ impl Worker {
     ) -> Result<BTreeMap<String, Tensor>, ServerError> {
         let source = &self.setup.model.source.path;
         let base = crate::model::load::load(source, self.setup.model.device())?;
-        let found = crate::store::model_hash(&base).map_err(store_error)?;
+        let found = crate::store::model_hash(&base)?;
         if found != hash {
             return Err(ServerError::Internal(format!(
                 "{source} now holds a model with hash {found}, not the base model ({hash}) this data directory was made on"
@@ -682,7 +680,7 @@ pub(crate) fn open_store(
         return Ok((None, None));
     };
     let dir = durability.dir.display().to_string();
-    let (store, restored) = Store::open(durability, model, strategy).map_err(store_error)?;
+    let (store, restored) = Store::open(durability, model, strategy)?;
     if let Some(meta) = restored
         .checkpoint
         .as_ref()
@@ -717,15 +715,4 @@ pub(crate) fn open_store(
         ),
     }
     Ok((Some(store), Some(restored)))
-}
-
-/// A data directory or store failure as the server reports it.
-pub(crate) fn store_error(e: StoreError) -> ServerError {
-    match e {
-        // The URL in the message says which store.
-        StoreError::Remote { .. } | StoreError::Location { .. } => {
-            ServerError::Internal(format!("published store: {e}"))
-        }
-        e => ServerError::Internal(format!("data directory: {e}")),
-    }
 }

@@ -64,6 +64,16 @@ pub struct Limits {
     pub max_documents: usize,
     /// Candidates in one score request.
     pub max_candidates: usize,
+    /// Stop strings in one completion request.
+    pub max_stop_strings: usize,
+    /// Bytes of all stop strings of one completion request together.
+    pub max_stop_bytes: usize,
+    /// Salient strings of one document or traced text.
+    pub max_salient: usize,
+    /// Spans of one document or traced text.
+    pub max_spans: usize,
+    /// Bytes of a document's `source` and of a batch's `client_batch_id`.
+    pub max_label_bytes: usize,
     /// Tokens one completion may generate.
     pub max_complete_tokens: usize,
     /// Concurrent HTTP/2 streams per connection.
@@ -83,6 +93,11 @@ impl Default for Limits {
             max_document_tokens: 512,
             max_documents: 64,
             max_candidates: 64,
+            max_stop_strings: 64,
+            max_stop_bytes: 4096,
+            max_salient: 64,
+            max_spans: 256,
+            max_label_bytes: 256,
             max_complete_tokens: 256,
             max_concurrent_streams: 64,
             query_concurrency: 2,
@@ -238,7 +253,7 @@ impl State {
         let (snapshots, store, restored, base_hash) = tokio::task::spawn_blocking(move || {
             let (store, restored) = learner::open_store(&m, durability, &strategy)?;
             let base_hash = if reader {
-                Some(crate::store::model_hash(&m).map_err(learner::store_error)?)
+                Some(crate::store::model_hash(&m)?)
             } else {
                 None
             };
@@ -439,7 +454,7 @@ pub async fn run(
         .initial_connection_window_size(STREAM_WINDOW * 16)
         // One span per RPC, health and reflection included; handlers' spans nest inside it.
         .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-        .layer(tower::layer::layer_fn(error::OversizeAsLimit::new))
+        .layer(tower::layer::layer_fn(error::CodecErrors::new))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -111,17 +111,12 @@ impl Query for QueryService {
         if r.candidates.is_empty() {
             return Err(ServerError::invalid("candidates", "nothing to score").into());
         }
-        if r.candidates.len() > limits.max_candidates {
-            return Err(ServerError::limit(
-                "candidates",
-                format!(
-                    "{} candidates; at most {}",
-                    r.candidates.len(),
-                    limits.max_candidates
-                ),
-            )
-            .into());
-        }
+        ServerError::at_most(
+            "candidates",
+            r.candidates.len(),
+            "candidates",
+            limits.max_candidates,
+        )?;
         let state = Arc::clone(&self.state);
         let (version, ranked) = on_snapshot(&self.state, move |s| {
             let max = max_tokens(s, &state);
@@ -174,14 +169,10 @@ impl Query for QueryService {
         let limits = &self.state.config.limits;
         let max_new = match r.max_tokens as usize {
             0 => limits.max_complete_tokens.min(64),
-            n if n > limits.max_complete_tokens => {
-                return Err(ServerError::limit(
-                    "max_tokens",
-                    format!("{n}; at most {}", limits.max_complete_tokens),
-                )
-                .into())
+            n => {
+                ServerError::at_most("max_tokens", n, "tokens", limits.max_complete_tokens)?;
+                n
             }
-            n => n,
         };
         if !(r.temperature.is_finite() && r.temperature >= 0.0) {
             return Err(
@@ -191,6 +182,11 @@ impl Query for QueryService {
         if !(r.top_p.is_finite() && (0.0..=1.0).contains(&r.top_p)) {
             return Err(ServerError::invalid("top_p", "must be in (0, 1], or 0 for 1").into());
         }
+        // Stop strings are matched after every generated token; their number and size bound
+        // what that matching costs.
+        ServerError::at_most("stop", r.stop.len(), "strings", limits.max_stop_strings)?;
+        let stop_bytes = r.stop.iter().map(String::len).sum();
+        ServerError::at_most("stop", stop_bytes, "bytes in all", limits.max_stop_bytes)?;
         if let Some(i) = r.stop.iter().position(String::is_empty) {
             return Err(ServerError::invalid(format!("stop[{i}]"), "empty").into());
         }
@@ -255,13 +251,7 @@ impl Query for QueryService {
         if texts.is_empty() {
             return Err(ServerError::invalid("texts", "nothing to score").into());
         }
-        if texts.len() > limits.max_documents {
-            return Err(ServerError::limit(
-                "texts",
-                format!("{} texts; at most {}", texts.len(), limits.max_documents),
-            )
-            .into());
-        }
+        ServerError::at_most("texts", texts.len(), "texts", limits.max_documents)?;
         let state = Arc::clone(&self.state);
         let (version, texts) = on_snapshot(&self.state, move |s| {
             let max = max_tokens(s, &state);

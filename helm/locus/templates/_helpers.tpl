@@ -84,6 +84,9 @@ TOML basic-string syntax.
 
 {{/* Cross-field rules that values.schema.json cannot express. */}}
 {{- define "locus.validate" -}}
+{{- if and .Values.readers.enabled (not .Values.store.url) }}
+{{- fail "readers.enabled needs store.url: readers serve the versions the writer publishes there (s3://, gs://, az://, or file:// on store.sharedVolume); without readers leave store.url empty" }}
+{{- end }}
 {{- $path := include "locus.storePath" . }}
 {{- $shared := .Values.store.sharedVolume }}
 {{- if and $path .Values.readers.enabled (not $shared.claimName) }}
@@ -162,7 +165,9 @@ containers:
       - --grpc-addr=0.0.0.0:50051
       - --metrics-addr=0.0.0.0:9090
       - --role={{ .role }}
-      - --store={{ $v.store.url }}
+      {{- with $v.store.url }}
+      - --store={{ . }}
+      {{- end }}
       - --model={{ $v.model.path }}
       {{- if $writer }}
       - --data-dir=/data
