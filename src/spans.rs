@@ -123,30 +123,92 @@ pub fn span_targets(enc: &Encoded, spans: &[(usize, usize)]) -> Vec<bool> {
         .collect()
 }
 
+/// How a document's span targets were chosen, before the forward pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The targets, or `None` when they are picked from this step's losses.
+    pub targets: Option<Vec<bool>>,
+    /// The rule that chose them.
+    pub rule: SpanRule,
+    /// Whether given spans marked no target token and a rule stood in.
+    pub fell_back: bool,
+    /// Under `novel`: the targets of each name in the text, for [`novel_targets`] to choose from.
+    pub names: Vec<Vec<bool>>,
+}
+
 /// A document's span targets: its given spans where they mark a target token, else (absent, or a
-/// span on the first token alone) the automatic rule's: `entity` marks names now, falling back to
-/// `surprisal` where it finds none; `None` leaves the `surprisal` rule to fill them at the forward
-/// pass. The flag says whether given spans fell back.
+/// span on the first token alone) the automatic rule's. `entity` marks names now, falling back to
+/// `surprisal` where it finds none; `novel` leaves the choice among the names to the forward pass;
+/// `surprisal` picks the highest-loss tokens there.
 pub fn choose_targets(
     enc: &Encoded,
     text: &str,
     given: Option<&[(usize, usize)]>,
     auto: SpanRule,
-) -> (Option<Vec<bool>>, SpanRule, bool) {
+) -> Choice {
     let given_targets = given
         .map(|s| span_targets(enc, s))
         .filter(|t| t.iter().any(|&b| b));
+    let fell_back = given.is_some() && given_targets.is_none();
+    let choice = |targets, rule, names| Choice {
+        targets,
+        rule,
+        fell_back,
+        names,
+    };
     if let Some(t) = given_targets {
-        return (Some(t), SpanRule::Given, false);
+        return choice(Some(t), SpanRule::Given, Vec::new());
     }
-    let fell_back = given.is_some();
-    if auto == SpanRule::Entity {
-        let t = span_targets(enc, &entity_spans(text));
-        if t.iter().any(|&b| b) {
-            return (Some(t), SpanRule::Entity, fell_back);
+    match auto {
+        SpanRule::Entity => {
+            let t = span_targets(enc, &entity_spans(text));
+            if t.iter().any(|&b| b) {
+                return choice(Some(t), SpanRule::Entity, Vec::new());
+            }
+        }
+        SpanRule::Novel => {
+            let chars: Vec<char> = text.chars().collect();
+            let names: Vec<Vec<bool>> = entity_spans(text)
+                .into_iter()
+                .filter(|&(s, _)| chars[s].is_alphabetic())
+                .map(|span| span_targets(enc, &[span]))
+                .filter(|t| t.iter().any(|&b| b))
+                .collect();
+            if !names.is_empty() {
+                return choice(None, SpanRule::Novel, names);
+            }
+        }
+        _ => {}
+    }
+    choice(None, SpanRule::Surprisal, Vec::new())
+}
+
+/// The `novel` rule: of a document's names, those the model finds at least as surprising as the
+/// median name (mean loss of their targets), so a name it already expects there (an outgoing
+/// office holder, a well-known place) is not what the update leans on. `nll[j - 1]` is target
+/// `j`'s loss.
+pub fn novel_targets(nll: &[f32], names: &[Vec<bool>]) -> Vec<bool> {
+    let mean = |t: &Vec<bool>| {
+        let (sum, n) = t
+            .iter()
+            .zip(nll)
+            .filter(|(&on, _)| on)
+            .fold((0f32, 0usize), |(s, n), (_, &v)| (s + v, n + 1));
+        sum / n.max(1) as f32
+    };
+    let means: Vec<f32> = names.iter().map(mean).collect();
+    let mut sorted = means.clone();
+    sorted.sort_by(f32::total_cmp);
+    let median = sorted[(sorted.len() - 1) / 2];
+    let mut out = vec![false; nll.len()];
+    for (t, m) in names.iter().zip(&means) {
+        if *m >= median {
+            for (o, &on) in out.iter_mut().zip(t) {
+                *o |= on;
+            }
         }
     }
-    (None, SpanRule::Surprisal, fell_back)
+    out
 }
 
 /// How salient spans are found for a document that brings none.
@@ -159,6 +221,8 @@ pub enum SpanRule {
     Entity,
     /// The highest-loss token runs under the current model.
     Surprisal,
+    /// The names the current model finds most surprising in context.
+    Novel,
 }
 
 const MONTHS: [&str; 12] = [

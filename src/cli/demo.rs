@@ -84,12 +84,7 @@ async fn check(client: &mut Client, checks: &Checks) -> anyhow::Result<(usize, f
     ))
 }
 
-async fn demo(
-    addr: &str,
-    facts: &[Update],
-    checks: &Checks,
-    epochs: usize,
-) -> anyhow::Result<()> {
+async fn demo(addr: &str, facts: &[Update], checks: &Checks, epochs: usize) -> anyhow::Result<()> {
     let mut client = Client::connect(addr, None).await?;
     let info = client.info().await?;
     eprintln!(

@@ -12,6 +12,8 @@ use locus::client::Client;
 use locus::eval::data::{DriftSet, Update};
 use locus::eval::metrics::{compare, Metrics, Scores};
 use locus::proto::v1 as pb;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use serde::Serialize;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -34,8 +36,9 @@ pub struct StreamArgs {
     /// clients send them, and the server finds the spans).
     #[arg(long)]
     salient: bool,
-    /// `data`: each fact's documents together, facts in file order; `interleaved`: the first
-    /// document of every fact, then every second one, and so on.
+    /// `data`: each fact's documents together, facts in file order; `shuffled`: the same with the
+    /// facts in an order drawn from `--seed` (what seeds vary when nothing else is random);
+    /// `interleaved`: the first document of every fact, then every second one, and so on.
     #[arg(long, default_value = "data")]
     order: String,
     /// Documents after a fact's last one at which its probes are scored again.
@@ -110,7 +113,10 @@ pub struct StreamReport {
 pub fn run(a: StreamArgs) -> anyhow::Result<()> {
     let device = a.device.open()?;
     let set = DriftSet::load(&a.data)?;
-    let facts = pick(&set, a.facts, &a.split)?;
+    let mut facts = pick(&set, a.facts, &a.split)?;
+    if a.order == "shuffled" {
+        facts.shuffle(&mut rand::rngs::StdRng::seed_from_u64(a.learn.seed));
+    }
     let stream = order(&facts, &a.order, a.salient)?;
     let mut lags = a.lags.clone();
     lags.sort_unstable();
@@ -224,7 +230,7 @@ fn order(
         )
     };
     Ok(match order {
-        "data" => facts
+        "data" | "shuffled" => facts
             .iter()
             .enumerate()
             .flat_map(|(k, u)| u.docs.iter().map(move |d| doc(k, d)))
@@ -240,7 +246,7 @@ fn order(
                 })
                 .collect()
         }
-        other => anyhow::bail!("--order {other}: use data or interleaved"),
+        other => anyhow::bail!("--order {other}: use data, shuffled or interleaved"),
     })
 }
 

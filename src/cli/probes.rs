@@ -18,7 +18,10 @@ async fn pair(
     let (Some(x), Some(y)) = (of(0), of(1)) else {
         anyhow::bail!("the server scored {} of 2 candidates", r.ranked.len());
     };
-    Ok(((x.logprob, x.tokens as usize), (y.logprob, y.tokens as usize)))
+    Ok((
+        (x.logprob, x.tokens as usize),
+        (y.logprob, y.tokens as usize),
+    ))
 }
 
 /// Every probe of `facts`, new answer against old, in order.
@@ -34,7 +37,10 @@ pub async fn updates(client: &mut Client, facts: &[&Update]) -> anyhow::Result<V
 }
 
 /// Every stable probe as (gold log-probability, foil log-probability).
-pub async fn stable(client: &mut Client, probes: &[StableProbe]) -> anyhow::Result<Vec<(f64, f64)>> {
+pub async fn stable(
+    client: &mut Client,
+    probes: &[StableProbe],
+) -> anyhow::Result<Vec<(f64, f64)>> {
     let mut out = Vec::new();
     for s in probes {
         let ((gold, _), (foil, _)) = pair(client, &s.prompt, &s.gold, &s.foil).await?;

@@ -149,10 +149,10 @@ pub struct LearnArgs {
     #[arg(long, default_value_t = 4, env = "LOCUS_RESELECT_EVERY")]
     pub reselect_every: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-4, env = "LOCUS_LR")]
+    #[arg(long, default_value_t = 3e-4, env = "LOCUS_LR")]
     pub lr: f64,
     /// Documents per learning step; larger client batches are learned in consecutive steps.
-    #[arg(long, default_value_t = 8, env = "LOCUS_BATCH_SIZE")]
+    #[arg(long, default_value_t = 2, env = "LOCUS_BATCH_SIZE")]
     pub batch_size: usize,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 0, env = "LOCUS_WARMUP")]
@@ -174,7 +174,7 @@ pub struct LearnArgs {
     pub replay_per_batch: usize,
     /// Times each document is learned again at spaced later steps (1, 3, 7, ... steps after it
     /// arrived), its sentences reordered; 0 learns each document once.
-    #[arg(long, default_value_t = 2, env = "LOCUS_REHEARSE")]
+    #[arg(long, default_value_t = 0, env = "LOCUS_REHEARSE")]
     pub rehearse: usize,
     /// Recent documents kept for rehearsal at most (they are saved in checkpoints).
     #[arg(long, default_value_t = 1024, env = "LOCUS_REHEARSAL_WINDOW")]
@@ -184,7 +184,8 @@ pub struct LearnArgs {
     #[arg(long, default_value_t = 1.0, env = "LOCUS_SPAN_WEIGHT")]
     pub span_weight: f64,
     /// How spans are found in documents sent without any: `entity` (capitalised names, numbers and
-    /// dates; the highest-loss tokens where there are none) or `surprisal` (the highest-loss tokens).
+    /// dates; the highest-loss tokens where there are none), `novel` (the names the model finds
+    /// most surprising in context) or `surprisal` (the highest-loss tokens).
     #[arg(long, default_value = "entity", env = "LOCUS_AUTO_SPANS")]
     pub auto_spans: String,
     /// Measure each batch's loss again after its update (one more forward pass per step).
@@ -240,7 +241,8 @@ impl LearnArgs {
             auto_spans: match self.auto_spans.as_str() {
                 "entity" => SpanRule::Entity,
                 "surprisal" => SpanRule::Surprisal,
-                other => anyhow::bail!("--auto-spans {other}: use entity or surprisal"),
+                "novel" => SpanRule::Novel,
+                other => anyhow::bail!("--auto-spans {other}: use entity, novel or surprisal"),
             },
             ..LearnConfig::default()
         };

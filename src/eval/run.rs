@@ -96,9 +96,9 @@ fn diagnostic_set(
         let mut enc = model.tokenizer.encode(&d.text)?;
         enc.ids.truncate(max_tokens);
         enc.offsets.truncate(max_tokens);
-        let (targets, _, fell_back) = choose_targets(&enc, &d.text, d.spans.as_deref(), SpanRule::Entity);
-        fallbacks += usize::from(fell_back);
-        if let Some(targets) = targets.filter(|_| enc.ids.len() >= 2) {
+        let c = choose_targets(&enc, &d.text, d.spans.as_deref(), SpanRule::Entity);
+        fallbacks += usize::from(c.fell_back);
+        if let Some(targets) = c.targets.filter(|_| enc.ids.len() >= 2) {
             out.push(Prepared {
                 ids: enc.ids,
                 targets,

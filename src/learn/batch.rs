@@ -4,7 +4,7 @@ use candle_core::{Device, Tensor};
 
 use super::engine::Doc;
 use crate::error::{Error, Result};
-use crate::spans::{choose_targets, surprisal_targets, SpanRule};
+use crate::spans::{choose_targets, novel_targets, surprisal_targets, SpanRule};
 use crate::tokenize::TextTokenizer;
 
 /// What a row of the batch is.
@@ -28,6 +28,8 @@ pub struct Row {
     pub rule: SpanRule,
     /// Whether given spans had no target token and an automatic rule stood in.
     pub fell_back: bool,
+    /// Under the `novel` rule, each name's targets to choose from at the forward pass.
+    pub names: Vec<Vec<bool>>,
     /// Fresh, rehearsed or replay.
     pub kind: Kind,
 }
@@ -53,12 +55,13 @@ impl Row {
                 reason: format!("{} token(s); at least 2 are needed", enc.ids.len()),
             });
         }
-        let (targets, rule, fell_back) = choose_targets(&enc, &doc.text, doc.spans.as_deref(), auto);
+        let c = choose_targets(&enc, &doc.text, doc.spans.as_deref(), auto);
         Ok(Row {
             ids: enc.ids,
-            targets,
-            rule,
-            fell_back,
+            targets: c.targets,
+            rule: c.rule,
+            fell_back: c.fell_back,
+            names: c.names,
             kind,
         })
     }
@@ -72,6 +75,7 @@ impl Row {
             ids,
             rule: SpanRule::Given,
             fell_back: false,
+            names: Vec::new(),
             kind: Kind::Replay,
         }))
     }
@@ -122,15 +126,18 @@ impl Batch {
             .any(|r| r.targets.as_ref().is_none_or(|t| t.iter().any(|&b| b)))
     }
 
-    /// The span mask `(b, t - 1)`, filling surprisal rows from this step's per-target losses.
+    /// The span mask `(b, t - 1)`, filling `surprisal` and `novel` rows from this step's
+    /// per-target losses.
     pub fn span_mask(&mut self, nll_rows: &[Vec<f32>], fraction: f64) -> Result<Tensor> {
         let (b, t1) = self.valid.dims2()?;
         let mut span = vec![0f32; b * t1];
         for (i, r) in self.rows.iter_mut().enumerate() {
             let n = r.ids.len() - 1;
-            let targets = r
-                .targets
-                .get_or_insert_with(|| surprisal_targets(&nll_rows[i][..n], fraction));
+            let nll = &nll_rows[i][..n];
+            let targets = r.targets.get_or_insert_with(|| match r.names.is_empty() {
+                true => surprisal_targets(nll, fraction),
+                false => novel_targets(nll, &r.names),
+            });
             for (j, &on) in targets.iter().enumerate() {
                 span[i * t1 + j] = f32::from(u8::from(on));
             }

@@ -43,6 +43,7 @@ fn span_rule(r: DomainRule) -> pb::SpanRule {
         DomainRule::Given => pb::SpanRule::Given,
         DomainRule::Entity => pb::SpanRule::Entity,
         DomainRule::Surprisal => pb::SpanRule::Surprisal,
+        DomainRule::Novel => pb::SpanRule::Novel,
     }
 }
 
