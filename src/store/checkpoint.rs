@@ -76,9 +76,9 @@ pub struct LearnerMeta {
     pub norms: Option<Vec<(String, f64, f64)>>,
     /// The groups selected.
     pub selection: Option<Vec<String>>,
-    /// `(group, [(span norm, full norm)] per unit)` under `+units` (absent in older versions).
+    /// `(span norm, full norm)` of each unit by group under `+units` (absent in older versions).
     #[serde(default)]
-    pub unit_norms: Option<Vec<(String, Vec<(f64, f64)>)>>,
+    pub unit_norms: Option<BTreeMap<String, Vec<(f64, f64)>>>,
     /// Recent documents waiting for rehearsal (absent in checkpoints of older versions).
     #[serde(default)]
     pub rehearsal: Vec<Entry>,
