@@ -486,3 +486,22 @@ fn units_are_refused_for_an_architecture_without_them() {
     let lora = Strategy::parse("lora+units").unwrap_err().to_string();
     assert!(lora.contains("lora+units"), "{lora}");
 }
+
+#[test]
+fn unit_selection_survives_export_and_import() {
+    let (a, b) = (tiny(), tiny());
+    let mut first = Learner::new(a.clone(), config("tgl-fp+units"), vec![], 0).unwrap();
+    let d = docs();
+    first.step(&d[..2]).unwrap();
+    let state = first.export_state().unwrap();
+    assert!(state.unit_norms.is_some());
+    for (n, v) in &a.vars {
+        b.vars[n].set(&v.as_detached_tensor()).unwrap();
+    }
+    let mut second = Learner::new(b.clone(), config("tgl-fp+units"), vec![], 1).unwrap();
+    second.import_state(state).unwrap();
+    let (x, y) = (first.step(&d[2..]).unwrap(), second.step(&d[2..]).unwrap());
+    assert!(!x.traced && !y.traced, "units measured once, then kept");
+    assert_eq!(x.units, y.units);
+    assert_eq!(snapshot(&a), snapshot(&b), "the same units on both");
+}
