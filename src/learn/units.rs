@@ -52,11 +52,6 @@ impl UnitLayout {
         Ok(UnitLayout { params, counts })
     }
 
-    /// Units per layer group.
-    pub fn counts(&self) -> &BTreeMap<GroupId, usize> {
-        &self.counts
-    }
-
     /// Squared gradient norm of the slices each unit owns alone, per group in unit order.
     pub fn squared_norms(
         &self,
