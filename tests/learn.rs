@@ -313,3 +313,195 @@ fn span_weight_changes_the_update() {
     assert_eq!(run(0.0), run(0.0));
     assert_ne!(run(0.0), run(3.0));
 }
+
+/// The tiny Llama's head width, query heads and key/value heads, from its configuration.
+fn heads(model: &Model) -> (usize, usize, usize) {
+    let c = model.arch.describe();
+    let n = |k: &str| c[k].as_u64().unwrap() as usize;
+    (n("head_dim"), n("heads"), n("kv_heads"))
+}
+
+/// Whether element `(row, col)` of `name` belongs to a selected unit, worked out from the unit
+/// definitions independently of the library's masks.
+fn owned_by_selected(model: &Model, name: &str, row: usize, col: usize, chosen: &[bool]) -> bool {
+    let (d, h, kv) = heads(model);
+    let proj = name.rsplit('.').nth(1).unwrap();
+    let is_bias = name.ends_with(".bias");
+    match proj {
+        "q_proj" => chosen[row / d],
+        "k_proj" | "v_proj" => {
+            let rep = h / kv;
+            chosen[row / d * rep..(row / d + 1) * rep].contains(&true)
+        }
+        "o_proj" => !is_bias && chosen[col / d],
+        "gate_proj" | "up_proj" => chosen[row],
+        "down_proj" => !is_bias && chosen[col],
+        other => panic!("{name}: unexpected projection {other}"),
+    }
+}
+
+/// Units chosen per group, elements changed and elements of the selected groups, checking that since
+/// `before` only elements of the units `l` selects now changed.
+type UnitChanges = (BTreeMap<GroupId, Vec<bool>>, usize, usize);
+
+fn changed_within_units(before: &BTreeMap<String, Vec<u32>>, l: &Learner) -> UnitChanges {
+    let model = l.model();
+    let groups = l.selection().unwrap().to_vec();
+    let norms = l.units().unwrap().norms().unwrap();
+    let after = snapshot(model);
+    let (mut chosen_by_group, mut changed, mut in_groups) = (BTreeMap::new(), 0, 0);
+    for (name, old) in before {
+        let new = &after[name];
+        let group = match model.arch.kind_of(name) {
+            Some(ParamKind::Group(g)) if groups.contains(&g) => g,
+            _ => {
+                assert_eq!(old, new, "{name} is outside the selected groups");
+                continue;
+            }
+        };
+        // Above the mean relative norm of the group's units.
+        let rel: Vec<f64> = norms[&group]
+            .iter()
+            .map(|&(s, f)| if f > 0.0 { s / f } else { 0.0 })
+            .collect();
+        let mean = rel.iter().sum::<f64>() / rel.len() as f64;
+        let chosen: Vec<bool> = rel.iter().map(|&r| r > mean).collect();
+        let cols = model.vars[name].dims().get(1).copied().unwrap_or(1);
+        in_groups += old.len();
+        for (i, (o, n)) in old.iter().zip(new).enumerate() {
+            let owned = owned_by_selected(model, name, i / cols, i % cols, &chosen);
+            assert!(
+                owned || o == n,
+                "{name}[{i}] changed outside the selected units"
+            );
+            changed += usize::from(o != n);
+        }
+        chosen_by_group.insert(group, chosen);
+    }
+    (chosen_by_group, changed, in_groups)
+}
+
+#[test]
+fn units_change_only_the_selected_heads_and_neurons() {
+    let model = tiny();
+    // Reselecting on every batch moves units out of the selection with momentum left over.
+    let cfg = LearnConfig {
+        localization: Localization::PerBatch {
+            ema: 0.0,
+            reselect_every: 1,
+        },
+        ..config("tgl-fp+units")
+    };
+    let mut l = Learner::new(model.clone(), cfg, vec![], 0).unwrap();
+    let d = docs();
+    let mut selections = Vec::new();
+    for batch in [&d[..], &d[2..]] {
+        let before = snapshot(&model);
+        let r = l.step(batch).unwrap();
+        let (selected, total) = r.units.unwrap();
+        assert!(
+            r.applied && r.traced && 0 < selected && selected < total,
+            "{r:?}"
+        );
+        let (chosen, changed, in_groups) = changed_within_units(&before, &l);
+        assert!(
+            0 < changed && changed < in_groups / 2,
+            "{changed} of {in_groups}"
+        );
+        selections.push(chosen);
+    }
+    assert_ne!(selections[0], selections[1]);
+}
+
+#[test]
+fn unit_norms_are_the_norms_of_their_slices() {
+    use locus::learn::units::UnitLayout;
+    use locus::model::{ops, Module};
+    let model = tiny();
+    let params = model.params(|_| true);
+    let ids = Tensor::new(&[[5u32, 17, 3, 44, 9, 120, 7, 61]], &Device::Cpu).unwrap();
+    let logits = model.arch.forward(&params, &ids).unwrap();
+    let loss = ops::next_token_nll(&logits, &ids)
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let got = UnitLayout::of(&model)
+        .unwrap()
+        .squared_norms(&model, &grads)
+        .unwrap();
+    let grad = |name: &str| {
+        grads
+            .get(model.vars[name].as_tensor())
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+    };
+    let sq = |t: Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (d, h, _) = heads(&model);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-12);
+    for layer in 0..model.arch.num_layers() {
+        let at = |p: &str| format!("model.layers.{layer}.self_attn.{p}");
+        let mlp = |p: &str| grad(&format!("model.layers.{layer}.mlp.{p}.weight"));
+        let neurons = &got[&GroupId {
+            layer,
+            module: Module::Mlp,
+        }];
+        for (i, &n) in neurons.iter().enumerate() {
+            let want = sq(mlp("gate_proj").get(i).unwrap())
+                + sq(mlp("up_proj").get(i).unwrap())
+                + sq(mlp("down_proj").narrow(1, i, 1).unwrap());
+            assert!(close(n, want), "layer {layer} neuron {i}: {n} vs {want}");
+        }
+        let attn = &got[&GroupId {
+            layer,
+            module: Module::Attn,
+        }];
+        assert_eq!(attn.len(), h);
+        // Shared key/value heads count towards no query head.
+        for (head, &n) in attn.iter().enumerate() {
+            let want = sq(grad(&at("q_proj.weight")).narrow(0, head * d, d).unwrap())
+                + sq(grad(&at("q_proj.bias")).narrow(0, head * d, d).unwrap())
+                + sq(grad(&at("o_proj.weight")).narrow(1, head * d, d).unwrap());
+            assert!(close(n, want), "layer {layer} head {head}: {n} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn units_are_refused_for_an_architecture_without_them() {
+    let gpt2 = Arc::new(load::load(fixture("gpt2").to_str().unwrap(), &Device::Cpu).unwrap());
+    let err = Learner::new(gpt2, config("full+units"), vec![], 0)
+        .err()
+        .expect("gpt2 has no units")
+        .to_string();
+    assert!(err.contains("gpt2") && err.contains("units"), "{err}");
+    let lora = Strategy::parse("lora+units").unwrap_err().to_string();
+    assert!(lora.contains("lora+units"), "{lora}");
+}
+
+#[test]
+fn unit_selection_survives_export_and_import() {
+    let (a, b) = (tiny(), tiny());
+    let mut first = Learner::new(a.clone(), config("tgl-fp+units"), vec![], 0).unwrap();
+    let d = docs();
+    first.step(&d[..2]).unwrap();
+    let state = first.export_state().unwrap();
+    assert!(state.unit_norms.is_some());
+    for (n, v) in &a.vars {
+        b.vars[n].set(&v.as_detached_tensor()).unwrap();
+    }
+    let mut second = Learner::new(b.clone(), config("tgl-fp+units"), vec![], 1).unwrap();
+    second.import_state(state).unwrap();
+    let (x, y) = (first.step(&d[2..]).unwrap(), second.step(&d[2..]).unwrap());
+    assert!(!x.traced && !y.traced, "units measured once, then kept");
+    assert_eq!(x.units, y.units);
+    assert_eq!(snapshot(&a), snapshot(&b), "the same units on both");
+}

@@ -23,7 +23,7 @@ pub struct EvalArgs {
     /// Drift-set directory (updates.jsonl, stable.jsonl, general.txt).
     #[arg(long, default_value = "data/drift")]
     data: PathBuf,
-    /// Comma-separated strategies: full, tgl-fp, tgl-alr, topk[:K], random-k, frozen, mix-review, and `+` combinations.
+    /// Comma-separated strategies: full, tgl-fp, tgl-alr, topk[:K], random-k, frozen, mix-review, lora, units, and `+` combinations.
     #[arg(
         long,
         default_value = "frozen,full,tgl-fp,tgl-alr,random-k,mix-review,mix-review+tgl-fp",

@@ -15,6 +15,7 @@ use super::batch::{Batch, Kind, Row};
 use super::optimizer::{AdamW, Moments};
 use super::rehearsal::{reorder, Entry, Rehearsal};
 use super::strategy::{LearnConfig, Localization, Selection};
+use super::units::{self, Units};
 use crate::error::{Error, Result};
 use crate::model::{ops, GroupId, Model, Module, ParamKind, Params};
 use crate::select::{self, Rule};
@@ -86,6 +87,9 @@ pub struct UpdateReport {
     pub grad_norm: f64,
     /// Groups updated.
     pub groups: Vec<UpdatedGroup>,
+    /// Units (attention heads, MLP neurons) selected and in all over the updated groups, when the
+    /// strategy selects units.
+    pub units: Option<(usize, usize)>,
     /// Whether this step measured norms (a trace step).
     pub traced: bool,
     /// Wall-clock seconds of the step.
@@ -109,6 +113,8 @@ pub struct Learner {
     adapters: BTreeMap<String, Adapter>,
     /// Recent documents waiting to be learned again.
     rehearsal: Rehearsal,
+    /// Unit norms and masks, when the strategy selects units.
+    units: Option<Units>,
 }
 
 /// What learning needs to resume after a restart as if it had never stopped, besides the
@@ -124,6 +130,8 @@ pub struct LearnerState {
     pub norms: Option<BTreeMap<GroupId, (f64, f64)>>,
     /// The groups selected.
     pub selection: Option<Vec<GroupId>>,
+    /// `(span, full)` norms of each unit per group, when the strategy selects units.
+    pub unit_norms: Option<BTreeMap<GroupId, Vec<(f64, f64)>>>,
     /// Recent documents waiting for rehearsal.
     pub rehearsal: Vec<Entry>,
 }
@@ -166,6 +174,10 @@ impl Learner {
         } else {
             BTreeMap::new()
         };
+        let units = match cfg.strategy.units {
+            true => Some(Units::new(&model)?),
+            false => None,
+        };
         let opt = AdamW::new(cfg.betas, cfg.eps, cfg.weight_decay);
         Ok(Learner {
             model,
@@ -179,6 +191,7 @@ impl Learner {
             selection: None,
             adapters,
             rehearsal: Rehearsal::new(cfg.rehearse, cfg.rehearsal_window),
+            units,
             cfg,
         })
     }
@@ -198,6 +211,11 @@ impl Learner {
         self.selection.as_deref()
     }
 
+    /// Unit norms and masks, when the strategy selects units.
+    pub fn units(&self) -> Option<&Units> {
+        self.units.as_ref()
+    }
+
     /// A copy of the state that learning resumes from (LoRA adapters are not part of it: their
     /// product is in the served weights, and new adapters start from there).
     pub fn export_state(&self) -> Result<LearnerState> {
@@ -207,6 +225,7 @@ impl Learner {
             applied: self.applied,
             norms: self.norms.clone(),
             selection: self.selection.clone(),
+            unit_norms: self.units.as_ref().and_then(|u| u.norms().cloned()),
             rehearsal: self.rehearsal.export(),
         })
     }
@@ -221,6 +240,9 @@ impl Learner {
                     "optimizer state of `{name}` does not fit this model"
                 )));
             }
+        }
+        if let (Some(units), Some(norms)) = (self.units.as_mut(), state.unit_norms) {
+            units.restore(&self.model, norms)?;
         }
         self.opt.import(state.moments);
         self.batches = state.batches;
@@ -362,11 +384,13 @@ impl Learner {
                 })
                 .collect();
         }
+        // Under units a parameter without a mask is one no unit owns, or units are not measured.
+        let masked = |n: &str| self.units.as_ref().is_none_or(|u| u.mask(n).is_some());
         self.model
             .vars
             .iter()
             .filter_map(|(n, v)| match self.model.arch.kind_of(n) {
-                Some(ParamKind::Group(g)) if trainable.contains_key(&g) => {
+                Some(ParamKind::Group(g)) if trainable.contains_key(&g) && masked(n) => {
                     Some((n.clone(), v.clone(), g))
                 }
                 _ => None,
@@ -385,9 +409,14 @@ impl Learner {
         Ok(())
     }
 
-    /// Whether this step measures norms: until norms exist, and under per-batch localization on
-    /// the steps where the selection is due to be recomputed (the others reuse it).
+    /// Whether this step measures norms: when group norms are due, and until units are measured.
     fn needs_trace(&self) -> bool {
+        self.norms_due() || self.units.as_ref().is_some_and(|u| !u.measured())
+    }
+
+    /// Whether group norms are due: until they exist, and under per-batch localization on the
+    /// steps where the selection is due to be recomputed (the others reuse it).
+    fn norms_due(&self) -> bool {
         if !self.cfg.strategy.needs_norms() {
             return false;
         }
@@ -441,6 +470,8 @@ impl Learner {
         let mut batch = self.batch(docs)?;
         // A batch with no span target cannot be localized; it still trains the current selection.
         let traced = self.needs_trace() && batch.has_spans();
+        // Static group norms (a diagnostic set's) stay when a trace is only for the units.
+        let refresh = self.norms_due();
         let trainable = self.trainable();
         let model = Arc::clone(&self.model);
         let params = self.params_for(traced, &trainable)?;
@@ -467,10 +498,16 @@ impl Learner {
             // candle does not keep.
             let variables = model.params(|_| true);
             let span_grads = span_loss.backward()?;
-            let span_sq = squared_norms(&model, &variables, &span_grads)?;
             let full_grads = full.backward()?;
-            let full_sq = squared_norms(&model, &variables, &full_grads)?;
-            self.observe(&span_sq.groups, &full_sq.groups);
+            let ema = self.ema();
+            if let Some(units) = self.units.as_mut() {
+                units.observe(&model, &span_grads, &full_grads, ema)?;
+            }
+            if refresh {
+                let span_sq = squared_norms(&model, &variables, &span_grads)?;
+                let full_sq = squared_norms(&model, &variables, &full_grads)?;
+                self.observe(&span_sq.groups, &full_sq.groups);
+            }
             Some(Gradients::Parts {
                 full: full_grads,
                 span: (weight > 0.0).then_some(span_grads),
@@ -512,6 +549,7 @@ impl Learner {
             loss_after,
             grad_norm: outcome.grad_norm,
             groups: outcome.groups,
+            units: outcome.units,
             traced,
             seconds: start.elapsed().as_secs_f64(),
         };
@@ -535,22 +573,24 @@ impl Learner {
                 )
             })
             .collect();
-        let ema = match self.cfg.localization {
-            Localization::Static => 0.0,
-            Localization::PerBatch { ema, .. } => ema,
-        };
+        let ema = self.ema();
         let merged = match self.norms.take() {
             Some(prev) if ema > 0.0 => current
                 .into_iter()
-                .map(|(g, (s, f))| {
-                    let (ps, pf) = prev.get(&g).copied().unwrap_or((s, f));
-                    (g, (ema * ps + (1.0 - ema) * s, ema * pf + (1.0 - ema) * f))
-                })
+                .map(|(g, now)| (g, blend(ema, prev.get(&g).copied().unwrap_or(now), now)))
                 .collect(),
             _ => current,
         };
         self.norms = Some(merged);
         self.reselect();
+    }
+
+    /// Weight of the past in the moving average of norms (0: each trace replaces them).
+    fn ema(&self) -> f64 {
+        match self.cfg.localization {
+            Localization::Static => 0.0,
+            Localization::PerBatch { ema, .. } => ema,
+        }
     }
 
     /// Clips the gradient and takes an AdamW step on the trainable groups, unless there are none
@@ -564,8 +604,10 @@ impl Learner {
         };
         let mut update = Vec::with_capacity(names.len());
         let mut sq = 0f64;
+        let mask = |key: &str| self.units.as_ref().and_then(|u| u.mask(key));
         for (key, var, g) in &names {
             if let Some(grad) = grads.of(var)? {
+                let grad = units::mask_gradient(mask(key), grad)?;
                 sq += f64::from(grad.sqr()?.sum_all()?.to_scalar::<f32>()?);
                 update.push((key, var, g, grad));
             }
@@ -591,8 +633,8 @@ impl Learner {
         };
         for (key, var, g, grad) in update {
             let grad = if clip < 1.0 { (grad * clip)? } else { grad };
-            self.opt
-                .update(key, var, &grad, self.cfg.lr * warm * trainable[g])?;
+            let lr = self.cfg.lr * warm * trainable[g];
+            units::confine(var, mask(key), || self.opt.update(key, var, &grad, lr))?;
         }
         self.applied += 1;
         self.version += 1;
@@ -605,6 +647,7 @@ impl Learner {
             applied: true,
             skipped: None,
             grad_norm,
+            units: self.units.as_ref().map(|u| u.count(trainable.keys())),
             groups: trainable
                 .iter()
                 .map(|(&g, &lr_scale)| UpdatedGroup {
@@ -663,6 +706,7 @@ struct Outcome {
     skipped: Option<String>,
     grad_norm: f64,
     groups: Vec<UpdatedGroup>,
+    units: Option<(usize, usize)>,
 }
 
 impl Outcome {
@@ -672,8 +716,17 @@ impl Outcome {
             skipped: Some(why),
             grad_norm,
             groups: Vec::new(),
+            units: None,
         }
     }
+}
+
+/// `past` and `now` `(span, full)` norms blended with weight `ema` on the past.
+pub(super) fn blend(ema: f64, past: (f64, f64), now: (f64, f64)) -> (f64, f64) {
+    (
+        ema * past.0 + (1.0 - ema) * now.0,
+        ema * past.1 + (1.0 - ema) * now.1,
+    )
 }
 
 /// Adapters for every weight matrix of every layer group: `A` uniform in +-1/sqrt(in) (as PEFT's

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod optimizer;
 pub mod rehearsal;
 pub mod strategy;
+pub mod units;
 
 pub use engine::{Doc, Learner, UpdateReport};
 pub use strategy::{LearnConfig, Localization, Strategy};

@@ -19,6 +19,9 @@ pub struct Strategy {
     pub mix_review: bool,
     /// Train low-rank adapters on the selected groups instead of their weights.
     pub lora: bool,
+    /// Within the trainable groups, change only the units (attention heads, MLP neurons) whose
+    /// relative norm is above their group's mean.
+    pub units: bool,
 }
 
 /// How the trainable groups are chosen.
@@ -45,8 +48,8 @@ pub enum RuleKind {
 }
 
 impl Strategy {
-    /// Parses `full`, `tgl-fp`, `tgl-alr`, `topk[:K]`, `random-k`, `frozen`, `mix-review`, and
-    /// combinations joined with `+` such as `mix-review+tgl-fp`.
+    /// Parses `full`, `tgl-fp`, `tgl-alr`, `topk[:K]`, `random-k`, `frozen`, `mix-review`, `lora`,
+    /// `units`, and combinations joined with `+` such as `mix-review+tgl-fp` or `tgl-fp+units`.
     pub fn parse(name: &str) -> Result<Self> {
         let mut s = Strategy {
             name: name.to_string(),
@@ -54,6 +57,7 @@ impl Strategy {
             alr: false,
             mix_review: false,
             lora: false,
+            units: false,
         };
         let mut chosen = false;
         for part in name.split('+') {
@@ -74,6 +78,10 @@ impl Strategy {
                     s.lora = true;
                     None
                 }
+                "units" => {
+                    s.units = true;
+                    None
+                }
                 p if p.starts_with("topk") => {
                     let k = p.strip_prefix("topk:").unwrap_or("8");
                     let k = k.parse().map_err(|_| Error::Invalid(format!("strategy `{name}`: topk:K needs a number, got `{k}`")))?;
@@ -81,7 +89,7 @@ impl Strategy {
                 }
                 other => {
                     return Err(Error::Invalid(format!(
-                        "unknown strategy `{other}` (full, tgl-fp, tgl-alr, topk[:K], random-k, frozen, mix-review, lora; combine with +)"
+                        "unknown strategy `{other}` (full, tgl-fp, tgl-alr, topk[:K], random-k, frozen, mix-review, lora, units; combine with +)"
                     )))
                 }
             };
@@ -95,12 +103,17 @@ impl Strategy {
                 s.selection = sel;
             }
         }
+        if s.lora && s.units {
+            return Err(Error::Invalid(format!(
+                "strategy `{name}`: adapters span every unit of a matrix, so lora and units do not combine"
+            )));
+        }
         Ok(s)
     }
 
     /// Whether this strategy needs relative norms.
     pub fn needs_norms(&self) -> bool {
-        self.alr || matches!(self.selection, Selection::Rule(_))
+        self.alr || self.units || matches!(self.selection, Selection::Rule(_))
     }
 
     /// The selection rule for a given TGL-FP group count (random-k draws that many).

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::cache::KvCache;
 use super::ops::{self, linear, rms_norm};
-use super::{cfg_f64, cfg_usize, layer_group, Architecture, ParamKind, Params};
+use super::{cfg_f64, cfg_usize, layer_group, Architecture, ParamKind, Params, UnitSlices};
 
 /// Hyper-parameters of a Llama-family model.
 #[derive(Debug, Clone, Serialize)]
@@ -254,6 +254,25 @@ impl Architecture for Llama {
         match name {
             "model.embed_tokens.weight" => Some(ParamKind::Embedding),
             "lm_head.weight" => Some(ParamKind::Head),
+            _ => None,
+        }
+    }
+
+    fn unit_slices(&self, name: &str) -> Option<UnitSlices> {
+        let c = &self.cfg;
+        let (_, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+        let (proj, kind) = tail.rsplit_once('.')?;
+        let slices = |axis, width, share| UnitSlices { axis, width, share };
+        // A unit is a query head or an MLP neuron; o_proj and down_proj biases add to every
+        // output whatever the unit, so no unit owns them.
+        match (proj, kind) {
+            ("self_attn.q_proj", _) => Some(slices(0, c.head_dim, 1)),
+            ("self_attn.k_proj" | "self_attn.v_proj", _) => {
+                Some(slices(0, c.head_dim, c.heads / c.kv_heads))
+            }
+            ("self_attn.o_proj", "weight") => Some(slices(1, c.head_dim, 1)),
+            ("mlp.gate_proj" | "mlp.up_proj", _) => Some(slices(0, 1, 1)),
+            ("mlp.down_proj", "weight") => Some(slices(1, 1, 1)),
             _ => None,
         }
     }

@@ -80,6 +80,19 @@ pub enum ParamKind {
     Head,
 }
 
+/// Where a parameter's units lie: consecutive runs of `width` indices along `axis` (0: rows of an
+/// `[out, in]` weight or a bias, 1: columns), run `r` shared by units `r * share .. (r + 1) * share`
+/// (a key/value head serving several query heads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitSlices {
+    /// 0 for rows, 1 for columns.
+    pub axis: usize,
+    /// Indices per run.
+    pub width: usize,
+    /// Units per run.
+    pub share: usize,
+}
+
 /// Named weights as the forward pass sees them: each entry is tracked (a variable) or detached.
 #[derive(Clone, Default)]
 pub struct Params {
@@ -126,6 +139,12 @@ pub trait Architecture: Send + Sync {
     fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)>;
     /// The group or other role of a parameter.
     fn kind_of(&self, name: &str) -> Option<ParamKind>;
+    /// How a layer-group parameter splits into its group's units (attention heads, MLP neurons);
+    /// `None` for a parameter no single unit owns, and for every parameter of an architecture
+    /// without unit-level localization.
+    fn unit_slices(&self, _name: &str) -> Option<UnitSlices> {
+        None
+    }
     /// The configuration as JSON, for reports.
     fn describe(&self) -> serde_json::Value;
     /// The configuration as a Hugging Face `config.json` (model type, architecture class and

@@ -67,6 +67,8 @@ pub fn report(r: &DomainReport) -> pb::UpdateReport {
         seconds: r.seconds,
         rehearsed: r.rehearsed as u32,
         span_fallbacks: r.span_fallbacks as u32,
+        units_selected: r.units.map(|(selected, _)| selected as u32),
+        units_total: r.units.map(|(_, total)| total as u32),
     }
 }
 

@@ -76,6 +76,9 @@ pub struct LearnerMeta {
     pub norms: Option<Vec<(String, f64, f64)>>,
     /// The groups selected.
     pub selection: Option<Vec<String>>,
+    /// `(span norm, full norm)` of each unit by group under `+units` (absent in older versions).
+    #[serde(default)]
+    pub unit_norms: Option<BTreeMap<String, Vec<(f64, f64)>>>,
     /// Recent documents waiting for rehearsal (absent in checkpoints of older versions).
     #[serde(default)]
     pub rehearsal: Vec<Entry>,
@@ -102,6 +105,12 @@ pub fn learner_parts(state: &LearnerState) -> (LearnerMeta, BTreeMap<String, Ten
                 .collect()
         }),
         selection: state.selection.as_deref().map(names),
+        unit_norms: state.unit_norms.as_ref().map(|norms| {
+            norms
+                .iter()
+                .map(|(g, units)| (g.to_string(), units.clone()))
+                .collect()
+        }),
         rehearsal: state.rehearsal.clone(),
     };
     let tensors = state
@@ -147,6 +156,12 @@ fn learner_state(
                 .collect()
         }),
         selection: meta.selection.as_deref().map(groups),
+        unit_norms: meta.unit_norms.as_ref().map(|norms| {
+            norms
+                .iter()
+                .filter_map(|(g, units)| Some((GroupId::parse(g)?, units.clone())))
+                .collect()
+        }),
         rehearsal: meta.rehearsal.clone(),
     }))
 }
