@@ -302,3 +302,19 @@ pub fn surprisal_targets(nll: &[f32], fraction: f64) -> Vec<bool> {
     };
     nll.iter().map(|&v| v >= threshold).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn novel_keeps_the_names_at_least_as_surprising_as_the_median() {
+        // Targets 0-1 are one name (mean loss 4), 3 another (0.5), 5-6 a third (2).
+        let nll = [5.0, 3.0, 9.0, 0.5, 9.0, 1.0, 3.0];
+        let name = |on: &[usize]| (0..nll.len()).map(|j| on.contains(&j)).collect::<Vec<_>>();
+        let names = [name(&[0, 1]), name(&[3]), name(&[5, 6])];
+        let got = novel_targets(&nll, &names);
+        assert_eq!(got, name(&[0, 1, 5, 6]));
+        assert_eq!(novel_targets(&nll, &names[1..2]), names[1]);
+    }
+}
