@@ -104,7 +104,7 @@ async fn demo(addr: &str, facts: &[Update], checks: &Checks, epochs: usize) -> a
                     .iter()
                     .map(|d| pb::Document {
                         text: d.clone(),
-                        salient: u.salient.clone(),
+                        salient: u.salient_in(d),
                         source: "data/drift/updates.jsonl".into(),
                         ..Default::default()
                     })

@@ -220,7 +220,7 @@ fn order(
             pb::Document {
                 text: text.clone(),
                 salient: if salient {
-                    facts[k].salient.clone()
+                    facts[k].salient_in(text)
                 } else {
                     Vec::new()
                 },

@@ -33,6 +33,17 @@ pub struct Update {
     pub probes: Vec<UpdateProbe>,
 }
 
+impl Update {
+    /// The salient strings that `text` mentions (a server refuses a document with one it lacks).
+    pub fn salient_in(&self, text: &str) -> Vec<String> {
+        self.salient
+            .iter()
+            .filter(|s| text.contains(s.as_str()))
+            .cloned()
+            .collect()
+    }
+}
+
 /// A probe of an unchanged fact.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
