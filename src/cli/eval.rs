@@ -12,9 +12,9 @@ use locus::learn::{LearnConfig, Strategy};
 /// The replay corpus Mix-Review samples when no `--replay` is given; it shares no text with data/drift.
 const REPLAY: &str = include_str!("../../data/replay/general.txt");
 
-/// Arguments of `locus eval`.
+/// The model and the drift set an evaluation runs on.
 #[derive(Args)]
-pub struct EvalArgs {
+pub struct DriftArgs {
     /// A Hugging Face model directory, a .gguf file, or `default`.
     #[arg(long, default_value = "default", env = "LOCUS_MODEL")]
     model: String,
@@ -23,6 +23,25 @@ pub struct EvalArgs {
     /// Drift-set directory (updates.jsonl, stable.jsonl, general.txt).
     #[arg(long, default_value = "data/drift")]
     data: PathBuf,
+}
+
+impl DriftArgs {
+    /// Opens the device and reads the drift set, both before the slow model load.
+    pub fn open(&self) -> anyhow::Result<(candle_core::Device, DriftSet)> {
+        Ok((self.device.open()?, DriftSet::load(&self.data)?))
+    }
+
+    /// Loads the model onto `device`.
+    pub fn model(&self, device: &candle_core::Device) -> anyhow::Result<locus::model::Model> {
+        super::load_model(&self.model, device)
+    }
+}
+
+/// Arguments of `locus eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    drift: DriftArgs,
     /// Comma-separated strategies: full, tgl-fp, tgl-alr, topk[:K], random-k, frozen, mix-review, lora, units, and `+` combinations.
     #[arg(
         long,
@@ -76,8 +95,7 @@ pub struct EvalArgs {
 
 /// Runs `locus eval`.
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
-    let device = a.device.open()?;
-    let set = DriftSet::load(&a.data)?;
+    let (device, set) = a.drift.open()?;
     for s in &a.strategy {
         Strategy::parse(s)?;
     }
@@ -98,7 +116,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         .filter(|l| !l.trim().is_empty())
         .map(String::from)
         .collect();
-    let model = Arc::new(super::load_model(&a.model, &device)?);
+    let model = Arc::new(a.drift.model(&device)?);
     let opts = EvalOptions {
         strategies: a.strategy.clone(),
         epochs: a.epochs,

@@ -24,14 +24,8 @@ use super::serve::LearnArgs;
 /// Arguments of `locus eval-stream`.
 #[derive(Args)]
 pub struct StreamArgs {
-    /// A Hugging Face model directory, a .gguf file, or `default`.
-    #[arg(long, default_value = "default", env = "LOCUS_MODEL")]
-    model: String,
     #[command(flatten)]
-    device: super::DeviceArg,
-    /// Drift-set directory (updates.jsonl, stable.jsonl, general.txt).
-    #[arg(long, default_value = "data/drift")]
-    data: PathBuf,
+    drift: super::eval::DriftArgs,
     /// Send each fact's salient strings with its documents (by default documents go raw, as most
     /// clients send them, and the server finds the spans).
     #[arg(long)]
@@ -111,8 +105,7 @@ pub struct StreamReport {
 
 /// Runs `locus eval-stream`.
 pub fn run(a: StreamArgs) -> anyhow::Result<()> {
-    let device = a.device.open()?;
-    let set = DriftSet::load(&a.data)?;
+    let (device, set) = a.drift.open()?;
     let mut facts = pick(&set, a.facts, &a.split)?;
     if a.order == "shuffled" {
         facts.shuffle(&mut rand::rngs::StdRng::seed_from_u64(a.learn.seed));
@@ -121,7 +114,7 @@ pub fn run(a: StreamArgs) -> anyhow::Result<()> {
     let mut lags = a.lags.clone();
     lags.sort_unstable();
     lags.dedup();
-    let model = super::load_model(&a.model, &device)?;
+    let model = a.drift.model(&device)?;
     let l = &a.learn;
     let settings: BTreeMap<String, String> = [
         ("strategy", l.strategy.clone()),
