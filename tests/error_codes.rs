@@ -260,9 +260,14 @@ async fn a_full_data_directory_is_resource_exhausted_and_names_no_path() {
         messages.push(s.message().to_string());
     }
     names_no_path(&data, &messages);
+    assert_eq!(
+        c.info().await.unwrap().learning_blocked,
+        "data directory is full"
+    );
     // With room again the same batch is learned.
     disk.free();
     let answers = ingest(&mut c, vec![batch("b0", facts())]).await.unwrap();
     assert_eq!(answers[0].version, 1);
+    assert_eq!(c.info().await.unwrap().learning_blocked, "");
     server.shutdown().await;
 }

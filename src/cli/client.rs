@@ -198,6 +198,9 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
                     "role         {}; store at version {} ({} behind), {} publish failures",
                     r.role, r.published_version, r.behind, r.publish_failures
                 );
+                if !r.learning_blocked.is_empty() {
+                    println!("learning     blocked: {}", r.learning_blocked);
+                }
                 Ok(())
             }
             ClientCommand::Versions => {

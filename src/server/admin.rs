@@ -85,6 +85,7 @@ impl Admin for AdminService {
             published_version: published,
             behind: published.saturating_sub(version),
             publish_failures: self.state.metrics.publish_failures(),
+            learning_blocked: progress.blocked.clone().unwrap_or_default(),
         }))
     }
 

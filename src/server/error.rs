@@ -129,7 +129,7 @@ impl ServerError {
     }
 
     /// What a client is told: the message, less the server's paths.
-    fn client_message(&self) -> String {
+    pub(crate) fn client_message(&self) -> String {
         let ServerError::Store(e) = self else {
             return self.to_string();
         };

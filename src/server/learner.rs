@@ -72,6 +72,8 @@ pub(crate) struct Progress {
     pub selection: Vec<GroupId>,
     /// Learning steps taken.
     pub steps: u64,
+    /// Why batches cannot be learned now (the data directory is full, say), as a client is told.
+    pub blocked: Option<String>,
 }
 
 /// What the learner thread needs.
@@ -303,7 +305,15 @@ impl Worker {
         let Some(store) = self.setup.store.as_mut() else {
             return self.learn(docs);
         };
-        let seq = store.journal(batch_id, docs)?;
+        let journaled = store.journal(batch_id, docs).map_err(ServerError::from);
+        // Blocked until a batch can be journaled again; queries go on meanwhile.
+        let blocked = journaled.as_ref().err().map(ServerError::client_message);
+        self.setup.metrics.set_learning_blocked(blocked.is_some());
+        self.progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .blocked = blocked;
+        let seq = journaled?;
         let result = self.learn(docs);
         self.applied(seq);
         result

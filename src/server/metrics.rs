@@ -41,6 +41,7 @@ pub(crate) struct Metrics {
     publish_failures: IntCounterVec,
     model_bytes: IntGauge,
     published_version: IntGauge,
+    learning_blocked: IntGauge,
 }
 
 impl Metrics {
@@ -128,6 +129,10 @@ impl Metrics {
             "Newest version in the store (a writer: published; a reader: seen); the served \
              version is locus_model_version",
         )?;
+        let learning_blocked = IntGauge::new(
+            "locus_learning_blocked",
+            "1 while batches cannot be journaled (Admin.Info.learning_blocked says why), else 0",
+        )?;
         // Series that exist from the start read 0 rather than absent, so rates and alerts work
         // before the first event.
         for kind in ["delta", "checkpoint"] {
@@ -157,6 +162,7 @@ impl Metrics {
         registry.register(Box::new(publish_failures.clone()))?;
         registry.register(Box::new(model_bytes.clone()))?;
         registry.register(Box::new(published_version.clone()))?;
+        registry.register(Box::new(learning_blocked.clone()))?;
         Ok(Metrics {
             registry,
             ingest_tokens,
@@ -172,7 +178,13 @@ impl Metrics {
             publish_failures,
             model_bytes,
             published_version,
+            learning_blocked,
         })
+    }
+
+    /// Whether learning is blocked now.
+    pub(crate) fn set_learning_blocked(&self, blocked: bool) {
+        self.learning_blocked.set(i64::from(blocked));
     }
 
     /// A timer that records the latency of one query RPC when dropped.
