@@ -11,11 +11,12 @@ use serde::Serialize;
 use super::data::DriftSet;
 use super::metrics::{compare, score, Metrics};
 use crate::error::Result;
+use crate::learn::batch::{Kind, Row};
 use crate::learn::strategy::Localization;
 use crate::learn::{Doc, LearnConfig, Learner, Strategy};
 use crate::memory;
 use crate::model::{GroupId, Model};
-use crate::spans::{choose_targets, find_all, SpanRule};
+use crate::spans::{find_all, SpanRule};
 use crate::trace::{trace, Prepared};
 
 /// How `locus eval` trains each strategy.
@@ -83,8 +84,9 @@ fn docs_of(set: &DriftSet) -> Vec<Doc> {
         .collect()
 }
 
-/// The documents of the static trace, each with its span targets (see
-/// [`choose_targets`]); a document no rule marks is left out. Also counts the fallbacks.
+/// The documents of the static trace, each with its span targets as the learner chooses them
+/// (given spans, else the `entity` rule); a document no rule marks is left out. Also counts the
+/// documents whose given spans fell back.
 fn diagnostic_set(
     model: &Model,
     docs: &[Doc],
@@ -92,15 +94,18 @@ fn diagnostic_set(
 ) -> Result<(Vec<Prepared>, usize)> {
     let mut out = Vec::new();
     let mut fallbacks = 0;
-    for d in docs {
-        let mut enc = model.tokenizer.encode(&d.text)?;
-        enc.ids.truncate(max_tokens);
-        enc.offsets.truncate(max_tokens);
-        let c = choose_targets(&enc, &d.text, d.spans.as_deref(), SpanRule::Entity);
-        fallbacks += usize::from(c.fell_back);
-        if let Some(targets) = c.targets.filter(|_| enc.ids.len() >= 2) {
+    for (i, d) in docs.iter().enumerate() {
+        let row = Row::document(
+            &model.tokenizer,
+            d,
+            (max_tokens, SpanRule::Entity),
+            Kind::Fresh,
+            i,
+        )?;
+        fallbacks += usize::from(row.fell_back);
+        if let Some(targets) = row.targets {
             out.push(Prepared {
-                ids: enc.ids,
+                ids: row.ids,
                 targets,
             });
         }

@@ -91,6 +91,8 @@ pub struct Batch {
     pub valid: Tensor,
     /// Tokens over all rows.
     pub tokens: usize,
+    /// Real targets over all rows (the ones in `valid`).
+    targets: usize,
 }
 
 impl Batch {
@@ -108,10 +110,16 @@ impl Batch {
         }
         Ok(Batch {
             tokens: rows.iter().map(|r| r.ids.len()).sum(),
+            targets: rows.iter().map(|r| r.ids.len() - 1).sum(),
             ids: Tensor::from_vec(ids, (b, t), device)?,
             valid: Tensor::from_vec(valid, (b, t - 1), device)?,
             rows,
         })
+    }
+
+    /// The mean over the real targets of per-target losses `(b, t - 1)` already masked by `valid`.
+    pub fn mean(&self, masked: &Tensor) -> Result<Tensor> {
+        Ok((masked.sum_all()? / self.targets as f64)?)
     }
 
     /// Rows of one kind.

@@ -480,14 +480,14 @@ impl Learner {
         let nll = ops::next_token_nll(&logits, &batch.ids)?;
         let span = batch.span_mask(&nll.to_vec2()?, self.cfg.surprisal_fraction)?;
         let masked = (&nll * &batch.valid)?;
-        let spans = span.sum_all()?.to_scalar::<f32>()?;
         let (span_loss, _) = span_and_full_loss(&masked, &span)?;
-        let full = (masked.sum_all()? / batch.valid.sum_all()?.to_scalar::<f32>()? as f64)?;
+        let full = batch.mean(&masked)?;
         let loss_before = f64::from(full.to_scalar::<f32>()?);
         let span_value = f64::from(span_loss.to_scalar::<f32>()?);
         // The update objective: the full loss, plus the span loss weighted (new knowledge sits in
-        // the spans; the rest of the text mostly restates what the model knows).
-        let weight = if spans > 0.0 {
+        // the spans; the rest of the text mostly restates what the model knows). A batch without
+        // span targets has no span loss (0 / 0).
+        let weight = if span_value.is_finite() {
             self.cfg.span_weight
         } else {
             0.0
@@ -498,19 +498,24 @@ impl Learner {
             // candle does not keep.
             let variables = model.params(|_| true);
             let span_grads = span_loss.backward()?;
+            let span_sq = match refresh {
+                true => Some(squared_norms(&model, &variables, &span_grads)?),
+                false => None,
+            };
+            // Held through the full backward only when the units or the update still need them.
+            let span_grads = (weight > 0.0 || self.units.is_some()).then_some(span_grads);
             let full_grads = full.backward()?;
             let ema = self.ema();
-            if let Some(units) = self.units.as_mut() {
-                units.observe(&model, &span_grads, &full_grads, ema)?;
+            if let (Some(units), Some(span_grads)) = (self.units.as_mut(), &span_grads) {
+                units.observe(&model, span_grads, &full_grads, ema)?;
             }
-            if refresh {
-                let span_sq = squared_norms(&model, &variables, &span_grads)?;
+            if let Some(span_sq) = span_sq {
                 let full_sq = squared_norms(&model, &variables, &full_grads)?;
                 self.observe(&span_sq.groups, &full_sq.groups);
             }
             Some(Gradients::Parts {
                 full: full_grads,
-                span: (weight > 0.0).then_some(span_grads),
+                span: span_grads.filter(|_| weight > 0.0),
                 weight,
             })
         } else if trainable.is_empty() {
@@ -667,8 +672,7 @@ impl Learner {
             .arch
             .forward(&self.current_params()?, &batch.ids)?;
         let nll = (ops::next_token_nll(&logits, &batch.ids)? * &batch.valid)?;
-        let mean = nll.sum_all()? / batch.valid.sum_all()?.to_scalar::<f32>()? as f64;
-        Ok(f64::from(mean?.to_scalar::<f32>()?))
+        Ok(f64::from(batch.mean(&nll)?.to_scalar::<f32>()?))
     }
 }
 
