@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Args;
 use locus::client::Client;
-use locus::eval::data::{StableProbe, Update};
+use locus::eval::data::{DriftSet, StableProbe, Update};
 use locus::proto::v1 as pb;
 use tokio_stream::StreamExt;
 
@@ -45,28 +45,25 @@ pub struct DemoArgs {
 /// Runs `locus demo`.
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let device = a.device.open()?;
-    let facts: Vec<Update> = jsonl::<Update>(UPDATES)?
+    let set = DriftSet::parse(
+        ("data/drift/updates.jsonl", UPDATES),
+        ("data/drift/stable.jsonl", STABLE),
+        GENERAL,
+    )?;
+    let facts: Vec<Update> = set
+        .updates
         .into_iter()
         .filter(|u| u.id.starts_with("dev-"))
         .take(a.facts.max(1))
         .collect();
     let checks = Checks {
-        stable: jsonl(STABLE)?.into_iter().take(CHECKS).collect(),
-        general: GENERAL.lines().take(CHECKS).map(String::from).collect(),
+        stable: set.stable.into_iter().take(CHECKS).collect(),
+        general: set.general.into_iter().take(CHECKS).collect(),
     };
     let model = super::load_model(&a.model, &device)?;
     super::inproc::with_server(model, &a.learn, |addr| async move {
         demo(&addr, &facts, &checks, a.epochs).await
     })
-}
-
-/// One fact a line.
-fn jsonl<T: serde::de::DeserializeOwned>(text: &str) -> anyhow::Result<Vec<T>> {
-    Ok(text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<Vec<T>, _>>()?)
 }
 
 /// What learning must leave alone.

@@ -111,8 +111,16 @@ fn answer(field: &str, a: &str) -> std::result::Result<(), (String, String)> {
 impl DriftSet {
     /// Loads and validates a drift directory, naming the file, line and field of any problem.
     pub fn load(dir: &Path) -> Result<Self> {
-        let (src, text) = read(dir, "updates.jsonl")?;
-        let updates = jsonl(&src, &text, |u: &Update| {
+        let updates = read(dir, "updates.jsonl")?;
+        let stable = read(dir, "stable.jsonl")?;
+        let (_, general) = read(dir, "general.txt")?;
+        Self::parse((&updates.0, &updates.1), (&stable.0, &stable.1), &general)
+    }
+
+    /// Parses the three files' contents, each JSONL one with the name its errors give.
+    pub fn parse(updates: (&str, &str), stable: (&str, &str), general: &str) -> Result<Self> {
+        let (src, text) = updates;
+        let updates = jsonl(src, text, |u: &Update| {
             if u.docs.is_empty() {
                 return Err(("docs".into(), "at least one document is needed".into()));
             }
@@ -127,13 +135,12 @@ impl DriftSet {
             }
             Ok(())
         })?;
-        let (src, text) = read(dir, "stable.jsonl")?;
-        let stable = jsonl(&src, &text, |p: &StableProbe| {
+        let (src, text) = stable;
+        let stable = jsonl(src, text, |p: &StableProbe| {
             answer("gold", &p.gold)?;
             answer("foil", &p.foil)
         })?;
-        let (_, text) = read(dir, "general.txt")?;
-        let general: Vec<String> = text
+        let general: Vec<String> = general
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(String::from)
