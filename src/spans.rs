@@ -138,13 +138,14 @@ pub struct Choice {
 
 /// A document's span targets: its given spans where they mark a target token, else (absent, or a
 /// span on the first token alone) the automatic rule's. `entity` marks names now, falling back to
-/// `surprisal` where it finds none; `novel` leaves the choice among the names to the forward pass;
+/// `surprisal` where it finds none; `novel` and `trending` leave the choice among their names to
+/// the forward pass (`trending` offers only the names `mentions` counts most often);
 /// `surprisal` picks the highest-loss tokens there.
 pub fn choose_targets(
     enc: &Encoded,
     text: &str,
     given: Option<&[(usize, usize)]>,
-    auto: SpanRule,
+    (auto, mentions): (SpanRule, &Mentions),
 ) -> Choice {
     let given_targets = given
         .map(|s| span_targets(enc, s))
@@ -166,16 +167,24 @@ pub fn choose_targets(
                 return choice(Some(t), SpanRule::Entity, Vec::new());
             }
         }
-        SpanRule::Novel => {
-            let chars: Vec<char> = text.chars().collect();
-            let names: Vec<Vec<bool>> = entity_spans(text)
+        SpanRule::Novel | SpanRule::Trending => {
+            let spans = match auto {
+                SpanRule::Novel => {
+                    let chars: Vec<char> = text.chars().collect();
+                    entity_spans(text)
+                        .into_iter()
+                        .filter(|&(s, _)| chars[s].is_alphabetic())
+                        .collect()
+                }
+                _ => mentions.most_mentioned(text),
+            };
+            let names: Vec<Vec<bool>> = spans
                 .into_iter()
-                .filter(|&(s, _)| chars[s].is_alphabetic())
                 .map(|span| span_targets(enc, &[span]))
                 .filter(|t| t.iter().any(|&b| b))
                 .collect();
             if !names.is_empty() {
-                return choice(None, SpanRule::Novel, names);
+                return choice(None, auto, names);
             }
         }
         _ => {}
@@ -223,6 +232,9 @@ pub enum SpanRule {
     Surprisal,
     /// The names the current model finds most surprising in context.
     Novel,
+    /// Of a document's names, those the step's documents mention most often (news repeats what
+    /// is new), the most surprising of them where many tie.
+    Trending,
 }
 
 const MONTHS: [&str; 12] = [
@@ -240,11 +252,9 @@ const MONTHS: [&str; 12] = [
     "December",
 ];
 
-/// The `entity` rule: runs of two or more capitalised words (a month followed by a number counts),
-/// and numbers, as character ranges.
-pub fn entity_spans(text: &str) -> Vec<(usize, usize)> {
-    // Words with their character ranges.
-    let mut words: Vec<(usize, usize, &str)> = Vec::new();
+/// A text's words (letters, digits, apostrophes and hyphens) with their character ranges.
+fn words(text: &str) -> Vec<(usize, usize, &str)> {
+    let mut words = Vec::new();
     let mut start = None;
     let mut byte_start = 0;
     let chars: Vec<(usize, char)> = text.char_indices().collect();
@@ -265,6 +275,88 @@ pub fn entity_spans(text: &str) -> Vec<(usize, usize)> {
     if let Some(s) = start {
         words.push((s, chars.len(), &text[byte_start..]));
     }
+    words
+}
+
+/// Capitalised words that open a sentence or a clause without naming anything.
+const OPENERS: [&str; 25] = [
+    "The", "A", "An", "In", "On", "At", "Since", "After", "Before", "He", "She", "It", "They",
+    "Its", "His", "Her", "This", "That", "As", "By", "For", "From", "With", "When", "While",
+];
+
+/// Names: runs of capitalised words joined by single spaces or hyphens, one word long or more,
+/// not starting with an opener or a month; as character ranges.
+pub fn names(text: &str) -> Vec<(usize, usize)> {
+    let words = words(text);
+    let chars: Vec<char> = text.chars().collect();
+    let capital = |w: &str| w.chars().next().is_some_and(char::is_uppercase);
+    let plain = |w: &str| !OPENERS.contains(&w) && !MONTHS.contains(&w);
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let (s, mut e, w) = words[i];
+        i += 1;
+        if !(capital(w) && plain(w)) {
+            continue;
+        }
+        while i < words.len() && capital(words[i].2) && plain(words[i].2) {
+            let gap: String = chars[e..words[i].0].iter().collect();
+            if gap != " " && gap != "-" {
+                break;
+            }
+            e = words[i].1;
+            i += 1;
+        }
+        spans.push((s, e));
+    }
+    spans
+}
+
+/// How often each word occurs in a set of texts (a learning step's documents), for the
+/// `trending` rule.
+#[derive(Debug, Default)]
+pub struct Mentions(std::collections::HashMap<String, usize>);
+
+impl Mentions {
+    /// Counts the words of `texts`.
+    pub fn of<'a>(texts: impl IntoIterator<Item = &'a str>) -> Mentions {
+        let mut counts = std::collections::HashMap::new();
+        for t in texts {
+            for (_, _, w) in words(t) {
+                *counts.entry(w.to_string()).or_insert(0) += 1;
+            }
+        }
+        Mentions(counts)
+    }
+
+    /// The names of `text` (see [`names`]) whose most frequent word is mentioned most often.
+    pub fn most_mentioned(&self, text: &str) -> Vec<(usize, usize)> {
+        let chars: Vec<char> = text.chars().collect();
+        let scored: Vec<((usize, usize), usize)> = names(text)
+            .into_iter()
+            .map(|(s, e)| {
+                let name: String = chars[s..e].iter().collect();
+                let count = words(&name)
+                    .iter()
+                    .map(|(_, _, w)| self.0.get(*w).copied().unwrap_or(0))
+                    .max()
+                    .unwrap_or(0);
+                ((s, e), count)
+            })
+            .collect();
+        let top = scored.iter().map(|&(_, c)| c).max().unwrap_or(0);
+        scored
+            .into_iter()
+            .filter(|&(_, c)| c == top)
+            .map(|(span, _)| span)
+            .collect()
+    }
+}
+
+/// The `entity` rule: runs of two or more capitalised words (a month followed by a number counts),
+/// and numbers, as character ranges.
+pub fn entity_spans(text: &str) -> Vec<(usize, usize)> {
+    let words = words(text);
     let capital = |w: &str| w.chars().next().is_some_and(char::is_uppercase);
     let number = |w: &str| w.chars().next().is_some_and(|c| c.is_ascii_digit());
     let mut spans = Vec::new();
@@ -316,5 +408,35 @@ mod tests {
         let got = novel_targets(&nll, &names);
         assert_eq!(got, name(&[0, 1, 5, 6]));
         assert_eq!(novel_targets(&nll, &names[1..2]), names[1]);
+    }
+
+    #[test]
+    fn names_skip_openers_and_months_and_stop_at_punctuation() {
+        let text =
+            "In May 2025 Leo XIV succeeded Francis. The Vatican's Dicastery met, Lip-Bu Tan said.";
+        let got: Vec<String> = names(text)
+            .into_iter()
+            .map(|(s, e)| text.chars().skip(s).take(e - s).collect())
+            .collect();
+        assert_eq!(
+            got,
+            ["Leo XIV", "Francis", "Vatican's Dicastery", "Lip-Bu Tan"]
+        );
+    }
+
+    #[test]
+    fn trending_keeps_the_names_the_step_mentions_most() {
+        let docs = [
+            "Leo XIV succeeded Pope Francis in Rome.",
+            "As Leo XIV he leads the Church.",
+        ];
+        let mentions = Mentions::of(docs);
+        let text = docs[0];
+        let got: Vec<String> = mentions
+            .most_mentioned(text)
+            .into_iter()
+            .map(|(s, e)| text.chars().skip(s).take(e - s).collect())
+            .collect();
+        assert_eq!(got, ["Leo XIV"]);
     }
 }

@@ -185,7 +185,8 @@ pub struct LearnArgs {
     pub span_weight: f64,
     /// How spans are found in documents sent without any: `entity` (capitalised names, numbers and
     /// dates; the highest-loss tokens where there are none), `novel` (the names the model finds
-    /// most surprising in context) or `surprisal` (the highest-loss tokens).
+    /// most surprising in context), `trending` (the names the step's documents mention most
+    /// often) or `surprisal` (the highest-loss tokens).
     #[arg(long, default_value = "entity", env = "LOCUS_AUTO_SPANS")]
     pub auto_spans: String,
     /// Measure each batch's loss again after its update (one more forward pass per step).
@@ -242,7 +243,10 @@ impl LearnArgs {
                 "entity" => SpanRule::Entity,
                 "surprisal" => SpanRule::Surprisal,
                 "novel" => SpanRule::Novel,
-                other => anyhow::bail!("--auto-spans {other}: use entity, novel or surprisal"),
+                "trending" => SpanRule::Trending,
+                other => {
+                    anyhow::bail!("--auto-spans {other}: use entity, novel, trending or surprisal")
+                }
             },
             ..LearnConfig::default()
         };

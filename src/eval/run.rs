@@ -11,12 +11,12 @@ use serde::Serialize;
 use super::data::DriftSet;
 use super::metrics::{compare, score, Metrics};
 use crate::error::Result;
-use crate::learn::batch::{Kind, Row};
+use crate::learn::batch::{Kind, Row, RowRules};
 use crate::learn::strategy::Localization;
 use crate::learn::{Doc, LearnConfig, Learner, Strategy};
 use crate::memory;
 use crate::model::{GroupId, Model};
-use crate::spans::{find_all, SpanRule};
+use crate::spans::{find_all, Mentions, SpanRule};
 use crate::trace::{trace, Prepared};
 
 /// How `locus eval` trains each strategy.
@@ -94,14 +94,13 @@ fn diagnostic_set(
 ) -> Result<(Vec<Prepared>, usize)> {
     let mut out = Vec::new();
     let mut fallbacks = 0;
+    let rules = RowRules {
+        max_tokens,
+        auto: SpanRule::Entity,
+        mentions: &Mentions::default(),
+    };
     for (i, d) in docs.iter().enumerate() {
-        let row = Row::document(
-            &model.tokenizer,
-            d,
-            (max_tokens, SpanRule::Entity),
-            Kind::Fresh,
-            i,
-        )?;
+        let row = Row::document(&model.tokenizer, d, &rules, Kind::Fresh, i)?;
         fallbacks += usize::from(row.fell_back);
         if let Some(targets) = row.targets {
             out.push(Prepared {

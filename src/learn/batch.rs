@@ -4,7 +4,7 @@ use candle_core::{Device, Tensor};
 
 use super::engine::Doc;
 use crate::error::{Error, Result};
-use crate::spans::{choose_targets, novel_targets, surprisal_targets, SpanRule};
+use crate::spans::{choose_targets, novel_targets, surprisal_targets, Mentions, SpanRule};
 use crate::tokenize::TextTokenizer;
 
 /// What a row of the batch is.
@@ -28,25 +28,35 @@ pub struct Row {
     pub rule: SpanRule,
     /// Whether given spans had no target token and an automatic rule stood in.
     pub fell_back: bool,
-    /// Under the `novel` rule, each name's targets to choose from at the forward pass.
+    /// Under `novel` and `trending`, each name's targets to choose from at the forward pass.
     pub names: Vec<Vec<bool>>,
     /// Fresh, rehearsed or replay.
     pub kind: Kind,
 }
 
+/// How a step makes rows of documents.
+pub struct RowRules<'a> {
+    /// Tokens kept of each document.
+    pub max_tokens: usize,
+    /// The rule for documents sent without spans.
+    pub auto: SpanRule,
+    /// The step's word counts, for the `trending` rule.
+    pub mentions: &'a Mentions,
+}
+
 impl Row {
-    /// A document's row with its span targets chosen by [`choose_targets`] with the `auto` rule;
+    /// A document's row with its span targets chosen by [`choose_targets`] under `rules`;
     /// `index` numbers the document in errors.
     pub fn document(
         tok: &TextTokenizer,
         doc: &Doc,
-        (max_tokens, auto): (usize, SpanRule),
+        rules: &RowRules,
         kind: Kind,
         index: usize,
     ) -> Result<Row> {
         let mut enc = tok.encode(&doc.text)?;
-        enc.ids.truncate(max_tokens);
-        enc.offsets.truncate(max_tokens);
+        enc.ids.truncate(rules.max_tokens);
+        enc.offsets.truncate(rules.max_tokens);
         if enc.ids.len() < 2 {
             return Err(Error::Input {
                 source_name: "batch".into(),
@@ -55,6 +65,7 @@ impl Row {
                 reason: format!("{} token(s); at least 2 are needed", enc.ids.len()),
             });
         }
+        let auto = (rules.auto, rules.mentions);
         let c = choose_targets(&enc, &doc.text, doc.spans.as_deref(), auto);
         Ok(Row {
             ids: enc.ids,

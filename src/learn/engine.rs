@@ -11,7 +11,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Batch, Kind, Row};
+use super::batch::{Batch, Kind, Row, RowRules};
 use super::optimizer::{AdamW, Moments};
 use super::rehearsal::{reorder, Entry, Rehearsal};
 use super::strategy::{LearnConfig, Localization, Selection};
@@ -19,7 +19,7 @@ use super::units::{self, Units};
 use crate::error::{Error, Result};
 use crate::model::{ops, GroupId, Model, Module, ParamKind, Params};
 use crate::select::{self, Rule};
-use crate::spans::SpanRule;
+use crate::spans::{Mentions, SpanRule};
 use crate::trace::{span_and_full_loss, squared_norms, GroupStat};
 
 /// A document to learn from, with salient spans as character ranges when the client gave them.
@@ -433,16 +433,29 @@ impl Learner {
     /// reordered), and Mix-Review's replay paragraphs.
     fn batch(&mut self, docs: &[Doc]) -> Result<Batch> {
         let tok = &self.model.tokenizer;
-        let max = (self.cfg.max_tokens, self.cfg.auto_spans);
-        let mut rows = Vec::with_capacity(docs.len());
-        for (i, d) in docs.iter().enumerate() {
-            rows.push(Row::document(tok, d, max, Kind::Fresh, i)?);
-        }
         let limit = docs.len() * self.cfg.rehearse;
-        for d in self.rehearsal.take_due(self.batches, limit) {
-            let d = reorder(&d, &mut self.rng);
+        let due: Vec<Doc> = self
+            .rehearsal
+            .take_due(self.batches, limit)
+            .into_iter()
+            .map(|d| reorder(&d, &mut self.rng))
+            .collect();
+        let mentions = match self.cfg.auto_spans {
+            SpanRule::Trending => Mentions::of(docs.iter().chain(&due).map(|d| d.text.as_str())),
+            _ => Mentions::default(),
+        };
+        let rules = RowRules {
+            max_tokens: self.cfg.max_tokens,
+            auto: self.cfg.auto_spans,
+            mentions: &mentions,
+        };
+        let mut rows = Vec::with_capacity(docs.len() + due.len());
+        for (i, d) in docs.iter().enumerate() {
+            rows.push(Row::document(tok, d, &rules, Kind::Fresh, i)?);
+        }
+        for d in &due {
             // A document that was learnable when it arrived stays so; a reorder cannot shorten it.
-            rows.push(Row::document(tok, &d, max, Kind::Rehearsed, rows.len())?);
+            rows.push(Row::document(tok, d, &rules, Kind::Rehearsed, rows.len())?);
         }
         if self.cfg.strategy.mix_review {
             let picks: Vec<&String> = self
@@ -450,7 +463,7 @@ impl Learner {
                 .choose_multiple(&mut self.rng, self.cfg.replay_per_batch)
                 .collect();
             for text in picks {
-                rows.extend(Row::replay(tok, text, max.0)?);
+                rows.extend(Row::replay(tok, text, rules.max_tokens)?);
             }
         }
         Batch::new(rows, self.model.device())

@@ -44,6 +44,7 @@ fn span_rule(r: DomainRule) -> pb::SpanRule {
         DomainRule::Entity => pb::SpanRule::Entity,
         DomainRule::Surprisal => pb::SpanRule::Surprisal,
         DomainRule::Novel => pb::SpanRule::Novel,
+        DomainRule::Trending => pb::SpanRule::Trending,
     }
 }
 
