@@ -13,6 +13,8 @@ Kubernetes API schemas). In order:
 4. Renders each value of values.yaml changed on its own and requires a different output, so no
    value is dead, and requires every value to be described by values.schema.json.
 5. Requires bad values to be rejected at render time, by values.schema.json or the chart's checks.
+6. Requires every metric the Grafana dashboard (helm/locus/dashboards/locus.json) queries to be one
+   the server registers.
 
 Exits non-zero with the failures listed.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,8 @@ except ImportError:
     sys.exit("check_chart: needs `python3 -m pip install helm-python-sdk kubernetes-validate`")
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "locus"
+DASHBOARD = CHART / "dashboards" / "locus.json"
+METRICS_SOURCE = CHART.parent.parent / "src" / "server" / "metrics.rs"
 RELEASE = "locus"
 NAMESPACE = "ml"
 # The chart's kubeVersion floor (gRPC probes) and the newest schemas kubernetes-validate ships.
@@ -63,7 +68,10 @@ CASES: dict[str, dict[str, Any]] = {
         **READERS,
         "auth": {"existingSecret": "locus-tokens"},
         "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/locus"}},
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "locus"}},
+        },
         "env": [{"name": "RUST_LOG", "value": "info"}],
     },
     "writer-publishing": S3,
@@ -169,7 +177,9 @@ def check_case(name: str, values: dict, docs: list[dict], f: Failures) -> None:
     store_url = values["store"]["url"]
 
     workloads = [w for w in (writer, reader) if w is not None]
-    config_map = one(docs, "ConfigMap")
+    settings = [c for c in by_kind(docs, "ConfigMap") if not c["metadata"]["name"].endswith("-dashboard")]
+    config_map = settings[0] if len(settings) == 1 else None
+    f.check(config_map is not None, f"{p} one settings ConfigMap")
     for w in workloads:
         role = w["metadata"]["labels"]["app.kubernetes.io/component"]
         q = f"{p} {role}:"
@@ -315,6 +325,28 @@ def check_case(name: str, values: dict, docs: list[dict], f: Failures) -> None:
     for m in monitors:
         check_service_monitor(p, m, services, f)
 
+    dashboard = values.get("metrics", {}).get("grafanaDashboard", {})
+    maps = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    f.check(len(maps) == (1 if dashboard.get("enabled") else 0),
+            f"{p} a dashboard ConfigMap iff metrics.grafanaDashboard.enabled")
+    for c in maps:
+        f.check(c["metadata"]["labels"].get("grafana_dashboard") == "1", f"{p} dashboard sidecar label")
+        f.check(json.loads(c["data"]["locus.json"]) == json.loads(DASHBOARD.read_text()),
+                f"{p} dashboard ConfigMap carries dashboards/locus.json unchanged")
+
+
+def check_dashboard(f: Failures) -> None:
+    """Every metric a dashboard expression names is one the server registers (src/server/metrics.rs);
+    tests/operations.rs checks the same names against a real server's scrape."""
+    registered = set(re.findall(r'"(locus_[a-z_]+)"', METRICS_SOURCE.read_text()))
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dash["panels"] for t in panel["targets"]]
+    f.check(len(exprs) >= 10, f"dashboard has its panels, got {len(exprs)} expressions")
+    for e in exprs:
+        for name in re.findall(r"\blocus_[a-z_]+", e):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            f.check(base in registered, f"dashboard expression names `{name}`, which the server does not export")
+
 
 def check_service_monitor(p: str, m: dict, services: list[dict], f: Failures) -> None:
     """kubernetes-validate has no schema for this CRD: the fields Prometheus Operator needs."""
@@ -420,6 +452,9 @@ MUTATIONS: dict[str, tuple[dict, Any]] = {
     "metrics.serviceMonitor.enabled": ({}, True),
     "metrics.serviceMonitor.interval": ({"metrics": {"serviceMonitor": {"enabled": True}}}, "15s"),
     "metrics.serviceMonitor.labels": ({"metrics": {"serviceMonitor": {"enabled": True}}}, {"release": "prom"}),
+    "metrics.grafanaDashboard.enabled": ({}, True),
+    "metrics.grafanaDashboard.labels.grafana_dashboard": ({"metrics": {"grafanaDashboard": {"enabled": True}}}, "yes"),
+    "metrics.grafanaDashboard.annotations": ({"metrics": {"grafanaDashboard": {"enabled": True}}}, {"grafana_folder": "ml"}),
     "nodeSelector": ({}, {"pool": "locus"}),
     "tolerations": ({}, [{"key": "dedicated", "operator": "Equal", "value": "locus", "effect": "NoSchedule"}]),
     "affinity": ({}, {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
@@ -542,6 +577,7 @@ def main() -> int:
 
     check_values_used(chart, f)
     check_rejected(chart, f)
+    check_dashboard(f)
 
     elapsed = time.monotonic() - start
     if f.items:
@@ -551,7 +587,7 @@ def main() -> int:
         return 1
     print(
         f"check_chart: helm/locus OK in {elapsed:.1f} s: lint of the defaults and of readers, {len(CASES)} value sets valid for Kubernetes "
-        f"{' and '.join(KUBE_VERSIONS)} (ServiceMonitor checked by shape), {len(MUTATIONS)} values each used, "
+        f"{' and '.join(KUBE_VERSIONS)} (ServiceMonitor checked by shape), dashboard metrics registered, {len(MUTATIONS)} values each used, "
         f"{len(REJECTED)} bad value sets rejected"
     )
     return 0

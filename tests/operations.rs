@@ -171,6 +171,7 @@ async fn metrics_count_ingest_and_queries_and_readyz_follows_the_model() {
     let layers = server.state_layers().await;
     assert_eq!(groups.len(), 2 * layers, "{groups:?}");
     assert!(groups.iter().any(|l| l.ends_with(" 1")), "{groups:?}");
+    dashboard_metrics_are_exported(&scrape);
 
     let _ = server.stop.send(());
     tokio::time::timeout(Duration::from_secs(20), server.task)
@@ -182,6 +183,39 @@ async fn metrics_count_ingest_and_queries_and_readyz_follows_the_model() {
     let (code, body) = get(&server.metrics, "/readyz").await;
     assert_eq!((code, body.as_str()), (503, "shutting down\n"));
     server.metrics_task.abort();
+}
+
+/// Every metric the chart's Grafana dashboard queries is in a real server's scrape.
+fn dashboard_metrics_are_exported(scrape: &str) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helm/locus/dashboards/locus.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (at, _) in expr.match_indices("locus_") {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                names.push(name);
+            }
+        }
+    }
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        let exported = scrape
+            .lines()
+            .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")));
+        assert!(
+            exported,
+            "the dashboard queries `{name}`, which the server does not export"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
