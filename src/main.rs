@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
         Ok(args) => args,
         Err(e) => {
             eprintln!("locus: error: {e:#}");
-            return std::process::ExitCode::FAILURE;
+            return std::process::ExitCode::from(cli::exit_status(&e));
         }
     };
     // Before any thread starts: a server's queries and learner must not share candle's pool.
@@ -26,7 +26,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("locus: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(cli::exit_status(&e))
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::quantized::gguf_file::{self, Value as GgufValue};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::{expected, fails, fixture, locus, ok, rel_err, TINY};
+use common::{expected, fails, fails_with, fixture, locus, ok, rel_err, TINY};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -1278,7 +1278,98 @@ fn client_ingest_prints_batches_and_a_summary_then_checkpoint_writes_the_file() 
 fn client_checkpoint_without_a_data_directory_fails_cleanly() {
     let serve = Serve::start(None);
     let addr = serve.addr.clone();
-    fails(&["client", "--addr", &addr, "checkpoint"], &["--data-dir"]);
+    // The server's refusal: exit status 3.
+    fails_with(
+        3,
+        &["client", "--addr", &addr, "checkpoint"],
+        &["--data-dir"],
+    );
+}
+
+#[test]
+fn client_json_prints_the_answers_and_exit_statuses_tell_failures_apart() {
+    let tmp = TempDir::new().unwrap();
+    let serve = Serve::start(None);
+    let line = |out: &str| -> Value { serde_json::from_str(out.trim()).unwrap() };
+
+    let info = line(&client_ok(&serve, &["--json", "info"]).stdout);
+    assert_eq!(info["version"], 0, "{info}");
+    assert_eq!(info["strategy"], "full", "{info}");
+
+    let lines = spans_form(&ref_texts("llama"));
+    let file = write_lines(tmp.path(), "docs.jsonl", &lines);
+    let r = client_ok(
+        &serve,
+        &["--json", "ingest", path_str(&file), "--batch-size", "2"],
+    );
+    let answers: Vec<Value> = r.stdout.lines().map(line).collect();
+    assert_eq!(
+        answers.len(),
+        2,
+        "one object per answered batch:\n{}",
+        r.stdout
+    );
+    assert_eq!(answers[1]["version"], 2, "{}", answers[1]);
+    let step = &answers[0]["steps"][0];
+    assert!(
+        step["groups"][0]["module"]
+            .as_str()
+            .unwrap()
+            .starts_with("MODULE_"),
+        "{step}"
+    );
+    assert_eq!(step["span_rules"][0], "SPAN_RULE_GIVEN", "{step}");
+
+    let score = line(
+        &client_ok(
+            &serve,
+            &["--json", "score", "--prompt", "Ada", " wrote", " ran"],
+        )
+        .stdout,
+    );
+    assert_eq!(score["version"], 2, "{score}");
+    assert_eq!(score["ranked"].as_array().unwrap().len(), 2, "{score}");
+
+    let r = client_ok(&serve, &["--json", "complete", "Ada", "--max-tokens", "3"]);
+    let chunks: Vec<Value> = r.stdout.lines().map(line).collect();
+    assert!(!chunks.is_empty(), "{}", r.stdout);
+    let last = chunks.last().unwrap();
+    assert!(
+        last["finish_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("FINISH_REASON_"),
+        "{last}"
+    );
+
+    let versions = line(&client_ok(&serve, &["--json", "versions"]).stdout);
+    assert_eq!(versions["current"], 2, "{versions}");
+    let created = versions["versions"][0]["created"].as_str().unwrap();
+    assert!(
+        created.ends_with('Z') && created.contains('T'),
+        "RFC 3339: {created}"
+    );
+
+    // Usage (2): a flag the client lacks, a file that is not JSONL. Server (3): a version it does
+    // not keep. Connection (4): nothing listens there.
+    let r = serve.client(&["--json", "info", "--no-such-flag"]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    let bad = write_lines(tmp.path(), "bad.jsonl", &["{not json".to_string()]);
+    let addr = serve.addr.clone();
+    fails_with(
+        2,
+        &["client", "--addr", &addr, "ingest", path_str(&bad)],
+        &["bad.jsonl line 1"],
+    );
+    fails_with(3, &["client", "--addr", &addr, "rollback", "999"], &["999"]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    fails_with(
+        4,
+        &["client", "--addr", &nowhere, "info"],
+        &["cannot connect"],
+    );
 }
 
 #[test]

@@ -23,6 +23,10 @@ pub struct ClientArgs {
     /// Connect over TLS, trusting the server certificate if this PEM certificate authority signed it.
     #[arg(long, env = "LOCUS_CA_CERT")]
     ca_cert: Option<PathBuf>,
+    /// Print each answer as one JSON object on stdout (one per line for ingest and complete),
+    /// with the API's field names; messages for people stay on stderr.
+    #[arg(long)]
+    json: bool,
     #[command(subcommand)]
     command: ClientCommand,
 }
@@ -102,6 +106,18 @@ struct Line {
     source: String,
 }
 
+/// A file the client was asked to send that it cannot read or parse: a usage error, told apart
+/// from the server's errors by the exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(String);
+
+/// Prints an answer as one line of JSON.
+fn print_json<T: serde::Serialize>(answer: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(answer)?);
+    Ok(())
+}
+
 /// Runs `locus client`.
 pub fn run(a: ClientArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -115,12 +131,16 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
             }
             None => Client::connect(&a.addr, a.token.as_deref()).await?,
         };
+        let json = a.json;
         match a.command {
             ClientCommand::Ingest { file, batch_size } => {
-                ingest(&mut client, &file, batch_size).await
+                ingest(&mut client, &file, batch_size, json).await
             }
             ClientCommand::Score { prompt, candidates } => {
                 let r = client.score(&prompt, &candidates).await?;
+                if json {
+                    return print_json(&r);
+                }
                 println!("model version {}", r.version);
                 for c in r.ranked {
                     println!(
@@ -147,6 +167,12 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
                     seed,
                 };
                 let mut stream = client.complete(request).await?;
+                if json {
+                    while let Some(chunk) = stream.next().await {
+                        print_json(&chunk?)?;
+                    }
+                    return Ok(());
+                }
                 let mut out = std::io::stdout();
                 write!(out, "{prompt}")?;
                 let mut last = None;
@@ -169,6 +195,9 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
             }
             ClientCommand::Perplexity { texts } => {
                 let r = client.perplexity(texts.clone()).await?;
+                if json {
+                    return print_json(&r);
+                }
                 println!("model version {}", r.version);
                 for (t, p) in texts.iter().zip(r.texts) {
                     println!("{:>10.3}  {:>4} tokens  {t:?}", p.perplexity, p.tokens);
@@ -177,6 +206,9 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
             }
             ClientCommand::Info => {
                 let r = client.info().await?;
+                if json {
+                    return print_json(&r);
+                }
                 let selection: Vec<String> = r.selection.iter().map(group_name).collect();
                 println!(
                     "model        {} ({} layers, {} parameters) from {}",
@@ -205,6 +237,9 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
             }
             ClientCommand::Versions => {
                 let r = client.list_versions().await?;
+                if json {
+                    return print_json(&r);
+                }
                 for v in r.versions {
                     let changed: Vec<String> = v.changed.iter().map(group_name).collect();
                     let mark = if v.version == r.current { '*' } else { ' ' };
@@ -223,16 +258,25 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
             }
             ClientCommand::Pause => {
                 let r = client.pause().await?;
+                if json {
+                    return print_json(&r);
+                }
                 println!("learning paused at version {}", r.version);
                 Ok(())
             }
             ClientCommand::Resume => {
                 let r = client.resume().await?;
+                if json {
+                    return print_json(&r);
+                }
                 println!("learning resumed at version {}", r.version);
                 Ok(())
             }
             ClientCommand::Rollback { version } => {
                 let r = client.rollback(version).await?;
+                if json {
+                    return print_json(&r);
+                }
                 println!(
                     "restored version {} as version {}",
                     r.restored_from, r.version
@@ -241,6 +285,9 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
             }
             ClientCommand::Checkpoint => {
                 let r = client.checkpoint().await?;
+                if json {
+                    return print_json(&r);
+                }
                 println!("version      {}", r.version);
                 println!("path         {}", r.path);
                 println!("bytes        {}", r.bytes);
@@ -266,9 +313,16 @@ pub fn group_name(g: &pb::UpdatedGroup) -> String {
     format!("{}.{module}", g.layer)
 }
 
-/// Streams a JSONL file in batches and prints one line per answered batch.
-async fn ingest(client: &mut Client, file: &PathBuf, batch_size: usize) -> anyhow::Result<()> {
-    let content = std::fs::read_to_string(file).map_err(|e| locus::Error::io(file, e))?;
+/// Streams a JSONL file in batches and prints one line per answered batch (the answer itself
+/// under `json`).
+async fn ingest(
+    client: &mut Client,
+    file: &PathBuf,
+    batch_size: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let content = std::fs::read_to_string(file)
+        .map_err(|e| InputError(locus::Error::io(file, e).to_string()))?;
     let mut docs = Vec::new();
     let mut lines = Vec::new();
     for (i, raw) in content.lines().enumerate() {
@@ -276,7 +330,7 @@ async fn ingest(client: &mut Client, file: &PathBuf, batch_size: usize) -> anyho
             continue;
         }
         let l: Line = serde_json::from_str(raw)
-            .map_err(|e| anyhow::anyhow!("{} line {}: {e}", file.display(), i + 1))?;
+            .map_err(|e| InputError(format!("{} line {}: {e}", file.display(), i + 1)))?;
         docs.push(pb::Document {
             text: l.text,
             spans: l
@@ -295,7 +349,7 @@ async fn ingest(client: &mut Client, file: &PathBuf, batch_size: usize) -> anyho
         lines.push(i + 1);
     }
     if docs.is_empty() {
-        anyhow::bail!("{}: no documents", file.display());
+        return Err(InputError(format!("{}: no documents", file.display())).into());
     }
     let batch_size = batch_size.max(1);
     let batches: Vec<pb::IngestRequest> = docs
@@ -318,6 +372,10 @@ async fn ingest(client: &mut Client, file: &PathBuf, batch_size: usize) -> anyho
         accepted += r.accepted.len();
         rejected += r.rejected.len();
         version = Some(r.version);
+        if json {
+            print_json(&r)?;
+            continue;
+        }
         let k: usize = r.client_batch_id.parse().unwrap_or(0);
         let groups: Vec<String> = r
             .steps

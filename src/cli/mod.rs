@@ -50,6 +50,33 @@ enum Command {
     Export(export::ExportArgs),
 }
 
+/// The exit status of a failed command: 2 for a usage error (the command line, a settings file, a
+/// file the client was asked to send), 3 when the server answered with an error, 4 when it could
+/// not be reached or the connection broke, 1 for anything else.
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    use locus::client::ClientError;
+    for cause in e.chain() {
+        if cause.is::<client::InputError>() || cause.is::<Usage>() {
+            return 2;
+        }
+        if let Some(c) = cause.downcast_ref::<ClientError>() {
+            return match c {
+                ClientError::Address { .. } | ClientError::Tls { .. } | ClientError::Token => 2,
+                ClientError::Connect { .. } => 4,
+                // A status the server sent has no source; one tonic made of a broken connection does.
+                ClientError::Status(s) if std::error::Error::source(s).is_some() => 4,
+                ClientError::Status(_) => 3,
+            };
+        }
+    }
+    1
+}
+
+/// A command line or settings file that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(String);
+
 /// Parses the command line (exiting on a usage error or `--help`); `locus serve` also takes the
 /// settings of its file that no flag or environment variable gives.
 pub fn parse() -> anyhow::Result<Cli> {
@@ -63,7 +90,7 @@ pub fn parse() -> anyhow::Result<Cli> {
             // The command line alone parsed, so an error now comes from the file's values.
             argv.extend(flags.into_iter().map(OsString::from));
             return Cli::try_parse_from(argv)
-                .map_err(|e| anyhow::anyhow!("{}", e.render()))
+                .map_err(|e| Usage(e.render().to_string()))
                 .with_context(|| format!("settings from {}", file.display()));
         }
     }

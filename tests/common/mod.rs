@@ -49,6 +49,11 @@ pub fn ok(args: &[&str]) -> Run {
 /// Runs `locus`, insists that it fails cleanly (exit status 1, no panic, one error line and no
 /// backtrace), that the error names every `needle`, and returns the error line.
 pub fn fails(args: &[&str], needles: &[&str]) -> String {
+    fails_with(1, args, needles)
+}
+
+/// [`fails`] with another exit status (2 usage, 3 a server's error, 4 no connection).
+pub fn fails_with(status: i32, args: &[&str], needles: &[&str]) -> String {
     let r = locus(args);
     assert!(
         !r.stderr.contains("panicked"),
@@ -57,8 +62,8 @@ pub fn fails(args: &[&str], needles: &[&str]) -> String {
     );
     assert_eq!(
         r.code,
-        Some(1),
-        "locus {args:?} should fail with status 1:\nstdout:\n{}\nstderr:\n{}",
+        Some(status),
+        "locus {args:?} should fail with status {status}:\nstdout:\n{}\nstderr:\n{}",
         r.stdout,
         r.stderr
     );
