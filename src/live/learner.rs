@@ -44,14 +44,16 @@ pub(crate) struct Setup {
 }
 
 impl Setup {
-    /// A learner starting at `version`.
+    /// A learner starting at `version`, revertible when a guard may reject its updates.
     pub(super) fn learner(&self, version: u64) -> Result<Learner> {
-        Ok(Learner::new(
+        let mut learner = Learner::new(
             Arc::clone(&self.model),
             self.learn.clone(),
             self.replay.clone(),
             version,
-        )?)
+        )?;
+        learner.set_revertible(self.guard.is_some());
+        Ok(learner)
     }
 }
 

@@ -64,13 +64,7 @@ impl Worker {
         let current = self.setup.snapshots.current();
         let next = current.after_update(report.version, &changed, &weights)?;
         if let Some(check) = self.rejects(&current, &next)? {
-            // Undone before anything saw it: the weights go back to the served ones.
-            for (name, t) in current.tensors_of(&changed) {
-                if let Some(var) = self.setup.model.vars.get(&name) {
-                    var.set(&t).map_err(crate::Error::from)?;
-                }
-            }
-            self.learner.undo_last_update();
+            self.learner.revert()?;
             report.applied = false;
             report.version = self.learner.version();
             report.skipped = Some(format!(
