@@ -1,6 +1,6 @@
 //! The live model: the learner thread that alone changes the weights, the publisher that sends a
 //! writer's versions to the store, a reader's follower, the forgetting guard and the learner's CPU
-//! priority. No transport here; the server turns requests into [`Job`]s and [`Error`]s into
+//! priority. No transport here; the server turns requests into `Job`s and [`Error`]s into
 //! status codes.
 //!
 //! candle's work is blocking and CPU-bound, so the learner runs on its own OS thread fed by a
