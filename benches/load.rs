@@ -111,7 +111,7 @@ fn machine() -> String {
 }
 
 fn main() -> anyhow::Result<()> {
-    server::inline_elementwise_ops();
+    locus::live::inline_elementwise_ops();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

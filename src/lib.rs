@@ -6,6 +6,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod learn;
+pub mod live;
 pub mod memory;
 pub mod model;
 pub mod plot;

@@ -12,7 +12,7 @@ fn main() -> std::process::ExitCode {
     };
     // Before any thread starts: a server's queries and learner must not share candle's pool.
     if args.serves() {
-        locus::server::inline_elementwise_ops();
+        locus::live::inline_elementwise_ops();
     }
     // Dropped when main returns, which flushes the spans still waiting for export.
     let _telemetry = match locus::telemetry::init() {

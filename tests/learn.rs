@@ -207,6 +207,53 @@ fn lora_trains_adapters_on_the_selected_groups_only() {
     assert!(!changed(&before, &model).is_empty());
 }
 
+/// The bits of every weight as the learner serves it (adapters included).
+fn served(l: &Learner) -> BTreeMap<String, Vec<u32>> {
+    let params = l.current_params().unwrap();
+    l.model()
+        .vars
+        .keys()
+        .map(|n| (n.clone(), bits(params.get(n).unwrap())))
+        .collect()
+}
+
+/// The bits of every optimizer moment, with its step count, by parameter.
+fn moments(l: &Learner) -> BTreeMap<String, (i32, Vec<u32>)> {
+    let state = l.export_state().unwrap();
+    state
+        .moments
+        .into_iter()
+        .map(|(n, m)| (n, (m.steps, bits(&m.state))))
+        .collect()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn a_reverted_update_leaves_weights_and_moments_as_before_it() {
+    for strategy in ["full", "lora+tgl-fp"] {
+        let mut l = Learner::new(tiny(), config(strategy), vec![], 0).unwrap();
+        l.set_revertible(true);
+        let d = docs();
+        assert!(l.step(&d[..2]).unwrap().applied, "{strategy}");
+        let (weights, state) = (served(&l), moments(&l));
+        let second = l.step(&d[2..]).unwrap();
+        assert!(second.applied && second.version == 2, "{second:?}");
+        assert_ne!(served(&l), weights, "{strategy}");
+        l.revert().unwrap();
+        assert_eq!(l.version(), 1);
+        assert_eq!(served(&l), weights, "{strategy}");
+        assert_eq!(moments(&l), state, "{strategy}");
+        assert!(l.revert().is_err(), "an update reverts once");
+    }
+    let mut l = Learner::new(tiny(), config("full"), vec![], 0).unwrap();
+    assert!(l.step(&docs()).unwrap().applied);
+    assert!(l.revert().is_err(), "nothing kept unless asked");
+}
+
 #[test]
 fn adamw_follows_torch_adamw_step_for_step() {
     use locus::learn::optimizer::AdamW;

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, Kind, Row, RowRules};
-use super::optimizer::{AdamW, Moments};
+use super::optimizer::{AdamW, Moments, Undo};
 use super::rehearsal::{reorder, Entry, Rehearsal};
 use super::strategy::{LearnConfig, Localization, Selection};
 use super::units::{self, Units};
@@ -115,6 +115,10 @@ pub struct Learner {
     rehearsal: Rehearsal,
     /// Unit norms and masks, when the strategy selects units.
     units: Option<Units>,
+    /// Whether each update keeps what it overwrote, for [`Learner::revert`].
+    revertible: bool,
+    /// What the last step's update overwrote, while it can still be reverted.
+    undo: Option<Undo>,
 }
 
 /// What learning needs to resume after a restart as if it had never stopped, besides the
@@ -193,6 +197,8 @@ impl Learner {
             rehearsal: Rehearsal::new(cfg.rehearse, cfg.rehearsal_window),
             units,
             cfg,
+            revertible: false,
+            undo: None,
         })
     }
 
@@ -253,11 +259,26 @@ impl Learner {
         Ok(())
     }
 
-    /// Takes back the version number and count of the update just applied, whose weights the
-    /// caller has put back (the optimizer's moments keep what its gradient taught them).
-    pub fn undo_last_update(&mut self) {
-        self.version = self.version.saturating_sub(1);
-        self.applied = self.applied.saturating_sub(1);
+    /// Makes every update keep a copy of the weights and optimizer moments it overwrites, so
+    /// that [`Learner::revert`] can put them back; the copies cost memory and time, so a learner
+    /// keeps none unless asked.
+    pub fn set_revertible(&mut self, revertible: bool) {
+        self.revertible = revertible;
+        self.undo = None;
+    }
+
+    /// Reverts the last step's update: the weights and optimizer moments as they were before it,
+    /// and its version number and count taken back. Only a revertible learner's last step, when
+    /// it applied an update, can be reverted.
+    pub fn revert(&mut self) -> Result<()> {
+        let undo = self
+            .undo
+            .take()
+            .ok_or_else(|| Error::Invalid("no update to revert".into()))?;
+        self.opt.revert(undo)?;
+        self.version -= 1;
+        self.applied -= 1;
+        Ok(())
     }
 
     /// Parameters with optimizer state, and the elements that state holds.
@@ -472,6 +493,7 @@ impl Learner {
     /// Learns from one batch of documents and reports what changed.
     pub fn step(&mut self, docs: &[Doc]) -> Result<UpdateReport> {
         let start = Instant::now();
+        self.undo = None;
         if docs.is_empty() {
             return Err(Error::Invalid("empty batch".into()));
         }
@@ -649,13 +671,18 @@ impl Learner {
         } else {
             1.0
         };
+        let mut undo = Undo::default();
         for (key, var, g, grad) in update {
+            if self.revertible {
+                self.opt.save(key, var, &mut undo)?;
+            }
             let grad = if clip < 1.0 { (grad * clip)? } else { grad };
             let lr = self.cfg.lr * warm * trainable[g];
             units::confine(var, mask(key), || self.opt.update(key, var, &grad, lr))?;
         }
         self.applied += 1;
         self.version += 1;
+        self.undo = self.revertible.then_some(undo);
         let rel: BTreeMap<GroupId, f64> = self
             .stats()
             .into_iter()

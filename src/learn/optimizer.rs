@@ -18,6 +18,22 @@ pub struct Moments {
     pub steps: i32,
 }
 
+/// What one update changed, kept so that it can be reverted: each parameter's weights and
+/// moments from before it.
+#[derive(Default)]
+pub struct Undo {
+    saved: Vec<Saved>,
+}
+
+/// One parameter as it was before an update.
+struct Saved {
+    name: String,
+    var: Var,
+    weights: Tensor,
+    /// `None`: the update created the parameter's state.
+    moments: Option<Moments>,
+}
+
 /// AdamW state, created lazily per parameter on its first update.
 pub struct AdamW {
     betas: (f64, f64),
@@ -167,6 +183,37 @@ impl AdamW {
                 ))
             })
             .collect()
+    }
+
+    /// Copies `var`'s weights and `name`'s moments into `undo`, before an update changes them;
+    /// the update works in place, so only a copy survives it.
+    pub fn save(&self, name: &str, var: &Var, undo: &mut Undo) -> Result<()> {
+        let moments = match self.state.get(name) {
+            Some(m) => Some(Moments {
+                state: m.state.copy()?,
+                steps: m.steps,
+            }),
+            None => None,
+        };
+        undo.saved.push(Saved {
+            name: name.to_string(),
+            var: var.clone(),
+            weights: var.as_tensor().copy()?,
+            moments,
+        });
+        Ok(())
+    }
+
+    /// Puts back the weights and moments `undo` saved.
+    pub fn revert(&mut self, undo: Undo) -> Result<()> {
+        for saved in undo.saved {
+            saved.var.set(&saved.weights)?;
+            match saved.moments {
+                Some(m) => self.state.insert(saved.name, m),
+                None => self.state.remove(&saved.name),
+            };
+        }
+        Ok(())
     }
 
     /// Replaces the state with an exported one.

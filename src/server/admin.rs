@@ -6,9 +6,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::learner::Job;
 use super::{ServerError, State};
 use crate::learn::Localization;
+use crate::live::Job;
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_server::Admin;
 
@@ -143,7 +143,8 @@ impl Admin for AdminService {
         let (new, restored) = loaded
             .learner
             .ask(|reply| Job::Rollback { version, reply })
-            .await?;
+            .await
+            .map_err(ServerError::from)?;
         tracing::info!(new, restored, "rolled back");
         Ok(Response::new(pb::RollbackResponse {
             version: new,
@@ -161,7 +162,8 @@ impl Admin for AdminService {
         let written = loaded
             .learner
             .ask(|reply| Job::Checkpoint { reply })
-            .await?
+            .await
+            .map_err(ServerError::from)?
             .ok_or_else(|| {
                 ServerError::invalid(
                     "data_dir",

@@ -2,7 +2,6 @@
 
 use std::error::Error as _;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,6 +11,7 @@ use tonic::codegen::Service;
 use tonic::{Code, Status};
 
 use crate::error::Error;
+use crate::live;
 use crate::store::StoreError;
 
 /// What a request can fail with, beyond the library's errors.
@@ -117,7 +117,7 @@ impl ServerError {
             ServerError::NotLoaded | ServerError::ShuttingDown => Code::Unavailable,
             ServerError::UnknownVersion { .. } => Code::NotFound,
             ServerError::Store(e) => match e {
-                StoreError::Io { cause, .. } if is_full(cause) => Code::ResourceExhausted,
+                StoreError::Io { .. } if e.is_full() => Code::ResourceExhausted,
                 StoreError::Io { .. } | StoreError::Tensor(_) => Code::Internal,
                 // A checkpoint or journal record that fails its checksum is lost, not retried.
                 StoreError::Corrupt { .. } => Code::DataLoss,
@@ -130,30 +130,35 @@ impl ServerError {
 
     /// What a client is told: the message, less the server's paths.
     pub(crate) fn client_message(&self) -> String {
-        let ServerError::Store(e) = self else {
-            return self.to_string();
-        };
-        match e {
-            StoreError::Io { cause, .. } if is_full(cause) => "data directory is full".into(),
-            StoreError::Io { cause, .. } => format!("data directory: {cause}"),
-            StoreError::Corrupt { path, reason } => format!(
-                "data directory: {} is corrupt: {reason}",
-                path.file_name().unwrap_or_default().to_string_lossy()
-            ),
-            // Those with a path are refusals to start, which no client sees.
-            StoreError::Mismatch(_) | StoreError::Location { .. } => e.to_string(),
-            StoreError::Remote { .. } => format!("published store: {e}"),
-            StoreError::Tensor(t) => format!("data directory: tensor: {t}"),
+        match self {
+            ServerError::Store(e) => e.client_message(),
+            e => e.to_string(),
         }
     }
 }
 
-/// Whether a write failed for lack of space (or quota) rather than for a fault.
-fn is_full(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-    )
+impl From<live::Error> for ServerError {
+    fn from(e: live::Error) -> Self {
+        match e {
+            live::Error::Locus(e) => ServerError::Locus(e),
+            live::Error::Store(e) => ServerError::Store(e),
+            live::Error::Invalid { field, reason } => {
+                ServerError::InvalidArgument { field, reason }
+            }
+            live::Error::Paused => ServerError::Paused,
+            live::Error::ShuttingDown => ServerError::ShuttingDown,
+            live::Error::UnknownVersion { version, retained } => {
+                ServerError::UnknownVersion { version, retained }
+            }
+            e @ (live::Error::Thread { .. }
+            | live::Error::Gone(_)
+            | live::Error::Panicked(_)
+            | live::Error::OtherBase { .. }
+            | live::Error::UnknownTensor { .. }
+            | live::Error::BaseChanged { .. }
+            | live::Error::NotDurable { .. }) => ServerError::Internal(e.to_string()),
+        }
+    }
 }
 
 impl From<ServerError> for Status {
@@ -252,6 +257,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
 
     fn io(kind: io::ErrorKind) -> StoreError {

@@ -13,10 +13,10 @@ use tracing::Instrument;
 
 use super::convert;
 use super::error::from_codec;
-use super::learner::Job;
 use super::{Limits, ServerError, State};
 use crate::error::Error;
 use crate::learn::{Doc, UpdateReport};
+use crate::live::{self, Job};
 use crate::model::Model;
 use crate::proto::v1 as pb;
 use crate::proto::v1::learn_server::Learn;
@@ -188,7 +188,7 @@ enum Pending {
     /// Waiting for the learner.
     Learning(
         Validated,
-        oneshot::Receiver<Result<Vec<UpdateReport>, ServerError>>,
+        oneshot::Receiver<live::Result<Vec<UpdateReport>>>,
     ),
     /// The stream ends with this status.
     Fail(Status),
@@ -257,7 +257,7 @@ impl Learn for LearnService {
                             let version = steps.last().map_or(0, |s| s.version);
                             Ok(v.response(&steps, version))
                         }
-                        Ok(Err(e)) => Err(e.into()),
+                        Ok(Err(e)) => Err(ServerError::from(e).into()),
                         Err(_) => Err(ServerError::Internal(
                             "the learner thread dropped a batch".into(),
                         )
@@ -326,13 +326,13 @@ impl Learn for LearnService {
             .await
             .map_err(|e| match e {
                 // `prepare` numbers texts from 1 as lines; the API indexes them from 0.
-                ServerError::Locus(Error::Input {
+                live::Error::Locus(Error::Input {
                     line,
                     field,
                     reason,
                     ..
                 }) => ServerError::invalid(format!("texts[{}].{field}", line - 1), reason),
-                e => e,
+                e => e.into(),
             })?;
         let selection = crate::select::report(&trace.groups);
         Ok(Response::new(convert::trace(
@@ -378,6 +378,6 @@ async fn read_batch(state: &Arc<State>, req: pb::IngestRequest) -> Pending {
     };
     match loaded.learner.submit(job).await {
         Ok(()) => Pending::Learning(validated, answer),
-        Err(e) => Pending::Fail(e.into()),
+        Err(e) => Pending::Fail(ServerError::from(e).into()),
     }
 }

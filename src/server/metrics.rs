@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 
 use super::State;
 use crate::learn::UpdateReport;
+use crate::live::Counters;
 
 /// The server's metrics, in a registry of its own so that several servers in one process (tests,
 /// the demo) do not mix their numbers.
@@ -182,11 +183,6 @@ impl Metrics {
         })
     }
 
-    /// Whether learning is blocked now.
-    pub(crate) fn set_learning_blocked(&self, blocked: bool) {
-        self.learning_blocked.set(i64::from(blocked));
-    }
-
     /// A timer that records the latency of one query RPC when dropped.
     pub(crate) fn query_timer(&self, rpc: &str) -> HistogramTimer {
         self.query_seconds.with_label_values(&[rpc]).start_timer()
@@ -200,27 +196,6 @@ impl Metrics {
         self.ingest_documents
             .with_label_values(&["rejected"])
             .inc_by(rejected as u64);
-    }
-
-    /// Records one learning step, as the learner finishes it.
-    pub(crate) fn stepped(&self, report: &UpdateReport) {
-        self.ingest_tokens.inc_by(report.tokens as u64);
-        self.update_seconds.observe(report.seconds);
-        let outcome = if report.applied { "applied" } else { "skipped" };
-        self.update_steps.with_label_values(&[outcome]).inc();
-    }
-
-    /// Records a file published to the store, with its size (`None`: it failed).
-    pub(crate) fn published(&self, kind: &str, bytes: Option<u64>) {
-        match bytes {
-            Some(n) => {
-                self.published_bytes.with_label_values(&[kind]).inc_by(n);
-                self.last_published_bytes
-                    .with_label_values(&[kind])
-                    .set(n as i64);
-            }
-            None => self.publish_failures.with_label_values(&[kind]).inc(),
-        }
     }
 
     /// Files that failed to publish, of every kind.
@@ -255,6 +230,33 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics");
         }
         out
+    }
+}
+
+impl Counters for Metrics {
+    /// Records one learning step, as the learner finishes it.
+    fn stepped(&self, report: &UpdateReport) {
+        self.ingest_tokens.inc_by(report.tokens as u64);
+        self.update_seconds.observe(report.seconds);
+        let outcome = if report.applied { "applied" } else { "skipped" };
+        self.update_steps.with_label_values(&[outcome]).inc();
+    }
+
+    /// Records a file published to the store, with its size (`None`: it failed).
+    fn published(&self, kind: &str, bytes: Option<u64>) {
+        match bytes {
+            Some(n) => {
+                self.published_bytes.with_label_values(&[kind]).inc_by(n);
+                self.last_published_bytes
+                    .with_label_values(&[kind])
+                    .set(n as i64);
+            }
+            None => self.publish_failures.with_label_values(&[kind]).inc(),
+        }
+    }
+
+    fn set_learning_blocked(&self, blocked: bool) {
+        self.learning_blocked.set(i64::from(blocked));
     }
 }
 

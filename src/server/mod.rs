@@ -1,20 +1,16 @@
 //! `locus serve`: the gRPC services (Learn, Query, Admin), health and reflection, auth and limits.
 //!
-//! The server holds one live model. A dedicated learner thread applies batches from a bounded
-//! queue and publishes an immutable snapshot after every update; queries compute on the snapshot
-//! they took when they started. Conversions between the API and the library live in this module.
+//! The server holds one live model ([`crate::live`]): a dedicated learner thread applies batches
+//! from a bounded queue and publishes an immutable snapshot after every update; queries compute on
+//! the snapshot they took when they started. Conversions between the API and the library live in
+//! this module; nothing here writes weights.
 
 mod admin;
 mod auth;
 mod convert;
 mod error;
-mod follow;
-mod guard;
 mod ingest;
-mod learner;
 mod metrics;
-mod priority;
-mod publisher;
 mod query;
 
 use std::future::Future;
@@ -30,6 +26,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 use crate::learn::LearnConfig;
+use crate::live;
 use crate::model::Model;
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::learn_server::LearnServer;
@@ -37,11 +34,10 @@ use crate::proto::v1::query_server::QueryServer;
 use crate::snapshot::{Snapshot, Snapshots};
 use crate::store::publish::Published;
 
+pub use crate::live::Guard;
 pub use auth::{Auth, Token};
 pub use error::ServerError;
-pub use guard::Guard;
 pub use metrics::serve as serve_metrics;
-pub use priority::inline_elementwise_ops;
 
 /// The services whose health is reported, besides the whole server (`""`).
 const SERVICES: [&str; 3] = [
@@ -202,7 +198,7 @@ impl Default for Config {
 struct Loaded {
     model: Arc<Model>,
     snapshots: Arc<Snapshots>,
-    learner: Arc<learner::Handle>,
+    learner: Arc<live::Handle>,
     queries: Arc<Semaphore>,
     paused: Arc<AtomicBool>,
     /// The newest version published (writer) or seen in the store (reader).
@@ -251,7 +247,7 @@ impl State {
         let reader = self.config.role == Role::Reader;
         // The data directory's checkpoint goes into the weights before the first snapshot.
         let (snapshots, store, restored, base_hash) = tokio::task::spawn_blocking(move || {
-            let (store, restored) = learner::open_store(&m, durability, &strategy)?;
+            let (store, restored) = live::open_store(&m, durability, &strategy)?;
             let base_hash = if reader {
                 Some(crate::store::model_hash(&m)?)
             } else {
@@ -265,7 +261,7 @@ impl State {
         let snapshots = Arc::new(Snapshots::new(snapshots, keep));
         let paused = Arc::new(AtomicBool::new(false));
         let published = Arc::new(AtomicU64::new(0));
-        let learner = Arc::new(learner::Handle::spawn(learner::Setup {
+        let learner = Arc::new(live::Handle::spawn(live::Setup {
             model: Arc::clone(&model),
             snapshots: Arc::clone(&snapshots),
             learn: self.config.learn.clone(),
@@ -283,13 +279,13 @@ impl State {
                 .map(|g| g.prepare(&model))
                 .transpose()?,
             published: Arc::clone(&published),
-            metrics: Arc::clone(&self.metrics),
+            metrics: self.metrics.clone(),
         })?);
         if let Some(restored) = restored {
             learner.replay(restored).await?;
         }
         if let (Some(store), Some(base_hash)) = (publish, base_hash) {
-            let follower = follow::Follower {
+            let follower = live::Follower {
                 store,
                 base_hash,
                 device: model.device().clone(),

@@ -67,6 +67,31 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether a write failed for lack of space (or quota) rather than for a fault.
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Io { cause, .. }
+                if matches!(cause.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+        )
+    }
+
+    /// What a client is told: the message, less the server's paths.
+    pub fn client_message(&self) -> String {
+        match self {
+            StoreError::Io { .. } if self.is_full() => "data directory is full".into(),
+            StoreError::Io { cause, .. } => format!("data directory: {cause}"),
+            StoreError::Corrupt { path, reason } => format!(
+                "data directory: {} is corrupt: {reason}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            // Those with a path are refusals to start, which no client sees.
+            StoreError::Mismatch(_) | StoreError::Location { .. } => self.to_string(),
+            StoreError::Remote { .. } => format!("published store: {self}"),
+            StoreError::Tensor(t) => format!("data directory: tensor: {t}"),
+        }
+    }
+
     fn io(path: &Path, cause: io::Error) -> Self {
         StoreError::Io {
             path: path.to_path_buf(),

@@ -3,19 +3,21 @@
 //! Files are read on the blocking pool and applied by the learner thread, which stays the only
 //! code that changes weights; each applied file becomes a snapshot with the writer's version.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use tokio::sync::watch;
 
-use super::learner::{Handle, Job};
-use super::ServerError;
+use super::jobs::Job;
+use super::learner::{Handle, Worker};
+use super::{Error, Result};
+use crate::model::{GroupId, Params};
 use crate::snapshot::Snapshots;
 use crate::store::checkpoint::Checkpoint;
 use crate::store::publish::{Listing, Published};
-use crate::store::StoreError;
 
 /// What a reader follows and what it serves.
 #[derive(Clone)]
@@ -33,11 +35,11 @@ pub(crate) struct Follower {
 impl Follower {
     /// Applies every published file beyond the served version, in order; returns the version
     /// served afterwards.
-    pub async fn catch_up(&self) -> Result<u64, ServerError> {
+    pub async fn catch_up(&self) -> Result<u64> {
         loop {
             let current = self.snapshots.current().version();
             let (store, device) = (self.store.clone(), self.device.clone());
-            let (newest, next) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let (newest, next) = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
                 let listing = store.list()?;
                 Ok((
                     listing.newest(),
@@ -45,21 +47,22 @@ impl Follower {
                 ))
             })
             .await
-            .map_err(|e| ServerError::Internal(format!("reading the store: {e}")))?
-            .map_err(ServerError::from)?;
+            .map_err(|e| Error::Thread {
+                what: "reading the store",
+                cause: e.to_string(),
+            })??;
             self.published.fetch_max(newest, Ordering::SeqCst);
             let Some(file) = next else {
                 return Ok(current);
             };
             let meta = file.meta;
             if meta.base_hash != self.base_hash {
-                return Err(ServerError::Internal(format!(
-                    "store {}: version {} was made on a base model with hash {}, but this reader's is {}; start it with the writer's --model",
-                    self.store.url(),
-                    meta.version,
-                    meta.base_hash,
-                    self.base_hash
-                )));
+                return Err(Error::OtherBase {
+                    store: self.store.url().to_string(),
+                    version: meta.version,
+                    found: meta.base_hash,
+                    ours: self.base_hash.clone(),
+                });
             }
             let groups = meta.group_ids();
             let tensors = file.tensors;
@@ -94,7 +97,7 @@ impl Follower {
                 }
                 match self.catch_up().await {
                     Ok(_) => {}
-                    Err(ServerError::ShuttingDown) => return,
+                    Err(Error::ShuttingDown) => return,
                     Err(e) => tracing::error!("following the writer: {e}"),
                 }
             }
@@ -109,7 +112,7 @@ fn next_file(
     listing: &Listing,
     current: u64,
     device: &Device,
-) -> Result<Option<Checkpoint>, StoreError> {
+) -> crate::store::Result<Option<Checkpoint>> {
     if let Some(version) = listing.delta_after(current) {
         match store.delta_to(version, device) {
             Ok(delta) if delta.meta.parent == Some(current) => return Ok(Some(delta)),
@@ -123,4 +126,34 @@ fn next_file(
         tracing::error!("{e}; trying an older published checkpoint");
     }
     Ok(found)
+}
+
+impl Worker {
+    /// Serves a version a writer published (on a reader).
+    pub(super) fn follow(
+        &mut self,
+        version: u64,
+        groups: &[GroupId],
+        tensors: BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        for (name, t) in &tensors {
+            let var = self
+                .setup
+                .model
+                .vars
+                .get(name)
+                .ok_or_else(|| Error::UnknownTensor {
+                    version,
+                    name: name.clone(),
+                })?;
+            var.set(t).map_err(crate::Error::from)?;
+        }
+        let next = self.setup.snapshots.current().after_update(
+            version,
+            groups,
+            &Params::from_map(tensors),
+        )?;
+        self.setup.snapshots.publish(next)?;
+        Ok(())
+    }
 }

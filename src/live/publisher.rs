@@ -15,8 +15,8 @@ use std::thread::JoinHandle;
 
 use candle_core::Tensor;
 
-use super::metrics::Metrics;
-use super::ServerError;
+use super::counters::Counters;
+use super::{Error, Result};
 use crate::store::checkpoint::Meta;
 use crate::store::publish::Published;
 
@@ -55,7 +55,7 @@ pub(crate) struct Publisher {
     tx: Option<SyncSender<Publish>>,
     thread: Option<JoinHandle<()>>,
     missing: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn Counters>,
 }
 
 impl Publisher {
@@ -63,8 +63,8 @@ impl Publisher {
     pub fn spawn(
         store: Published,
         published: Arc<AtomicU64>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Publisher, ServerError> {
+        metrics: Arc<dyn Counters>,
+    ) -> Result<Publisher> {
         let (tx, rx) = mpsc::sync_channel::<Publish>(QUEUE);
         let missing = Arc::new(AtomicBool::new(false));
         let (flag, counts) = (Arc::clone(&missing), Arc::clone(&metrics));
@@ -72,10 +72,13 @@ impl Publisher {
             .name("locus-publisher".into())
             .spawn(move || {
                 for file in rx {
-                    publish(&store, file, &published, &flag, &counts);
+                    publish(&store, file, &published, &flag, &*counts);
                 }
             })
-            .map_err(|e| ServerError::Internal(format!("starting the publisher thread: {e}")))?;
+            .map_err(|e| Error::Thread {
+                what: "starting the publisher thread",
+                cause: e.to_string(),
+            })?;
         Ok(Publisher {
             tx: Some(tx),
             thread: Some(thread),
@@ -123,7 +126,7 @@ fn publish(
     file: Publish,
     published: &AtomicU64,
     missing: &AtomicBool,
-    metrics: &Metrics,
+    metrics: &dyn Counters,
 ) {
     let kind = file.kind();
     let (version, written) = match file {

@@ -4,7 +4,7 @@
 use crate::model::Model;
 use crate::snapshot::Snapshot;
 
-use super::ServerError;
+use super::{Error, Result};
 
 /// Canary texts and the largest perplexity ratio an update may cause.
 #[derive(Debug, Clone)]
@@ -34,12 +34,12 @@ impl Check {
 impl Guard {
     /// The canaries tokenized for `model`, once, at start; a canary of fewer than two tokens has
     /// no perplexity and is refused.
-    pub(crate) fn prepare(&self, model: &Model) -> Result<Canaries, ServerError> {
+    pub(crate) fn prepare(&self, model: &Model) -> Result<Canaries> {
         let mut seqs = Vec::with_capacity(self.canaries.len());
         for (i, text) in self.canaries.iter().enumerate() {
             let ids = model.tokenizer.encode(text)?.ids;
             if ids.len() < 2 {
-                return Err(ServerError::invalid(
+                return Err(Error::invalid(
                     format!("canary[{i}]"),
                     "needs at least two tokens",
                 ));
@@ -62,7 +62,7 @@ pub(crate) struct Canaries {
 
 impl Canaries {
     /// Perplexity of the canaries under `snapshot`'s weights.
-    pub fn perplexity(&self, snapshot: &Snapshot) -> Result<f64, ServerError> {
+    pub fn perplexity(&self, snapshot: &Snapshot) -> Result<f64> {
         let nll = snapshot.target_nll(&self.seqs)?;
         let (sum, n) = nll
             .iter()

@@ -1,0 +1,29 @@
+//! The live model: the learner thread that alone changes the weights, the publisher that sends a
+//! writer's versions to the store, a reader's follower, the forgetting guard and the learner's CPU
+//! priority. No transport here; the server turns requests into `Job`s and [`Error`]s into
+//! status codes.
+//!
+//! candle's work is blocking and CPU-bound, so the learner runs on its own OS thread fed by a
+//! bounded tokio queue; a full queue makes ingest streams wait, which pushes back on their
+//! clients. Every update is followed by a new snapshot, so queries see whole updates or none.
+
+mod counters;
+mod durable;
+mod error;
+mod follow;
+mod guard;
+mod jobs;
+mod learner;
+mod priority;
+mod publisher;
+mod rollback;
+mod update;
+
+pub(crate) use counters::Counters;
+pub(crate) use durable::open_store;
+pub use error::{Error, Result};
+pub(crate) use follow::Follower;
+pub use guard::Guard;
+pub(crate) use jobs::Job;
+pub(crate) use learner::{Handle, Setup};
+pub use priority::inline_elementwise_ops;

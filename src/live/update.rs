@@ -1,0 +1,157 @@
+//! One batch from its journal record to the version served: steps, the guard, snapshots, the
+//! store's bookkeeping, publishing, and a checkpoint when one is due.
+
+use std::sync::PoisonError;
+
+use super::guard::Check;
+use super::learner::Worker;
+use super::publisher::Publish;
+use super::Result;
+use crate::learn::engine::UpdatedGroup;
+use crate::learn::{Doc, UpdateReport};
+use crate::model::GroupId;
+use crate::snapshot::Snapshot;
+
+impl Worker {
+    /// Learns `docs` in steps of at most `batch_size`, serving each update the guard lets
+    /// through, then records journal record `seq` (when the server is durable) as applied, and
+    /// checkpoints when one is due. A batch that fails, or panics, is applied all the same: it
+    /// fails as it did when it first arrived, and replaying it would only fail again.
+    pub(super) fn update(&mut self, seq: Option<u64>, docs: &[Doc]) -> Result<Vec<UpdateReport>> {
+        let mut reports = Vec::new();
+        let learned = self.guarded(|w| {
+            for chunk in docs.chunks(w.setup.batch_size) {
+                reports.push(w.step(chunk)?);
+            }
+            Ok(())
+        });
+        if let Some(seq) = seq {
+            self.applied(seq);
+        }
+        learned.map(|()| reports)
+    }
+
+    /// One learning step, served unless the guard rejects it.
+    fn step(&mut self, docs: &[Doc]) -> Result<UpdateReport> {
+        let span = tracing::info_span!("update", documents = docs.len());
+        let _entered = span.enter();
+        let mut report = self.learner.step(docs)?;
+        if report.applied {
+            self.serve_update(&mut report)?;
+        }
+        self.setup.metrics.stepped(&report);
+        tracing::info!(
+            version = report.version,
+            applied = report.applied,
+            groups = report.groups.len(),
+            loss_before = report.loss_before,
+            loss_after = report.loss_after,
+            rehearsed = report.rehearsed,
+            seconds = report.seconds,
+            "update step"
+        );
+        let mut progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        progress.steps += 1;
+        progress.selection = self.learner.selection().unwrap_or_default().to_vec();
+        Ok(report)
+    }
+
+    /// Publishes the step's weights as the next snapshot, or, when the guard rejects them,
+    /// reverts the step before anything saw it.
+    fn serve_update(&mut self, report: &mut UpdateReport) -> Result<()> {
+        let changed: Vec<GroupId> = report.groups.iter().map(UpdatedGroup::id).collect();
+        let weights = self.learner.current_params()?;
+        let current = self.setup.snapshots.current();
+        let next = current.after_update(report.version, &changed, &weights)?;
+        if let Some(check) = self.rejects(&current, &next)? {
+            self.learner.revert()?;
+            report.applied = false;
+            report.version = self.learner.version();
+            report.skipped = Some(format!(
+                "forgetting guard: canary perplexity {:.3} -> {:.3} (ratio {:.3} > {:.3}); the update was undone",
+                check.before,
+                check.after,
+                check.ratio(),
+                self.setup.guard.as_ref().map_or(0.0, |g| g.max_ratio)
+            ));
+            tracing::warn!(
+                version = report.version,
+                before = check.before,
+                after = check.after,
+                "forgetting guard undid an update"
+            );
+            return Ok(());
+        }
+        let published = self.setup.snapshots.publish(next)?;
+        if let Some(store) = self.setup.store.as_mut() {
+            store.updated(changed);
+        }
+        self.publish_delta(current.version(), &published);
+        Ok(())
+    }
+
+    /// With a guard: the canary check of `next` against `current`, when it fails. The canary
+    /// perplexity of the version served is measured once and remembered.
+    fn rejects(&mut self, current: &Snapshot, next: &Snapshot) -> Result<Option<Check>> {
+        let Some(guard) = &self.setup.guard else {
+            return Ok(None);
+        };
+        let before = match self.canary {
+            Some((v, ppl)) if v == current.version() => ppl,
+            _ => guard.perplexity(current)?,
+        };
+        let check = Check {
+            before,
+            after: guard.perplexity(next)?,
+        };
+        if check.ratio() > guard.max_ratio {
+            self.canary = Some((current.version(), before));
+            return Ok(Some(check));
+        }
+        self.canary = Some((next.version(), check.after));
+        Ok(None)
+    }
+
+    /// Records that journal record `seq` has been learned, and checkpoints when one is due.
+    fn applied(&mut self, seq: u64) {
+        let Some(store) = self.setup.store.as_mut() else {
+            return;
+        };
+        store.applied(seq);
+        if store.due() {
+            // The batch is journaled and applied; a failed checkpoint only lengthens the replay.
+            if let Err(e) = self.checkpoint() {
+                tracing::error!("periodic checkpoint: {e}");
+            }
+        }
+    }
+
+    /// Queues the update from version `parent` to `snapshot` as a delta for readers, or a
+    /// checkpoint where an earlier file never reached the store. Failures are the publisher's to
+    /// log; the batch is journaled and applied either way.
+    fn publish_delta(&mut self, parent: u64, snapshot: &Snapshot) {
+        if self.publisher.as_ref().is_some_and(|p| p.take_missing()) {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(
+                    version = snapshot.version(),
+                    "checkpoint for the store: {e}"
+                );
+            }
+            return;
+        }
+        let (Some(publisher), Some(store)) = (&self.publisher, &self.setup.store) else {
+            return;
+        };
+        let meta = store.meta(
+            snapshot.version(),
+            Some(parent),
+            snapshot.changed(),
+            self.learner.selection().unwrap_or_default(),
+        );
+        publisher.send(Publish::Delta {
+            meta: Box::new(meta),
+            tensors: snapshot.tensors_of(snapshot.changed()),
+            model_bytes: snapshot.bytes(),
+        });
+    }
+}
