@@ -137,7 +137,7 @@ fn check_store(spec: String) -> anyhow::Result<String> {
 #[derive(Args, Clone)]
 pub struct LearnArgs {
     /// Strategy: full, tgl-fp, tgl-alr, topk[:K], random-k, frozen, mix-review, and `+` combinations.
-    #[arg(long, default_value = "tgl-fp", env = "LOCUS_STRATEGY")]
+    #[arg(long, default_value = "mix-review+tgl-fp", env = "LOCUS_STRATEGY")]
     pub strategy: String,
     /// `per-batch` (trace every batch, moving average of norms) or `static` (localize on the first batch, then keep it).
     #[arg(long, default_value = "per-batch", env = "LOCUS_LOCALIZATION")]
@@ -170,7 +170,7 @@ pub struct LearnArgs {
     #[arg(long, env = "LOCUS_REPLAY")]
     pub replay: Option<PathBuf>,
     /// General-text paragraphs mixed into each step by mix-review.
-    #[arg(long, default_value_t = 2, env = "LOCUS_REPLAY_PER_BATCH")]
+    #[arg(long, default_value_t = 1, env = "LOCUS_REPLAY_PER_BATCH")]
     pub replay_per_batch: usize,
     /// Times each document is learned again at spaced later steps (1, 3, 7, ... steps after it
     /// arrived), its sentences reordered; 0 learns each document once.
@@ -187,7 +187,7 @@ pub struct LearnArgs {
     /// dates; the highest-loss tokens where there are none), `novel` (the names the model finds
     /// most surprising in context), `trending` (the names the step's documents mention most
     /// often) or `surprisal` (the highest-loss tokens).
-    #[arg(long, default_value = "entity", env = "LOCUS_AUTO_SPANS")]
+    #[arg(long, default_value = "trending", env = "LOCUS_AUTO_SPANS")]
     pub auto_spans: String,
     /// Measure each batch's loss again after its update (one more forward pass per step).
     #[arg(long, env = "LOCUS_MEASURE_AFTER")]
