@@ -6,13 +6,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file::{self, Value as GgufValue};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::{expected, fails, fails_with, fixture, locus, ok, rel_err, TINY};
+use common::{expected, fails, fails_with, fixture, locus, ok, rel_err, spawn_serving, TINY};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -1118,12 +1118,6 @@ impl Serve {
     /// Starts a server (with `--data-dir data` when given) and waits until it answers Info.
     fn start(data: Option<&Path>) -> Serve {
         let cwd = TempDir::new().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
         let mut command = Command::new(env!("CARGO_BIN_EXE_locus"));
         command
             .args([
@@ -1131,22 +1125,19 @@ impl Serve {
                 "--model",
                 &fixture_str("llama"),
                 "--grpc-addr",
-                &addr,
+                "127.0.0.1:0",
             ])
             // Every batch takes a step, so it makes a new version.
             .args(["--strategy", "full", "--checkpoint-every", "0"]);
         if let Some(data) = data {
             command.arg("--data-dir").arg(data);
         }
-        let child = command
+        command
             .env_remove("LOCUS_CONFIG")
             .env_remove("LOCUS_DATA_DIR")
             .env_remove("LOCUS_DEVICE")
-            .current_dir(cwd.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .current_dir(cwd.path());
+        let (child, addr) = spawn_serving(&mut command);
         let mut serve = Serve {
             child,
             addr,

@@ -5,11 +5,14 @@ use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::{fixture, spawn_serving};
 use locus::client::Client;
 use locus::learn::Doc;
 use locus::model::{GroupId, Module};
@@ -20,12 +23,6 @@ use locus::store::journal::{self, Journal};
 use locus::store::publish::Published;
 use locus::store::{Durability, Store, StoreError};
 use rand::{Rng, SeedableRng};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn doc(text: &str) -> Doc {
     Doc {
@@ -361,14 +358,6 @@ struct Server {
     addr: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Server {
     fn start(data: &Path) -> Server {
         Server::spawn(Some(data), data.parent().unwrap())
@@ -376,25 +365,21 @@ impl Server {
 
     /// Without a data directory it keeps everything in memory; `cwd` holds no `locus.toml`.
     fn spawn(data: Option<&Path>, cwd: &Path) -> Server {
-        let addr = format!("127.0.0.1:{}", free_port());
         let mut command = Command::new(env!("CARGO_BIN_EXE_locus"));
         command.args(["serve", "--model"]).arg(fixture("llama"));
         if let Some(data) = data {
             command.arg("--data-dir").arg(data);
         }
-        let child = command
-            .args(["--grpc-addr", &addr])
+        command
+            .args(["--grpc-addr", "127.0.0.1:0"])
             // Every step applies (no selection that could come out empty), one step per batch.
             .args(["--strategy", "full", "--batch-size", "8", "--lr", "1e-3"])
             .args(["--checkpoint-every", "3", "--keep-checkpoints", "2"])
             .env("RUST_LOG", "warn")
             .env_remove("LOCUS_CONFIG")
             .env_remove("LOCUS_DATA_DIR")
-            .current_dir(cwd)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .current_dir(cwd);
+        let (child, addr) = spawn_serving(&mut command);
         Server { child, addr }
     }
 

@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests: fixture paths, reference JSON and running the binary.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -11,6 +13,37 @@ pub struct Run {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+}
+
+/// Starts `command`, a `locus serve` given `--grpc-addr 127.0.0.1:0`, and returns it with the
+/// address it bound, read from its stderr: no port is picked before the server holds it, so
+/// tests running side by side cannot take each other's. Its stderr is drained from then on.
+pub fn spawn_serving(command: &mut Command) -> (Child, String) {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running locus serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("locus: serving gRPC") {
+                let addr = rest.split(" on ").nth(1).and_then(|r| r.split(' ').next());
+                let _ = tx.send(addr.unwrap_or_default().to_string());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(addr) => (child, addr),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "locus serve did not say where it serves: {:?}",
+                child.wait()
+            );
+        }
+    }
 }
 
 /// Runs `locus` with `args`. `RUST_BACKTRACE=1` is forced so that a backtrace leaking into an error
