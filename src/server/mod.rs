@@ -10,9 +10,11 @@ mod convert;
 mod error;
 mod follow;
 mod guard;
+mod http;
 mod ingest;
 mod learner;
 mod metrics;
+mod openai;
 mod priority;
 mod publisher;
 mod query;
@@ -41,6 +43,8 @@ pub use auth::{Auth, Token};
 pub use error::ServerError;
 pub use guard::Guard;
 pub use metrics::serve as serve_metrics;
+pub use openai::serve as serve_openai;
+pub use openai::{MODEL as OPENAI_MODEL, VERSION_HEADER};
 pub use priority::inline_elementwise_ops;
 
 /// The services whose health is reported, besides the whole server (`""`).
