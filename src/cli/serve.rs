@@ -267,7 +267,8 @@ struct LimitArgs {
     /// Longest document or query text in tokens; longer documents are rejected.
     #[arg(long, default_value_t = 512, env = "LOCUS_MAX_DOCUMENT_TOKENS")]
     max_document_tokens: usize,
-    /// Documents per ingest batch (and texts per trace or perplexity request).
+    /// Documents per ingest batch (and texts per trace or perplexity request, prompts per HTTP
+    /// completion request).
     #[arg(long, default_value_t = 64, env = "LOCUS_MAX_DOCUMENTS")]
     max_documents: usize,
     /// Candidates per score request.

@@ -64,7 +64,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Longest document or query text, in tokens.
     pub max_document_tokens: usize,
-    /// Documents in one ingest batch, texts in one trace or perplexity request.
+    /// Documents in one ingest batch, texts in one trace or perplexity request, prompts in one
+    /// HTTP completion request.
     pub max_documents: usize,
     /// Candidates in one score request.
     pub max_candidates: usize,
