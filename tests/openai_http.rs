@@ -42,43 +42,47 @@ struct Answer {
 }
 
 impl Http {
-    /// Sends one request over a fresh HTTP/1.1 connection.
     async fn send(&self, method: &str, path: &str, token: Option<&str>, body: &str) -> Answer {
-        let stream = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.addr)
-            .header("content-type", "application/json");
-        if let Some(t) = token {
-            request = request.header("authorization", format!("Bearer {t}"));
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        let status = response.status().as_u16();
-        let version = response
-            .headers()
-            .get(server::VERSION_HEADER)
-            .map(|v| v.to_str().unwrap().parse().unwrap());
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
-        Answer {
-            status,
-            version,
-            body,
-        }
+        send(&self.addr, method, path, token, body).await
     }
 
     async fn complete(&self, request: Value) -> Answer {
         self.send("POST", "/v1/completions", None, &request.to_string())
             .await
+    }
+}
+
+/// Sends one request to `addr` over a fresh HTTP/1.1 connection.
+async fn send(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        request = request.header("authorization", format!("Bearer {t}"));
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let version = response
+        .headers()
+        .get(server::VERSION_HEADER)
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
+    Answer {
+        status,
+        version,
+        body,
     }
 }
 
@@ -412,4 +416,42 @@ async fn bad_requests_are_refused_by_field_with_openai_errors() {
         (None, &json!("server_error"))
     );
     loading.grpc.shutdown().await;
+}
+
+#[test]
+fn serve_http_addr_starts_the_listener() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--model"])
+        .arg(common::fixture("llama"))
+        .env_remove("LOCUS_CONFIG")
+        .env("LOCUS_HTTP_ADDR", "127.0.0.1:0")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut addr = None;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("locus: OpenAI-style API on http://") {
+            addr = rest.split('/').next().map(String::from);
+        }
+        if line.contains("model loaded") {
+            break;
+        }
+    }
+    let addr = addr.expect("the server printed the API's address");
+    let models = tokio::runtime::Runtime::new().unwrap().block_on(send(
+        &addr,
+        "GET",
+        "/v1/models",
+        None,
+        "",
+    ));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        (models.status, models.version),
+        (200, Some(0)),
+        "{models:?}"
+    );
 }

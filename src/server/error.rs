@@ -340,6 +340,22 @@ mod tests {
     }
 
     #[test]
+    fn http_statuses_follow_the_codes_and_tell_a_busy_server_from_a_large_request() {
+        assert_eq!(ServerError::Busy("slots".into()).http_status(), 429);
+        assert_eq!(
+            ServerError::limit("prompt", "600 tokens").http_status(),
+            413
+        );
+        assert_eq!(ServerError::invalid("top_p", "2").http_status(), 400);
+        assert_eq!(ServerError::Unauthenticated("no").http_status(), 401);
+        assert_eq!(ServerError::NotLoaded.http_status(), 503);
+        assert_eq!(
+            ServerError::Internal("a thread died".into()).http_status(),
+            500
+        );
+    }
+
+    #[test]
     fn codec_failures_are_the_clients_and_keep_the_decoders_reason() {
         let s = from_codec(Status::internal(
             "failed to decode Protobuf message: invalid wire type value: 6",

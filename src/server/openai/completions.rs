@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use super::request::{Completion, Prompt};
 use crate::server::query::{bounded, max_tokens, on_snapshot, sampling, tokens};
 use crate::server::{ServerError, State};
-use crate::snapshot::{Finish, Snapshot};
+use crate::snapshot::{Finish, Generated, Snapshot};
 
 /// One prompt's choice and its token counts.
 struct Choice {
@@ -54,15 +54,7 @@ pub(super) async fn complete(
                     text.push_str(piece);
                     true
                 })?;
-                choice(
-                    s,
-                    index,
-                    &request,
-                    &ids,
-                    text,
-                    &generated.tokens,
-                    generated.finish,
-                )
+                choice(s, index, &request, &ids, text, &generated)
             })
             .collect::<Result<Vec<Choice>, ServerError>>()
     })
@@ -96,16 +88,16 @@ pub(super) fn known(s: &Snapshot, field: &str, ids: &[u32]) -> Result<Vec<u32>, 
 }
 
 /// The choice for the prompt `ids` and what was generated after it: `text`, from the sampled
-/// `generated` tokens.
+/// tokens of `generation`.
 fn choice(
     s: &Snapshot,
     index: usize,
     request: &Completion,
     ids: &[u32],
     text: String,
-    generated: &[u32],
-    finish: Finish,
+    generation: &Generated,
 ) -> Result<Choice, ServerError> {
+    let (generated, finish) = (generation.tokens.as_slice(), generation.finish);
     let tokenizer = &s.model().tokenizer;
     let prompt_text = match &request.prompts[index].1 {
         Prompt::Text(t) => t.clone(),
