@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use aho_corasick::{AhoCorasick, Input, MatchKind};
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
@@ -218,6 +218,36 @@ impl Snapshot {
             .collect())
     }
 
+    /// The log-probability of each token `j >= 1` of `seq` given the tokens before it, with the
+    /// `top` most likely tokens at that position and their log-probabilities, most likely first.
+    /// The token's own value and the alternatives come from one log-softmax, so a token that is
+    /// the most likely one compares equal to the first alternative.
+    pub fn token_logprobs(&self, seq: &[u32], top: usize) -> Result<Vec<TokenLogprob>> {
+        let Some(targets) = seq.len().checked_sub(1).filter(|&n| n > 0) else {
+            return Ok(Vec::new());
+        };
+        let device = self.model.device();
+        let ids = Tensor::from_slice(seq, (1, seq.len()), device)?;
+        let logits = self.model.arch.forward(&self.params, &ids)?;
+        let logp =
+            candle_nn::ops::log_softmax(&logits.squeeze(0)?.narrow(0, 0, targets)?, D::Minus1)?;
+        let next = Tensor::from_slice(&seq[1..], (targets, 1), device)?;
+        let chosen: Vec<f32> = logp.gather(&next, 1)?.squeeze(1)?.to_vec1()?;
+        let rows: Vec<Vec<f32>> = if top == 0 {
+            vec![Vec::new(); targets]
+        } else {
+            logp.to_vec2()?
+        };
+        Ok(chosen
+            .into_iter()
+            .zip(rows)
+            .map(|(logprob, row)| TokenLogprob {
+                logprob,
+                top: most_likely(&row, top),
+            })
+            .collect())
+    }
+
     /// Continues `prompt` token by token. `emit` receives each new piece of text with the number
     /// of tokens generated so far and returns false to cancel; text that could begin a stop string
     /// is held back until it is known not to.
@@ -226,7 +256,7 @@ impl Snapshot {
         prompt: &[u32],
         sampling: &Sampling,
         mut emit: impl FnMut(&str, usize) -> bool,
-    ) -> Result<Finish> {
+    ) -> Result<Generated> {
         if prompt.is_empty() {
             return Err(Error::Invalid("the prompt has no tokens".into()));
         }
@@ -260,9 +290,9 @@ impl Snapshot {
             if let Some(at) = stops.find(&text) {
                 let piece = text.get(sent.len()..at).unwrap_or("");
                 if !piece.is_empty() && !emit(piece, generated.len()) {
-                    return Ok(Finish::Cancelled);
+                    return Ok(Generated::new(Finish::Cancelled, generated));
                 }
-                return Ok(Finish::Stop);
+                return Ok(Generated::new(Finish::Stop, generated));
             }
             // Hold back a possible stop-string prefix and an incomplete character.
             let mut end = text.len().saturating_sub(holdback).max(sent.len());
@@ -272,7 +302,7 @@ impl Snapshot {
             let settled = text[..end].trim_end_matches('\u{FFFD}');
             if settled.len() > sent.len() {
                 if !emit(&settled[sent.len()..], generated.len()) {
-                    return Ok(Finish::Cancelled);
+                    return Ok(Generated::new(Finish::Cancelled, generated));
                 }
                 sent = settled.to_string();
             }
@@ -280,10 +310,10 @@ impl Snapshot {
         let text = self.model.tokenizer.decode(&generated)?;
         if let Some(rest) = text.strip_prefix(sent.as_str()) {
             if !rest.is_empty() && !emit(rest, generated.len()) {
-                return Ok(Finish::Cancelled);
+                return Ok(Generated::new(Finish::Cancelled, generated));
             }
         }
-        Ok(Finish::Length)
+        Ok(Generated::new(Finish::Length, generated))
     }
 }
 
@@ -349,6 +379,47 @@ impl Stops {
         self.searched.clear();
         self.searched.push_str(text);
         found
+    }
+}
+
+/// One position's log-probabilities: [`Snapshot::token_logprobs`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// Log-probability of the token that is there.
+    pub logprob: f32,
+    /// The most likely tokens there and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The `k` largest entries of `row` as `(index, value)`, largest first.
+fn most_likely(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut all: Vec<(u32, f32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, v))
+        .collect();
+    let k = k.min(all.len());
+    if k < all.len() {
+        // A partial selection: the vocabulary is tens of thousands of entries and k a handful.
+        all.select_nth_unstable_by(k, |a, b| b.1.total_cmp(&a.1));
+        all.truncate(k);
+    }
+    all.sort_by(|a, b| b.1.total_cmp(&a.1));
+    all
+}
+
+/// What [`Snapshot::generate`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// Why it ended.
+    pub finish: Finish,
+    /// Every token sampled, those that made up a stop string included.
+    pub tokens: Vec<u32>,
+}
+
+impl Generated {
+    fn new(finish: Finish, tokens: Vec<u32>) -> Self {
+        Generated { finish, tokens }
     }
 }
 

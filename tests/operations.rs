@@ -376,6 +376,7 @@ fn serve_help_documents_every_knob() {
         "--model",
         "--grpc-addr",
         "--metrics-addr",
+        "--http-addr",
         "--tls-cert",
         "--tls-key",
         "--strategy",
@@ -385,6 +386,7 @@ fn serve_help_documents_every_knob() {
         "--queue-depth",
         "--shutdown-grace",
         "LOCUS_METRICS_ADDR",
+        "LOCUS_HTTP_ADDR",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "locus.toml",
     ] {

@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// Address for Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP (unset: not served).
     #[arg(long, env = "LOCUS_METRICS_ADDR")]
     metrics_addr: Option<String>,
+    /// Address for the OpenAI-style HTTP API, `POST /v1/completions` and `GET /v1/models` (unset:
+    /// not served); plain HTTP, with the query token and limits of gRPC queries.
+    #[arg(long, env = "LOCUS_HTTP_ADDR")]
+    http_addr: Option<String>,
     /// PEM certificate chain: serve gRPC over TLS (rustls); needs --tls-key.
     #[arg(long, env = "LOCUS_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -263,7 +267,8 @@ struct LimitArgs {
     /// Longest document or query text in tokens; longer documents are rejected.
     #[arg(long, default_value_t = 512, env = "LOCUS_MAX_DOCUMENT_TOKENS")]
     max_document_tokens: usize,
-    /// Documents per ingest batch (and texts per trace or perplexity request).
+    /// Documents per ingest batch (and texts per trace or perplexity request, prompts per HTTP
+    /// completion request).
     #[arg(long, default_value_t = 64, env = "LOCUS_MAX_DOCUMENTS")]
     max_documents: usize,
     /// Candidates per score request.
@@ -477,6 +482,18 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 metrics,
                 std::sync::Arc::clone(&state),
             ));
+        }
+        if let Some(addr) = &a.http_addr {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http-addr {addr}"))?;
+            eprintln!(
+                "locus: OpenAI-style API on http://{}/v1 (model `{}`)",
+                http.local_addr()?,
+                server::OPENAI_MODEL
+            );
+            // Like the metrics listener, it ends with the runtime.
+            tokio::spawn(server::serve_openai(http, std::sync::Arc::clone(&state)));
         }
         let (failed, load_failure) = tokio::sync::oneshot::channel();
         let loading = std::sync::Arc::clone(&state);

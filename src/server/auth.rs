@@ -11,6 +11,8 @@ use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use super::ServerError;
+
 /// A secret bearer token; its `Debug` output is redacted.
 #[derive(Clone)]
 pub struct Token([u8; 32]);
@@ -67,32 +69,44 @@ impl Bearer {
     }
 }
 
-impl Interceptor for Bearer {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+impl Bearer {
+    /// Whether a request whose `authorization` header is `header` may pass.
+    pub(crate) fn admits(&self, header: Option<&[u8]>) -> Result<(), ServerError> {
         if !self.required {
-            return Ok(request);
+            return Ok(());
         }
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
-        let presented = header
-            .to_str()
+        let header = header.ok_or(ServerError::Unauthenticated(
+            "missing `authorization: Bearer <token>`",
+        ))?;
+        let presented = std::str::from_utf8(header)
             .ok()
             .and_then(|h| {
                 h.strip_prefix("Bearer ")
                     .or_else(|| h.strip_prefix("bearer "))
             })
-            .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <token>`"))?;
+            .ok_or(ServerError::Unauthenticated(
+                "`authorization` must be `Bearer <token>`",
+            ))?;
         // Check every token so the time taken does not say which one matched.
         let ok = self
             .accepted
             .iter()
             .fold(false, |acc, t| acc | t.matches(presented));
         if ok {
-            Ok(request)
+            Ok(())
         } else {
-            Err(Status::unauthenticated("invalid bearer token"))
+            Err(ServerError::Unauthenticated("invalid bearer token"))
         }
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|h| h.as_bytes());
+        self.admits(header)?;
+        Ok(request)
     }
 }

@@ -36,6 +36,20 @@ pub enum ServerError {
         /// The limit and the value that broke it.
         reason: String,
     },
+    /// Every query slot stayed busy for as long as a query may wait for one.
+    #[error("queries: {0}")]
+    Busy(String),
+    /// A request without a bearer token this service admits.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// A model name this server does not serve.
+    #[error("model `{asked}` is not served here; this server serves `{served}`")]
+    UnknownModel {
+        /// The name asked for.
+        asked: String,
+        /// The name it serves.
+        served: &'static str,
+    },
     /// Learning is paused.
     #[error("learning is paused; resume it with Admin.Resume")]
     Paused,
@@ -112,10 +126,11 @@ impl ServerError {
                 Error::Io { .. } | Error::Tensor(_) => Code::Internal,
             },
             ServerError::InvalidArgument { .. } => Code::InvalidArgument,
-            ServerError::Limit { .. } => Code::ResourceExhausted,
+            ServerError::Limit { .. } | ServerError::Busy(_) => Code::ResourceExhausted,
+            ServerError::Unauthenticated(_) => Code::Unauthenticated,
             ServerError::Paused | ServerError::Reader { .. } => Code::FailedPrecondition,
             ServerError::NotLoaded | ServerError::ShuttingDown => Code::Unavailable,
-            ServerError::UnknownVersion { .. } => Code::NotFound,
+            ServerError::UnknownVersion { .. } | ServerError::UnknownModel { .. } => Code::NotFound,
             ServerError::Store(e) => match e {
                 StoreError::Io { .. } if e.is_full() => Code::ResourceExhausted,
                 StoreError::Io { .. } | StoreError::Tensor(_) => Code::Internal,
@@ -125,6 +140,31 @@ impl ServerError {
                 StoreError::Remote { .. } => Code::Unavailable,
             },
             ServerError::Internal(_) | ServerError::Transport(_) => Code::Internal,
+        }
+    }
+
+    /// The HTTP status of this error: its gRPC code's, where a busy server (429, worth a retry)
+    /// differs from a request past a limit (413, which a retry repeats).
+    pub(crate) fn http_status(&self) -> u16 {
+        if matches!(self, ServerError::Busy(_)) {
+            return 429;
+        }
+        match self.code() {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => 400,
+            Code::Unauthenticated => 401,
+            Code::PermissionDenied => 403,
+            Code::NotFound => 404,
+            Code::ResourceExhausted => 413,
+            Code::Unavailable => 503,
+            _ => 500,
+        }
+    }
+
+    /// Logs the errors a client's answer does not explain: the server's own faults and store
+    /// failures, whose paths the client is not told.
+    pub(crate) fn log(&self) {
+        if self.code() == Code::Internal || matches!(self, ServerError::Store(_)) {
+            tracing::error!(error = %self, "request failed");
         }
     }
 
@@ -163,11 +203,8 @@ impl From<live::Error> for ServerError {
 
 impl From<ServerError> for Status {
     fn from(e: ServerError) -> Self {
-        let code = e.code();
-        if code == Code::Internal || matches!(e, ServerError::Store(_)) {
-            tracing::error!(error = %e, "request failed");
-        }
-        let mut status = Status::new(code, e.client_message());
+        e.log();
+        let mut status = Status::new(e.code(), e.client_message());
         // Marks the status as this server's own, logged above; see `from_codec`.
         status.set_source(Arc::new(e));
         status
@@ -307,6 +344,22 @@ mod tests {
         // The operator's view keeps the path.
         let e = ServerError::from(io(io::ErrorKind::StorageFull));
         assert!(e.to_string().contains("/srv/locus/data/journal.log"), "{e}");
+    }
+
+    #[test]
+    fn http_statuses_follow_the_codes_and_tell_a_busy_server_from_a_large_request() {
+        assert_eq!(ServerError::Busy("slots".into()).http_status(), 429);
+        assert_eq!(
+            ServerError::limit("prompt", "600 tokens").http_status(),
+            413
+        );
+        assert_eq!(ServerError::invalid("top_p", "2").http_status(), 400);
+        assert_eq!(ServerError::Unauthenticated("no").http_status(), 401);
+        assert_eq!(ServerError::NotLoaded.http_status(), 503);
+        assert_eq!(
+            ServerError::Internal("a thread died".into()).http_status(),
+            500
+        );
     }
 
     #[test]

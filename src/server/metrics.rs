@@ -6,15 +6,12 @@
 //! queue depth, selection and store lag are read from the live state at scrape time, so they
 //! cannot go stale.
 
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramTimer, HistogramVec,
     IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -82,7 +79,8 @@ impl Metrics {
         let query_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "locus_query_seconds",
-                "Query latency in seconds by RPC (Complete: until its last token)",
+                "Query latency in seconds by RPC (Complete: until its last token; Completions: \
+                 POST /v1/completions)",
             )
             .buckets(exponential_buckets(0.002, 2.0, 15)?),
             &["rpc"],
@@ -147,7 +145,7 @@ impl Metrics {
         for outcome in ["applied", "skipped"] {
             update_steps.with_label_values(&[outcome]);
         }
-        for rpc in ["Score", "Complete", "Perplexity"] {
+        for rpc in ["Score", "Complete", "Perplexity", "Completions"] {
             query_seconds.with_label_values(&[rpc]);
         }
         registry.register(Box::new(ingest_tokens.clone()))?;
@@ -263,30 +261,11 @@ impl Counters for Metrics {
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped; it keeps
 /// answering while the gRPC server drains, so probes see `/readyz` fail during shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Running out of file descriptors is transient; back off instead of spinning.
-                tracing::warn!(error = %e, "metrics listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let answer = respond(&state, &request);
-                async move { Ok::<_, Infallible>(answer) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection");
-            }
-        });
-    }
+    super::http::serve(listener, "metrics", move |request| {
+        let answer = respond(&state, &request);
+        async move { answer }
+    })
+    .await
 }
 
 /// The answer to one HTTP request.

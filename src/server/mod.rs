@@ -9,8 +9,10 @@ mod admin;
 mod auth;
 mod convert;
 mod error;
+mod http;
 mod ingest;
 mod metrics;
+mod openai;
 mod query;
 
 use std::future::Future;
@@ -38,6 +40,8 @@ pub use crate::live::Guard;
 pub use auth::{Auth, Token};
 pub use error::ServerError;
 pub use metrics::serve as serve_metrics;
+pub use openai::serve as serve_openai;
+pub use openai::{MODEL as OPENAI_MODEL, VERSION_HEADER};
 
 /// The services whose health is reported, besides the whole server (`""`).
 const SERVICES: [&str; 3] = [
@@ -56,7 +60,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Longest document or query text, in tokens.
     pub max_document_tokens: usize,
-    /// Documents in one ingest batch, texts in one trace or perplexity request.
+    /// Documents in one ingest batch, texts in one trace or perplexity request, prompts in one
+    /// HTTP completion request.
     pub max_documents: usize,
     /// Candidates in one score request.
     pub max_candidates: usize,

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{Loaded, ServerError, State};
+use super::{Limits, Loaded, ServerError, State};
 use crate::proto::v1 as pb;
 use crate::proto::v1::query_server::Query;
 use crate::snapshot::{Finish, Sampling, Snapshot};
@@ -35,19 +35,16 @@ impl Loaded {
         match tokio::time::timeout(wait, Arc::clone(&self.queries).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(ServerError::ShuttingDown),
-            Err(_) => Err(ServerError::limit(
-                "queries",
-                format!(
-                    "all {} query slots stayed busy for {wait:?}",
-                    state.config.limits.query_concurrency
-                ),
-            )),
+            Err(_) => Err(ServerError::Busy(format!(
+                "all {} query slots stayed busy for {wait:?}",
+                state.config.limits.query_concurrency
+            ))),
         }
     }
 }
 
 /// Runs blocking work on the snapshot current now, holding a query slot.
-async fn on_snapshot<T: Send + 'static>(
+pub(super) async fn on_snapshot<T: Send + 'static>(
     state: &State,
     work: impl FnOnce(&Snapshot) -> Result<T, ServerError> + Send + 'static,
 ) -> Result<(u64, T), ServerError> {
@@ -63,14 +60,28 @@ async fn on_snapshot<T: Send + 'static>(
 }
 
 /// Token ids of `text`, at least `min` and at most `max` of them, or an error naming `field`.
-fn tokens(
+pub(super) fn tokens(
     snapshot: &Snapshot,
     field: &str,
     text: &str,
     min: usize,
     max: usize,
 ) -> Result<Vec<u32>, ServerError> {
-    let ids = snapshot.model().tokenizer.encode(text)?.ids;
+    bounded(
+        field,
+        snapshot.model().tokenizer.encode(text)?.ids,
+        min,
+        max,
+    )
+}
+
+/// `ids` when there are at least `min` and at most `max` of them, else an error naming `field`.
+pub(super) fn bounded(
+    field: &str,
+    ids: Vec<u32>,
+    min: usize,
+    max: usize,
+) -> Result<Vec<u32>, ServerError> {
     if ids.len() > max {
         return Err(ServerError::limit(
             field,
@@ -87,13 +98,58 @@ fn tokens(
 }
 
 /// The longest text in tokens a query may bring.
-fn max_tokens(snapshot: &Snapshot, state: &State) -> usize {
+pub(super) fn max_tokens(snapshot: &Snapshot, state: &State) -> usize {
     let limit = state.config.limits.max_document_tokens;
     snapshot
         .model()
         .arch
         .max_positions()
         .map_or(limit, |p| p.min(limit))
+}
+
+/// Checked sampling settings of a completion of at most `max_tokens` new tokens; `top_p` 0 means
+/// 1 (an unset field of the gRPC request), and without a seed one is drawn.
+pub(super) fn sampling(
+    limits: &Limits,
+    max_tokens: usize,
+    temperature: f64,
+    top_p: f64,
+    stop: Vec<String>,
+    seed: Option<u64>,
+) -> Result<Sampling, ServerError> {
+    ServerError::at_most(
+        "max_tokens",
+        max_tokens,
+        "tokens",
+        limits.max_complete_tokens,
+    )?;
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(ServerError::invalid(
+            "temperature",
+            "must be 0 (greedy) or positive",
+        ));
+    }
+    if !(top_p.is_finite() && (0.0..=1.0).contains(&top_p)) {
+        return Err(ServerError::invalid(
+            "top_p",
+            "must be in (0, 1], or 0 for 1",
+        ));
+    }
+    // Stop strings are matched after every generated token; their number and size bound what
+    // that matching costs.
+    ServerError::at_most("stop", stop.len(), "strings", limits.max_stop_strings)?;
+    let stop_bytes = stop.iter().map(String::len).sum();
+    ServerError::at_most("stop", stop_bytes, "bytes in all", limits.max_stop_bytes)?;
+    if let Some(i) = stop.iter().position(String::is_empty) {
+        return Err(ServerError::invalid(format!("stop[{i}]"), "empty"));
+    }
+    Ok(Sampling {
+        max_tokens,
+        temperature,
+        top_p: if top_p == 0.0 { 1.0 } else { top_p },
+        stop,
+        seed: seed.unwrap_or_else(rand::random),
+    })
 }
 
 type CompleteStream = Pin<Box<dyn Stream<Item = Result<pb::CompleteChunk, Status>> + Send>>;
@@ -169,38 +225,16 @@ impl Query for QueryService {
         let limits = &self.state.config.limits;
         let max_new = match r.max_tokens as usize {
             0 => limits.max_complete_tokens.min(64),
-            n => {
-                ServerError::at_most("max_tokens", n, "tokens", limits.max_complete_tokens)?;
-                n
-            }
+            n => n,
         };
-        if !(r.temperature.is_finite() && r.temperature >= 0.0) {
-            return Err(
-                ServerError::invalid("temperature", "must be 0 (greedy) or positive").into(),
-            );
-        }
-        if !(r.top_p.is_finite() && (0.0..=1.0).contains(&r.top_p)) {
-            return Err(ServerError::invalid("top_p", "must be in (0, 1], or 0 for 1").into());
-        }
-        // Stop strings are matched after every generated token; their number and size bound
-        // what that matching costs.
-        ServerError::at_most("stop", r.stop.len(), "strings", limits.max_stop_strings)?;
-        let stop_bytes = r.stop.iter().map(String::len).sum();
-        ServerError::at_most("stop", stop_bytes, "bytes in all", limits.max_stop_bytes)?;
-        if let Some(i) = r.stop.iter().position(String::is_empty) {
-            return Err(ServerError::invalid(format!("stop[{i}]"), "empty").into());
-        }
-        let sampling = Sampling {
-            max_tokens: max_new,
-            temperature: f64::from(r.temperature),
-            top_p: if r.top_p == 0.0 {
-                1.0
-            } else {
-                f64::from(r.top_p)
-            },
-            stop: r.stop,
-            seed: r.seed.unwrap_or_else(rand::random),
-        };
+        let sampling = sampling(
+            limits,
+            max_new,
+            f64::from(r.temperature),
+            f64::from(r.top_p),
+            r.stop,
+            r.seed,
+        )?;
         let loaded = self.state.loaded()?;
         let permit = loaded.slot(&self.state).await?;
         let snapshot = loaded.snapshots.current();
@@ -229,7 +263,7 @@ impl Query for QueryService {
                 tx.blocking_send(Ok(chunk(text, n, pb::FinishReason::Unspecified)))
                     .is_ok()
             });
-            let last = match finish {
+            let last = match finish.map(|g| g.finish) {
                 Ok(Finish::Length) => Ok(chunk("", count, pb::FinishReason::Length)),
                 Ok(Finish::Stop) => Ok(chunk("", count, pb::FinishReason::Stop)),
                 Ok(Finish::Cancelled) => return,

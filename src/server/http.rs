@@ -1,0 +1,46 @@
+//! The plain HTTP/1.1 listeners beside gRPC (metrics and probes, the OpenAI-style API): one accept
+//! loop, each connection on a task of its own.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// Answers every request on `listener` with `respond` until the task is dropped; `what` names the
+/// listener in the log.
+pub(super) async fn serve<F, A>(listener: TcpListener, what: &'static str, respond: F)
+where
+    F: Fn(Request<Incoming>) -> A + Clone + Send + Sync + 'static,
+    A: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Running out of file descriptors is transient; back off instead of spinning.
+                tracing::warn!(error = %e, "{what} listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let respond = respond.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let answer = respond(request);
+                async move { Ok::<_, Infallible>(answer.await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "{what} connection");
+            }
+        });
+    }
+}
