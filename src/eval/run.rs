@@ -13,7 +13,8 @@ use super::metrics::{compare, score, Metrics};
 use crate::error::Result;
 use crate::learn::batch::{Kind, Row, RowRules};
 use crate::learn::strategy::Localization;
-use crate::learn::{Doc, LearnConfig, Learner, Strategy};
+use crate::learn::{Doc, LearnConfig, Strategy};
+use crate::live::{self, Inline};
 use crate::memory;
 use crate::model::{GroupId, Model, Module};
 use crate::spans::{find_all, Mentions, SpanRule};
@@ -119,7 +120,7 @@ pub fn run(
     opts: &EvalOptions,
     replay: &[String],
     mut progress: impl FnMut(&str),
-) -> Result<EvalReport> {
+) -> live::Result<EvalReport> {
     let max_tokens = opts.learn.max_tokens;
     let initial: BTreeMap<String, Tensor> = model
         .vars
@@ -210,7 +211,8 @@ impl Trained {
 }
 
 /// Trains `strategy` from the model's current weights over `opts.epochs` shuffled passes of
-/// `docs`, leaving the trained weights (adapters merged) in the model.
+/// `docs` through the server's update path, leaving the trained weights (adapters merged) in
+/// the model.
 fn train(
     model: &Arc<Model>,
     strategy: &Strategy,
@@ -218,15 +220,22 @@ fn train(
     replay: &[String],
     docs: &[Doc],
     static_norms: Option<&[GroupStat]>,
-) -> Result<Trained> {
+) -> live::Result<Trained> {
     let cfg = LearnConfig {
         strategy: strategy.clone(),
         ..opts.learn.clone()
     };
-    let mut learner = Learner::new(Arc::clone(model), cfg, replay.to_vec(), 0)?;
-    if let (Some(norms), true) = (static_norms, strategy.needs_norms()) {
-        learner.set_static_norms(norms);
-    }
+    let mut engine = Inline::new(
+        Arc::clone(model),
+        cfg,
+        replay.to_vec(),
+        opts.batch_size,
+        |learner| {
+            if let (Some(norms), true) = (static_norms, strategy.needs_norms()) {
+                learner.set_static_norms(norms);
+            }
+        },
+    )?;
     let mut order = docs.to_vec();
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.learn.seed);
     let mut trained = Trained {
@@ -238,16 +247,17 @@ fn train(
     for _ in 0..opts.epochs {
         order.shuffle(&mut rng);
         for batch in order.chunks(opts.batch_size.max(1)) {
-            let r = learner.step(batch)?;
-            trained.tokens += r.tokens;
-            trained.seconds += r.seconds;
-            trained.updates += usize::from(r.applied);
-            trained
-                .touched
-                .extend(r.groups.iter().map(|g| (g.layer, g.module)));
+            for r in engine.learn(batch)? {
+                trained.tokens += r.tokens;
+                trained.seconds += r.seconds;
+                trained.updates += usize::from(r.applied);
+                trained
+                    .touched
+                    .extend(r.groups.iter().map(|g| (g.layer, g.module)));
+            }
         }
     }
-    learner.merge_adapters()?;
+    engine.learner().merge_adapters()?;
     Ok(trained)
 }
 
