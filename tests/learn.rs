@@ -1,7 +1,9 @@
 //! The learning engine on tiny models: only selected groups change, frozen changes nothing, a
-//! non-finite step changes nothing, seeds reproduce, TGL-ALR scales follow their definition.
+//! non-finite step changes nothing, seeds reproduce, TGL-ALR scales follow their definition,
+//! `locus eval`'s path learns what the server learns.
 
 mod common;
+mod serving;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,7 +12,10 @@ use candle_core::{Device, Tensor};
 use common::fixture;
 use locus::learn::strategy::Localization;
 use locus::learn::{Doc, LearnConfig, Learner, Strategy};
+use locus::live::Inline;
 use locus::model::{load, GroupId, Model, ParamKind};
+use locus::proto::v1 as pb;
+use locus::spans::find_all;
 
 fn tiny() -> Arc<Model> {
     Arc::new(load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap())
@@ -551,4 +556,65 @@ fn unit_selection_survives_export_and_import() {
     assert!(!x.traced && !y.traced, "units measured once, then kept");
     assert_eq!(x.units, y.units);
     assert_eq!(snapshot(&a), snapshot(&b), "the same units on both");
+}
+
+/// The learner's document for an ingested one, as the server makes it from salient strings.
+fn learned(d: &pb::Document) -> Doc {
+    Doc {
+        text: d.text.clone(),
+        spans: (!d.salient.is_empty()).then(|| {
+            d.salient
+                .iter()
+                .flat_map(|s| find_all(&d.text, s))
+                .collect()
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_learns_through_the_server_path_bit_for_bit() {
+    let config = serving::config();
+    let mut five = serving::facts();
+    five.extend(serving::facts().into_iter().take(2));
+    // The five-document batch takes two steps at batch size 4, on both paths.
+    let batches = [serving::facts(), five, serving::facts()[1..].to_vec()];
+
+    let server = serving::start().await;
+    let mut client = server.client().await;
+    let base = serving::score_bits(&mut client).await.1;
+    let requests = batches
+        .iter()
+        .enumerate()
+        .map(|(i, b)| serving::batch(&i.to_string(), b.clone()))
+        .collect();
+    let answers = serving::ingest(&mut client, requests).await.unwrap();
+    let steps: usize = answers.iter().map(|a| a.steps.len()).sum();
+    let (version, by_server) = serving::score_bits(&mut client).await;
+    server.shutdown().await;
+    assert_eq!((steps, version), (4, 4));
+    assert_ne!(by_server, base, "learning changed the scores");
+
+    let model = tiny();
+    let mut engine = Inline::new(
+        Arc::clone(&model),
+        config.learn.clone(),
+        config.replay.clone(),
+        config.batch_size,
+        |_| {},
+    )
+    .unwrap();
+    for b in &batches {
+        engine
+            .learn(&b.iter().map(learned).collect::<Vec<_>>())
+            .unwrap();
+    }
+    assert_eq!(engine.current().version(), 4);
+    drop(engine);
+    // Scored by a server of its own, so both sides go through the same Score code.
+    let trained = Arc::try_unwrap(model).ok().expect("the engine is gone");
+    let scorer = serving::start_with(config, false).await;
+    scorer.state.install(trained).await.unwrap();
+    let by_eval = serving::score_bits(&mut scorer.client().await).await.1;
+    scorer.shutdown().await;
+    assert_eq!(by_eval, by_server);
 }

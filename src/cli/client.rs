@@ -51,25 +51,7 @@ enum ClientCommand {
         candidates: Vec<String>,
     },
     /// Continue a prompt, printing tokens as they arrive.
-    Complete {
-        /// The prompt.
-        prompt: String,
-        /// Tokens to generate at most (0: the server's default).
-        #[arg(long, default_value_t = 0)]
-        max_tokens: u32,
-        /// Sampling temperature; 0 is greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Nucleus sampling mass.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        /// Stop before this string (repeatable).
-        #[arg(long)]
-        stop: Vec<String>,
-        /// Sampler seed.
-        #[arg(long)]
-        seed: Option<u64>,
-    },
+    Complete(CompleteArgs),
     /// Perplexity of each text.
     Perplexity {
         /// The texts.
@@ -91,6 +73,28 @@ enum ClientCommand {
     },
     /// Write a checkpoint of the served version to the server's data directory now.
     Checkpoint,
+}
+
+/// Arguments of `locus client complete`, the request's fields.
+#[derive(Args)]
+struct CompleteArgs {
+    /// The prompt.
+    prompt: String,
+    /// Tokens to generate at most (0: the server's default).
+    #[arg(long, default_value_t = 0)]
+    max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Sampler seed.
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 /// One line of an ingest file.
@@ -124,183 +128,180 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut client = match &a.ca_cert {
-            Some(ca) => {
-                let pem = std::fs::read(ca).map_err(|e| locus::Error::io(ca, e))?;
-                Client::connect_tls(&a.addr, a.token.as_deref(), &pem).await?
-            }
-            None => Client::connect(&a.addr, a.token.as_deref()).await?,
-        };
-        let json = a.json;
-        match a.command {
-            ClientCommand::Ingest { file, batch_size } => {
-                ingest(&mut client, &file, batch_size, json).await
-            }
-            ClientCommand::Score { prompt, candidates } => {
-                let r = client.score(&prompt, &candidates).await?;
-                if json {
-                    return print_json(&r);
-                }
-                println!("model version {}", r.version);
-                for c in r.ranked {
-                    println!(
-                        "{:>10.4}  {:>3} tokens  {:?}",
-                        c.logprob, c.tokens, c.candidate
-                    );
-                }
-                Ok(())
-            }
-            ClientCommand::Complete {
-                prompt,
-                max_tokens,
-                temperature,
-                top_p,
-                stop,
-                seed,
-            } => {
-                let request = pb::CompleteRequest {
-                    prompt: prompt.clone(),
-                    max_tokens,
-                    temperature,
-                    top_p,
-                    stop,
-                    seed,
-                };
-                let mut stream = client.complete(request).await?;
-                if json {
-                    while let Some(chunk) = stream.next().await {
-                        print_json(&chunk?)?;
-                    }
-                    return Ok(());
-                }
-                let mut out = std::io::stdout();
-                write!(out, "{prompt}")?;
-                let mut last = None;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk?;
-                    write!(out, "{}", chunk.text)?;
-                    out.flush()?;
-                    last = Some(chunk);
-                }
-                writeln!(out)?;
-                if let Some(c) = last {
-                    eprintln!(
-                        "locus: {} tokens, finished by {}, model version {}",
-                        c.tokens,
-                        c.finish_reason().as_str_name(),
-                        c.version
-                    );
-                }
-                Ok(())
-            }
-            ClientCommand::Perplexity { texts } => {
-                let r = client.perplexity(texts.clone()).await?;
-                if json {
-                    return print_json(&r);
-                }
-                println!("model version {}", r.version);
-                for (t, p) in texts.iter().zip(r.texts) {
-                    println!("{:>10.3}  {:>4} tokens  {t:?}", p.perplexity, p.tokens);
-                }
-                Ok(())
-            }
-            ClientCommand::Info => {
-                let r = client.info().await?;
-                if json {
-                    return print_json(&r);
-                }
-                let selection: Vec<String> = r.selection.iter().map(group_name).collect();
-                println!(
-                    "model        {} ({} layers, {} parameters) from {}",
-                    r.architecture, r.layers, r.parameters, r.source
-                );
-                println!("version      {}", r.version);
-                println!(
-                    "strategy     {} ({}), lr {}, batch size {}",
-                    r.strategy, r.localization, r.lr, r.batch_size
-                );
-                println!(
-                    "learning     {}, {} steps, {} batches queued",
-                    if r.paused { "paused" } else { "on" },
-                    r.steps,
-                    r.queue_depth
-                );
-                println!("selection    {}", or_dash(&selection));
-                println!(
-                    "role         {}; store at version {} ({} behind), {} publish failures",
-                    r.role, r.published_version, r.behind, r.publish_failures
-                );
-                if !r.learning_blocked.is_empty() {
-                    println!("learning     blocked: {}", r.learning_blocked);
-                }
-                Ok(())
-            }
-            ClientCommand::Versions => {
-                let r = client.list_versions().await?;
-                if json {
-                    return print_json(&r);
-                }
-                for v in r.versions {
-                    let changed: Vec<String> = v.changed.iter().map(group_name).collect();
-                    let mark = if v.version == r.current { '*' } else { ' ' };
-                    println!(
-                        "{mark}{:>5}  {:<14} {}",
-                        v.version,
-                        v.origin,
-                        changed.join(" ")
-                    );
-                }
-                if !r.checkpoints.is_empty() {
-                    let on_disk: Vec<String> = r.checkpoints.iter().map(u64::to_string).collect();
-                    println!("checkpoints: {} (and 0, the base model)", on_disk.join(" "));
-                }
-                Ok(())
-            }
-            ClientCommand::Pause => {
-                let r = client.pause().await?;
-                if json {
-                    return print_json(&r);
-                }
-                println!("learning paused at version {}", r.version);
-                Ok(())
-            }
-            ClientCommand::Resume => {
-                let r = client.resume().await?;
-                if json {
-                    return print_json(&r);
-                }
-                println!("learning resumed at version {}", r.version);
-                Ok(())
-            }
-            ClientCommand::Rollback { version } => {
-                let r = client.rollback(version).await?;
-                if json {
-                    return print_json(&r);
-                }
-                println!(
-                    "restored version {} as version {}",
-                    r.restored_from, r.version
-                );
-                Ok(())
-            }
-            ClientCommand::Checkpoint => {
-                let r = client.checkpoint().await?;
-                if json {
-                    return print_json(&r);
-                }
-                println!("version      {}", r.version);
-                println!("path         {}", r.path);
-                println!("bytes        {}", r.bytes);
-                println!(
-                    "parent       {}",
-                    r.parent.map_or("-".to_string(), |p| p.to_string())
-                );
-                println!("journal seq  {}", r.journal_seq);
-                println!("groups       {}", or_dash(&r.groups));
-                Ok(())
-            }
-        }
+        let mut client = connect(&a).await?;
+        command(&mut client, a.command, a.json).await
     })
+}
+
+/// Connects to `--addr`, over TLS when `--ca-cert` is given.
+async fn connect(a: &ClientArgs) -> anyhow::Result<Client> {
+    Ok(match &a.ca_cert {
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|e| locus::Error::io(ca, e))?;
+            Client::connect_tls(&a.addr, a.token.as_deref(), &pem).await?
+        }
+        None => Client::connect(&a.addr, a.token.as_deref()).await?,
+    })
+}
+
+/// Sends one subcommand's call and prints its answer.
+async fn command(client: &mut Client, command: ClientCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        ClientCommand::Ingest { file, batch_size } => ingest(client, &file, batch_size, json).await,
+        ClientCommand::Score { prompt, candidates } => show(
+            json,
+            &client.score(&prompt, &candidates).await?,
+            print_score,
+        ),
+        ClientCommand::Complete(c) => {
+            let request = pb::CompleteRequest {
+                prompt: c.prompt,
+                max_tokens: c.max_tokens,
+                temperature: c.temperature,
+                top_p: c.top_p,
+                stop: c.stop,
+                seed: c.seed,
+            };
+            complete(client, request, json).await
+        }
+        ClientCommand::Perplexity { texts } => {
+            let r = client.perplexity(texts.clone()).await?;
+            show(json, &r, |r| print_perplexity(&texts, r))
+        }
+        ClientCommand::Info => show(json, &client.info().await?, print_info),
+        ClientCommand::Versions => show(json, &client.list_versions().await?, print_versions),
+        ClientCommand::Pause => show(json, &client.pause().await?, |r| {
+            println!("learning paused at version {}", r.version)
+        }),
+        ClientCommand::Resume => show(json, &client.resume().await?, |r| {
+            println!("learning resumed at version {}", r.version)
+        }),
+        ClientCommand::Rollback { version } => show(json, &client.rollback(version).await?, |r| {
+            println!(
+                "restored version {} as version {}",
+                r.restored_from, r.version
+            )
+        }),
+        ClientCommand::Checkpoint => show(json, &client.checkpoint().await?, print_checkpoint),
+    }
+}
+
+/// Prints an answer as one line of JSON under `--json`, else as `human` writes it for people.
+fn show<T: serde::Serialize>(json: bool, answer: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        return print_json(answer);
+    }
+    human(answer);
+    Ok(())
+}
+
+fn print_score(r: &pb::ScoreResponse) {
+    println!("model version {}", r.version);
+    for c in &r.ranked {
+        println!(
+            "{:>10.4}  {:>3} tokens  {:?}",
+            c.logprob, c.tokens, c.candidate
+        );
+    }
+}
+
+/// Streams a completion: the prompt and the tokens as they arrive on stdout, the finish on stderr
+/// (each chunk as a JSON line under `json`).
+async fn complete(
+    client: &mut Client,
+    request: pb::CompleteRequest,
+    json: bool,
+) -> anyhow::Result<()> {
+    let prompt = request.prompt.clone();
+    let mut stream = client.complete(request).await?;
+    if json {
+        while let Some(chunk) = stream.next().await {
+            print_json(&chunk?)?;
+        }
+        return Ok(());
+    }
+    let mut out = std::io::stdout();
+    write!(out, "{prompt}")?;
+    let mut last = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        write!(out, "{}", chunk.text)?;
+        out.flush()?;
+        last = Some(chunk);
+    }
+    writeln!(out)?;
+    if let Some(c) = last {
+        eprintln!(
+            "locus: {} tokens, finished by {}, model version {}",
+            c.tokens,
+            c.finish_reason().as_str_name(),
+            c.version
+        );
+    }
+    Ok(())
+}
+
+fn print_perplexity(texts: &[String], r: &pb::PerplexityResponse) {
+    println!("model version {}", r.version);
+    for (t, p) in texts.iter().zip(&r.texts) {
+        println!("{:>10.3}  {:>4} tokens  {t:?}", p.perplexity, p.tokens);
+    }
+}
+
+fn print_info(r: &pb::InfoResponse) {
+    let selection: Vec<String> = r.selection.iter().map(group_name).collect();
+    println!(
+        "model        {} ({} layers, {} parameters) from {}",
+        r.architecture, r.layers, r.parameters, r.source
+    );
+    println!("version      {}", r.version);
+    println!(
+        "strategy     {} ({}), lr {}, batch size {}",
+        r.strategy, r.localization, r.lr, r.batch_size
+    );
+    println!(
+        "learning     {}, {} steps, {} batches queued",
+        if r.paused { "paused" } else { "on" },
+        r.steps,
+        r.queue_depth
+    );
+    println!("selection    {}", or_dash(&selection));
+    println!(
+        "role         {}; store at version {} ({} behind), {} publish failures",
+        r.role, r.published_version, r.behind, r.publish_failures
+    );
+    if !r.learning_blocked.is_empty() {
+        println!("learning     blocked: {}", r.learning_blocked);
+    }
+}
+
+fn print_versions(r: &pb::ListVersionsResponse) {
+    for v in &r.versions {
+        let changed: Vec<String> = v.changed.iter().map(group_name).collect();
+        let mark = if v.version == r.current { '*' } else { ' ' };
+        println!(
+            "{mark}{:>5}  {:<14} {}",
+            v.version,
+            v.origin,
+            changed.join(" ")
+        );
+    }
+    if !r.checkpoints.is_empty() {
+        let on_disk: Vec<String> = r.checkpoints.iter().map(u64::to_string).collect();
+        println!("checkpoints: {} (and 0, the base model)", on_disk.join(" "));
+    }
+}
+
+fn print_checkpoint(r: &pb::CheckpointResponse) {
+    println!("version      {}", r.version);
+    println!("path         {}", r.path);
+    println!("bytes        {}", r.bytes);
+    println!(
+        "parent       {}",
+        r.parent.map_or("-".to_string(), |p| p.to_string())
+    );
+    println!("journal seq  {}", r.journal_seq);
+    println!("groups       {}", or_dash(&r.groups));
 }
 
 /// `3.attn` for a layer group.
@@ -321,6 +322,50 @@ async fn ingest(
     batch_size: usize,
     json: bool,
 ) -> anyhow::Result<()> {
+    let (docs, lines) = read_documents(file)?;
+    let batch_size = batch_size.max(1);
+    let batches: Vec<pb::IngestRequest> = docs
+        .chunks(batch_size)
+        .enumerate()
+        .map(|(k, chunk)| pb::IngestRequest {
+            documents: chunk.to_vec(),
+            client_batch_id: k.to_string(),
+        })
+        .collect();
+    let total = batches.len();
+    let start = std::time::Instant::now();
+    let mut progress = IngestProgress::new(docs.len() as u64);
+    let mut answers = client.ingest(progress.counting(batches)).await?;
+    let (mut done, mut accepted, mut rejected, mut version) = (0, 0, 0, None);
+    while let Some(r) = answers.next().await {
+        let r = r?;
+        progress.answered(&r);
+        done += 1;
+        accepted += r.accepted.len();
+        rejected += r.rejected.len();
+        version = Some(r.version);
+        if json {
+            print_json(&r)?;
+        } else {
+            let position = format!("[{done}/{total}]");
+            print_batch(&progress, &position, &r, |k, index| {
+                lines.get(k * batch_size + index).copied().unwrap_or(0)
+            });
+        }
+    }
+    // The bar is cleared first, so the summary is the last line on a terminal too.
+    drop(progress);
+    eprintln!(
+        "locus: ingested {} documents in {done}/{total} batches: {accepted} accepted, {rejected} rejected, model version {}, {:.1} s",
+        docs.len(),
+        version.map_or("-".to_string(), |v| v.to_string()),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The documents of a JSONL file, each with its 1-based line number.
+fn read_documents(file: &PathBuf) -> Result<(Vec<pb::Document>, Vec<usize>), InputError> {
     let content = std::fs::read_to_string(file)
         .map_err(|e| InputError(locus::Error::io(file, e).to_string()))?;
     let mut docs = Vec::new();
@@ -349,70 +394,43 @@ async fn ingest(
         lines.push(i + 1);
     }
     if docs.is_empty() {
-        return Err(InputError(format!("{}: no documents", file.display())).into());
+        return Err(InputError(format!("{}: no documents", file.display())));
     }
-    let batch_size = batch_size.max(1);
-    let batches: Vec<pb::IngestRequest> = docs
-        .chunks(batch_size)
-        .enumerate()
-        .map(|(k, chunk)| pb::IngestRequest {
-            documents: chunk.to_vec(),
-            client_batch_id: k.to_string(),
-        })
+    Ok((docs, lines))
+}
+
+/// One answered batch for people: its summary, the steps not applied and the rejected documents
+/// by the file line `line_of` finds for (batch, index in the batch).
+fn print_batch(
+    progress: &IngestProgress,
+    position: &str,
+    r: &pb::IngestResponse,
+    line_of: impl Fn(usize, usize) -> usize,
+) {
+    let k: usize = r.client_batch_id.parse().unwrap_or(0);
+    let groups: Vec<String> = r
+        .steps
+        .iter()
+        .flat_map(|s| s.groups.iter().map(group_name))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect();
-    let total = batches.len();
-    let start = std::time::Instant::now();
-    let mut progress = IngestProgress::new(docs.len() as u64);
-    let mut answers = client.ingest(progress.counting(batches)).await?;
-    let (mut done, mut accepted, mut rejected, mut version) = (0, 0, 0, None);
-    while let Some(r) = answers.next().await {
-        let r = r?;
-        progress.answered(&r);
-        done += 1;
-        accepted += r.accepted.len();
-        rejected += r.rejected.len();
-        version = Some(r.version);
-        if json {
-            print_json(&r)?;
-            continue;
-        }
-        let k: usize = r.client_batch_id.parse().unwrap_or(0);
-        let groups: Vec<String> = r
-            .steps
-            .iter()
-            .flat_map(|s| s.groups.iter().map(group_name))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let seconds: f64 = r.steps.iter().map(|s| s.seconds).sum();
-        progress.println(&format!(
-            "[{done}/{total}] batch {k}: version {}, {} accepted, {} rejected, {}, {seconds:.1} s, groups {}",
-            r.version,
-            r.accepted.len(),
-            r.rejected.len(),
-            steps_summary(&r.steps),
-            or_dash(&groups)
-        ));
-        for s in r.steps.iter().filter(|s| !s.skipped.is_empty()) {
-            progress.println(&format!("  step {} not applied: {}", s.batch, s.skipped));
-        }
-        for j in &r.rejected {
-            let line = lines
-                .get(k * batch_size + j.index as usize)
-                .copied()
-                .unwrap_or(0);
-            progress.println(&format!("  line {line}: {}: {}", j.field, j.reason));
-        }
+    let seconds: f64 = r.steps.iter().map(|s| s.seconds).sum();
+    progress.println(&format!(
+        "{position} batch {k}: version {}, {} accepted, {} rejected, {}, {seconds:.1} s, groups {}",
+        r.version,
+        r.accepted.len(),
+        r.rejected.len(),
+        steps_summary(&r.steps),
+        or_dash(&groups)
+    ));
+    for s in r.steps.iter().filter(|s| !s.skipped.is_empty()) {
+        progress.println(&format!("  step {} not applied: {}", s.batch, s.skipped));
     }
-    // The bar is cleared first, so the summary is the last line on a terminal too.
-    drop(progress);
-    eprintln!(
-        "locus: ingested {} documents in {done}/{total} batches: {accepted} accepted, {rejected} rejected, model version {}, {:.1} s",
-        docs.len(),
-        version.map_or("-".to_string(), |v| v.to_string()),
-        start.elapsed().as_secs_f64()
-    );
-    Ok(())
+    for j in &r.rejected {
+        let line = line_of(k, j.index as usize);
+        progress.println(&format!("  line {line}: {}: {}", j.field, j.reason));
+    }
 }
 
 /// A batch's steps in a few words: losses, rehearsed documents and span fallbacks.

@@ -11,7 +11,7 @@ use locus::proto::v1 as pb;
 use tokio_stream::StreamExt;
 
 use super::client::group_name;
-use super::probes;
+use super::probes::{self, ProbeScore};
 use super::progress::IngestProgress;
 use super::serve::LearnArgs;
 
@@ -72,13 +72,29 @@ struct Checks {
     general: Vec<String>,
 }
 
-/// Stable answers kept (gold over foil) and general-text perplexity.
-async fn check(client: &mut Client, checks: &Checks) -> anyhow::Result<(usize, f64)> {
+/// The model at one version, as the demo reads it.
+struct Reading {
+    version: u64,
+    /// One score per probe of the streamed facts.
+    probes: Vec<ProbeScore>,
+    /// Stable answers kept (gold over foil).
+    kept: usize,
+    /// General-text perplexity.
+    ppl: f64,
+}
+
+/// Reads the served version: its number, the facts' probes and the checks.
+async fn read(client: &mut Client, facts: &[Update], checks: &Checks) -> anyhow::Result<Reading> {
+    let version = client.info().await?.version;
+    let all: Vec<&Update> = facts.iter().collect();
+    let probes = probes::updates(client, &all).await?;
     let stable = probes::stable(client, &checks.stable).await?;
-    Ok((
-        stable.iter().filter(|(g, f)| g > f).count(),
-        probes::perplexity(client, &checks.general).await?,
-    ))
+    Ok(Reading {
+        version,
+        probes,
+        kept: stable.iter().filter(|(g, f)| g > f).count(),
+        ppl: probes::perplexity(client, &checks.general).await?,
+    })
 }
 
 async fn demo(addr: &str, facts: &[Update], checks: &Checks, epochs: usize) -> anyhow::Result<()> {
@@ -88,12 +104,17 @@ async fn demo(addr: &str, facts: &[Update], checks: &Checks, epochs: usize) -> a
         "locus: {} ({} layers), strategy {} ({}), lr {}",
         info.architecture, info.layers, info.strategy, info.localization, info.lr
     );
-    let all: Vec<&Update> = facts.iter().collect();
-    let v0 = client.info().await?.version;
-    let before = probes::updates(&mut client, &all).await?;
-    let kept0 = check(&mut client, checks).await?;
+    let before = read(&mut client, facts, checks).await?;
+    let updated = stream(&mut client, batches(facts, epochs)).await?;
+    let after = read(&mut client, facts, checks).await?;
+    print_probes(facts, &before, &after);
+    print_summary(&before, &after, checks.stable.len(), &updated);
+    Ok(())
+}
 
-    let batches: Vec<pb::IngestRequest> = (0..epochs.max(1))
+/// The facts' documents as ingest batches, one per fact and pass.
+fn batches(facts: &[Update], epochs: usize) -> Vec<pb::IngestRequest> {
+    (0..epochs.max(1))
         .flat_map(|e| {
             facts.iter().map(move |u| pb::IngestRequest {
                 documents: u
@@ -109,14 +130,21 @@ async fn demo(addr: &str, facts: &[Update], checks: &Checks, epochs: usize) -> a
                 client_batch_id: format!("epoch {} {}", e + 1, u.id),
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Updated groups by name with how many updates touched them, keyed by (layer, module) so
+/// layers sort by number.
+type Updated = BTreeMap<(u32, i32), (String, usize)>;
+
+/// Streams the batches with a line of progress per answer; returns the groups updated.
+async fn stream(client: &mut Client, batches: Vec<pb::IngestRequest>) -> anyhow::Result<Updated> {
     let total = batches.len();
     let documents = batches.iter().map(|b| b.documents.len() as u64).sum();
     let mut progress = IngestProgress::new(documents);
     let start = Instant::now();
     let mut answers = client.ingest(progress.counting(batches)).await?;
-    // Keyed by (layer, module) so layers sort by number.
-    let mut updated: BTreeMap<(u32, i32), (String, usize)> = BTreeMap::new();
+    let mut updated = Updated::new();
     let mut done = 0;
     while let Some(r) = answers.next().await {
         let r = r?;
@@ -136,25 +164,22 @@ async fn demo(addr: &str, facts: &[Update], checks: &Checks, epochs: usize) -> a
             start.elapsed().as_secs_f64()
         ));
     }
-    drop(progress);
-    let v1 = client.info().await?.version;
-    let after = probes::updates(&mut client, &all).await?;
-    let kept1 = check(&mut client, checks).await?;
+    Ok(updated)
+}
 
+/// The probe table: each probe's new-over-old margin before and after.
+fn print_probes(facts: &[Update], before: &Reading, after: &Reading) {
     println!(
         "\n{:<46} {:<22} {:<22} {:>16} {:>16}",
         "probe",
         "new answer",
         "old answer",
-        format!("v{v0} new-old"),
-        format!("v{v1} new-old")
+        format!("v{} new-old", before.version),
+        format!("v{} new-old", after.version)
     );
     let probes = facts.iter().flat_map(|u| &u.probes);
-    let mut wins = (0, 0);
-    for (p, (b, f)) in probes.zip(before.iter().zip(&after)) {
-        let (db, da) = (b.0 - b.2, f.0 - f.2);
-        wins.0 += usize::from(db > 0.0);
-        wins.1 += usize::from(da > 0.0);
+    for (p, (b, f)) in probes.zip(before.probes.iter().zip(&after.probes)) {
+        let (db, da) = (margin(b), margin(f));
         let mark = |d: f64| if d > 0.0 { "new" } else { "old" };
         println!(
             "{:<46} {:<22} {:<22} {:>+10.2} {:>5} {:>+10.2} {:>5}",
@@ -167,24 +192,33 @@ async fn demo(addr: &str, facts: &[Update], checks: &Checks, epochs: usize) -> a
             mark(da)
         );
     }
+}
+
+/// How far a probe's new answer outscores its old one.
+fn margin(s: &ProbeScore) -> f64 {
+    s.0 - s.2
+}
+
+/// Uptake, stable answers kept, general perplexity and the groups learning touched.
+fn print_summary(before: &Reading, after: &Reading, stable: usize, updated: &Updated) {
+    let (v0, v1) = (before.version, after.version);
+    let wins = |r: &Reading| r.probes.iter().filter(|s| margin(s) > 0.0).count();
     println!(
         "\nnew answer preferred: {}/{} at version {v0}, {}/{} at version {v1}",
-        wins.0,
-        before.len(),
-        wins.1,
-        after.len()
+        wins(before),
+        before.probes.len(),
+        wins(after),
+        after.probes.len()
     );
     println!(
-        "stable answers kept: {}/{n} at version {v0}, {}/{n} at version {v1}",
-        kept0.0,
-        kept1.0,
-        n = checks.stable.len()
+        "stable answers kept: {}/{stable} at version {v0}, {}/{stable} at version {v1}",
+        before.kept, after.kept
     );
     println!(
         "general-text perplexity: {:.2} at version {v0}, {:.2} at version {v1} (ratio {:.3})",
-        kept0.1,
-        kept1.1,
-        kept1.1 / kept0.1
+        before.ppl,
+        after.ppl,
+        after.ppl / before.ppl
     );
     let layers: Vec<String> = updated.values().map(|(g, n)| format!("{g} x{n}")).collect();
     println!(
@@ -195,7 +229,6 @@ async fn demo(addr: &str, facts: &[Update], checks: &Checks, epochs: usize) -> a
             layers.join(", ")
         }
     );
-    Ok(())
 }
 
 /// `text` cut to `n` characters with an ellipsis.

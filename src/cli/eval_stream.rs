@@ -253,6 +253,8 @@ async fn scores(client: &mut Client, set: &DriftSet, facts: &[Update]) -> anyhow
     })
 }
 
+/// Streams the documents through the server at `addr` and scores the probes before, along and
+/// after the stream.
 async fn evaluate(
     addr: &str,
     set: &DriftSet,
@@ -268,6 +270,73 @@ async fn evaluate(
         preference(&start_scores.updates),
         stream.len()
     );
+    let streamed = stream_documents(&mut client, facts, stream, batch, lags).await?;
+    let end_scores = scores(&mut client, set, facts).await?;
+    let version = client.info().await?.version;
+    let test = facts.iter().filter(|u| u.id.starts_with("test-")).count();
+    let t = &streamed.tally;
+    Ok(StreamReport {
+        settings: BTreeMap::new(),
+        documents: stream.len(),
+        facts: (facts.len() - test, test),
+        before: compare(&start_scores, &start_scores),
+        after: compare(&start_scores, &end_scores),
+        lags: lag_points(lags, &streamed.measured),
+        steps: (t.steps, t.applied),
+        rehearsed: t.rehearsed,
+        replayed: t.replayed,
+        span_fallbacks: t.fallbacks,
+        learn_seconds: t.learn_seconds,
+        documents_per_s: stream.len() as f64 / t.learn_seconds.max(1e-9),
+        wall_seconds: streamed.wall_seconds,
+        version,
+    })
+}
+
+/// What the learner's step reports add up to.
+#[derive(Default)]
+struct Tally {
+    steps: usize,
+    applied: usize,
+    rehearsed: usize,
+    replayed: usize,
+    fallbacks: usize,
+    learn_seconds: f64,
+}
+
+impl Tally {
+    fn add(&mut self, steps: &[pb::UpdateReport]) {
+        for s in steps {
+            self.steps += 1;
+            self.applied += usize::from(s.applied);
+            self.rehearsed += s.rehearsed as usize;
+            self.replayed += s.replay as usize;
+            self.fallbacks += s.span_fallbacks as usize;
+            self.learn_seconds += s.seconds;
+        }
+    }
+}
+
+/// Probe scores keyed by (fact, index of the lag), each with the lag actually reached.
+type Measured = BTreeMap<(usize, usize), (usize, Vec<ProbeScore>)>;
+
+/// What streaming the documents gave.
+struct Streamed {
+    tally: Tally,
+    measured: Measured,
+    /// Seconds from the first batch sent to the last answer, probing along the stream included.
+    wall_seconds: f64,
+}
+
+/// Sends the documents a batch at a time, each after the last one's answer, and scores each
+/// fact's probes once the stream is `lag` documents past its last one.
+async fn stream_documents(
+    client: &mut Client,
+    facts: &[Update],
+    stream: &[(usize, pb::Document)],
+    batch: usize,
+    lags: &[usize],
+) -> anyhow::Result<Streamed> {
     // Where each fact's last document sits in the stream (1-based count of documents).
     let mut last = vec![0usize; facts.len()];
     for (i, (k, _)) in stream.iter().enumerate() {
@@ -275,10 +344,9 @@ async fn evaluate(
     }
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut answers = client.ingest(ReceiverStream::new(rx)).await?;
-    let mut measured: BTreeMap<(usize, usize), (usize, Vec<ProbeScore>)> = BTreeMap::new();
-    let (mut done, mut steps, mut applied, mut rehearsed, mut replayed, mut fallbacks) =
-        (0, 0, 0, 0, 0, 0);
-    let mut learn_seconds = 0.0;
+    let mut measured = Measured::new();
+    let mut tally = Tally::default();
+    let mut done = 0;
     let wall = Instant::now();
     for (n, chunk) in stream.chunks(batch.max(1)).enumerate() {
         let request = pb::IngestRequest {
@@ -299,18 +367,11 @@ async fn evaluate(
             );
         }
         done += chunk.len();
-        for s in &r.steps {
-            steps += 1;
-            applied += usize::from(s.applied);
-            rehearsed += s.rehearsed as usize;
-            replayed += s.replay as usize;
-            fallbacks += s.span_fallbacks as usize;
-            learn_seconds += s.seconds;
-        }
+        tally.add(&r.steps);
         for (k, &end) in last.iter().enumerate() {
             for (li, &lag) in lags.iter().enumerate() {
                 if done >= end + lag && !measured.contains_key(&(k, li)) {
-                    let s = probes::updates(&mut client, &[&facts[k]]).await?;
+                    let s = probes::updates(client, &[&facts[k]]).await?;
                     measured.insert((k, li), (done - end, s));
                 }
             }
@@ -319,16 +380,21 @@ async fn evaluate(
             "locus: [{done}/{}] version {}, {:.1} s learning, {}",
             stream.len(),
             r.version,
-            learn_seconds,
+            tally.learn_seconds,
             super::client::steps_summary(&r.steps)
         );
     }
     drop(tx);
-    let wall_seconds = wall.elapsed().as_secs_f64();
-    let end_scores = scores(&mut client, set, facts).await?;
-    let version = client.info().await?.version;
-    let lag_points = lags
-        .iter()
+    Ok(Streamed {
+        tally,
+        measured,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+    })
+}
+
+/// Uptake at each lag, over the facts measured there.
+fn lag_points(lags: &[usize], measured: &Measured) -> Vec<LagPoint> {
+    lags.iter()
         .enumerate()
         .map(|(li, &lag)| {
             let at: Vec<&(usize, Vec<ProbeScore>)> = measured
@@ -352,24 +418,7 @@ async fn evaluate(
                 facts: at.len(),
             }
         })
-        .collect();
-    let test = facts.iter().filter(|u| u.id.starts_with("test-")).count();
-    Ok(StreamReport {
-        settings: BTreeMap::new(),
-        documents: stream.len(),
-        facts: (facts.len() - test, test),
-        before: compare(&start_scores, &start_scores),
-        after: compare(&start_scores, &end_scores),
-        lags: lag_points,
-        steps: (steps, applied),
-        rehearsed,
-        replayed,
-        span_fallbacks: fallbacks,
-        learn_seconds,
-        documents_per_s: stream.len() as f64 / learn_seconds.max(1e-9),
-        wall_seconds,
-        version,
-    })
+        .collect()
 }
 
 fn ci(c: (f64, f64)) -> String {

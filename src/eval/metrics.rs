@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use serde::Serialize;
 
-use super::data::DriftSet;
+use super::data::{DriftSet, UpdateProbe};
 use crate::error::Result;
 use crate::model::{ops, Model, Params};
 use crate::spans::{find_all, span_targets};
@@ -79,54 +79,69 @@ fn ppl(nll: impl Iterator<Item = f32>) -> f64 {
 
 /// Scores every probe and perplexity of `set` under the model's current weights.
 pub fn score(model: &Model, set: &DriftSet, max_tokens: usize) -> Result<Scores> {
-    let probes: Vec<(&crate::eval::data::UpdateProbe, bool)> = set
+    let probes: Vec<(&UpdateProbe, bool)> = set
         .updates
         .iter()
         .flat_map(|u| u.probes.iter().map(move |p| (p, u.id.starts_with("test-"))))
         .collect();
-    let new = answer_logprobs(
-        model,
-        &probes
+    let new = logprobs(model, &probes, |(p, _)| (&p.prompt, &p.new))?;
+    let old = logprobs(model, &probes, |(p, _)| (&p.prompt, &p.old))?;
+    let gold = logprobs(model, &set.stable, |p| (&p.prompt, &p.gold))?;
+    let foil = logprobs(model, &set.stable, |p| (&p.prompt, &p.foil))?;
+    Ok(Scores {
+        updates: new
             .iter()
-            .map(|(p, _)| (p.prompt.as_str(), p.new.as_str()))
-            .collect::<Vec<_>>(),
-    )?;
-    let old = answer_logprobs(
-        model,
-        &probes
+            .zip(&old)
+            .zip(&probes)
+            .map(|(((n, k), (o, _)), (_, held))| (*n, *k, *o, *held))
+            .collect(),
+        stable: gold
             .iter()
-            .map(|(p, _)| (p.prompt.as_str(), p.old.as_str()))
-            .collect::<Vec<_>>(),
-    )?;
-    let gold = answer_logprobs(
-        model,
-        &set.stable
-            .iter()
-            .map(|p| (p.prompt.as_str(), p.gold.as_str()))
-            .collect::<Vec<_>>(),
-    )?;
-    let foil = answer_logprobs(
-        model,
-        &set.stable
-            .iter()
-            .map(|p| (p.prompt.as_str(), p.foil.as_str()))
-            .collect::<Vec<_>>(),
-    )?;
+            .zip(&foil)
+            .map(|((g, _), (f, _))| (*g, *f))
+            .collect(),
+        general_ppl: general_ppl(model, &set.general, max_tokens)?,
+        entity_span_ppl: entity_span_ppl(model, set, max_tokens)?,
+    })
+}
+
+/// [`answer_logprobs`] of the (prompt, answer) pair `pair` picks from each item.
+fn logprobs<T>(
+    model: &Model,
+    items: &[T],
+    pair: impl Fn(&T) -> (&String, &String),
+) -> Result<Vec<(f64, usize)>> {
+    let pairs: Vec<(&str, &str)> = items
+        .iter()
+        .map(|item| {
+            let (prompt, answer) = pair(item);
+            (prompt.as_str(), answer.as_str())
+        })
+        .collect();
+    answer_logprobs(model, &pairs)
+}
+
+/// Perplexity of the general texts, each cut to `max_tokens`; texts under two tokens predict
+/// nothing and are left out.
+fn general_ppl(model: &Model, general: &[String], max_tokens: usize) -> Result<f64> {
     let truncate = |mut v: Vec<u32>| {
         v.truncate(max_tokens);
         v
     };
-    let general: Vec<Vec<u32>> = set
-        .general
+    let general: Vec<Vec<u32>> = general
         .iter()
         .map(|t| model.tokenizer.encode(t).map(|e| truncate(e.ids)))
         .collect::<Result<Vec<_>>>()?
         .into_iter()
         .filter(|s| s.len() >= 2)
         .collect();
-    let general_ppl = ppl(target_nll(model, &model.params(|_| false), &general)?
+    Ok(ppl(target_nll(model, &model.params(|_| false), &general)?
         .into_iter()
-        .flatten());
+        .flatten()))
+}
+
+/// Perplexity of the salient-span tokens of the update documents, each cut to `max_tokens`.
+fn entity_span_ppl(model: &Model, set: &DriftSet, max_tokens: usize) -> Result<f64> {
     let mut docs = Vec::new();
     let mut masks = Vec::new();
     for u in &set.updates {
@@ -141,25 +156,9 @@ pub fn score(model: &Model, set: &DriftSet, max_tokens: usize) -> Result<Scores>
         }
     }
     let doc_nll = target_nll(model, &model.params(|_| false), &docs)?;
-    let entity_span_ppl = ppl(doc_nll
-        .iter()
-        .zip(&masks)
-        .flat_map(|(row, m)| row.iter().zip(m).filter(|(_, &on)| on).map(|(&v, _)| v)));
-    Ok(Scores {
-        updates: new
-            .iter()
-            .zip(&old)
-            .zip(&probes)
-            .map(|(((n, k), (o, _)), (_, held))| (*n, *k, *o, *held))
-            .collect(),
-        stable: gold
-            .iter()
-            .zip(&foil)
-            .map(|((g, _), (f, _))| (*g, *f))
-            .collect(),
-        general_ppl,
-        entity_span_ppl,
-    })
+    Ok(ppl(doc_nll.iter().zip(&masks).flat_map(|(row, m)| {
+        row.iter().zip(m).filter(|(_, &on)| on).map(|(&v, _)| v)
+    })))
 }
 
 /// The metrics of one model state, some relative to the starting state.

@@ -13,11 +13,12 @@ use super::metrics::{compare, score, Metrics};
 use crate::error::Result;
 use crate::learn::batch::{Kind, Row, RowRules};
 use crate::learn::strategy::Localization;
-use crate::learn::{Doc, LearnConfig, Learner, Strategy};
+use crate::learn::{Doc, LearnConfig, Strategy};
+use crate::live::{self, Inline};
 use crate::memory;
-use crate::model::{GroupId, Model};
+use crate::model::{GroupId, Model, Module};
 use crate::spans::{find_all, Mentions, SpanRule};
-use crate::trace::{trace, Prepared};
+use crate::trace::{trace, GroupStat, Prepared};
 
 /// How `locus eval` trains each strategy.
 #[derive(Debug, Clone, Serialize)]
@@ -119,7 +120,7 @@ pub fn run(
     opts: &EvalOptions,
     replay: &[String],
     mut progress: impl FnMut(&str),
-) -> Result<EvalReport> {
+) -> live::Result<EvalReport> {
     let max_tokens = opts.learn.max_tokens;
     let initial: BTreeMap<String, Tensor> = model
         .vars
@@ -127,7 +128,6 @@ pub fn run(
         .map(|(n, v)| Ok((n.clone(), v.as_detached_tensor().copy()?)))
         .collect::<Result<_>>()?;
     let start = score(&model, set, max_tokens)?;
-    let before = compare(&start, &start);
     progress("scored the starting model");
     let docs = docs_of(set);
     let strategies: Vec<Strategy> = opts
@@ -150,64 +150,115 @@ pub fn run(
     };
     let mut rows = Vec::new();
     for strategy in strategies {
-        for (n, v) in &model.vars {
-            v.set(&initial[n])?;
-        }
+        restore(&model, &initial)?;
         memory::reset_peak();
-        let cfg = LearnConfig {
-            strategy: strategy.clone(),
-            ..opts.learn.clone()
-        };
-        let mut learner = Learner::new(Arc::clone(&model), cfg, replay.to_vec(), 0)?;
-        if let (Some(t), true) = (&static_trace, strategy.needs_norms()) {
-            learner.set_static_norms(&t.groups);
-        }
-        let mut order = docs.clone();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.learn.seed);
-        let (mut tokens, mut seconds, mut updates) = (0usize, 0f64, 0usize);
-        let mut touched = BTreeSet::new();
-        for _ in 0..opts.epochs {
-            order.shuffle(&mut rng);
-            for batch in order.chunks(opts.batch_size.max(1)) {
-                let r = learner.step(batch)?;
-                tokens += r.tokens;
-                seconds += r.seconds;
-                updates += usize::from(r.applied);
-                touched.extend(r.groups.iter().map(|g| (g.layer, g.module)));
-            }
-        }
-        learner.merge_adapters()?;
+        let static_norms = static_trace.as_ref().map(|t| t.groups.as_slice());
+        let trained = train(&model, &strategy, opts, replay, &docs, static_norms)?;
         let metrics = compare(&start, &score(&model, set, max_tokens)?);
-        rows.push(StrategyResult {
-            name: strategy.name.clone(),
-            metrics,
-            groups_trained: touched.len(),
-            updates,
-            tokens_per_s: if seconds > 0.0 {
-                tokens as f64 / seconds
-            } else {
-                0.0
-            },
-            peak_rss_mb: memory::peak_rss_mb(),
-            train_seconds: seconds,
-        });
-        progress(&format!(
-            "{}: {} updates in {seconds:.0} s",
-            strategy.name, updates
-        ));
+        let line = format!(
+            "{}: {} updates in {:.0} s",
+            strategy.name, trained.updates, trained.seconds
+        );
+        rows.push(trained.result(strategy.name, metrics));
+        progress(&line);
     }
-    for (n, v) in &model.vars {
-        v.set(&initial[n])?;
-    }
+    restore(&model, &initial)?;
     let static_tgl_fp =
         static_trace.map(|t| crate::select::select(&t.groups, crate::select::Rule::TglFp));
     Ok(EvalReport {
         strategies: rows,
         span_fallbacks,
-        before,
+        before: compare(&start, &start),
         static_tgl_fp,
         options: opts.clone(),
     })
+}
+
+/// Puts the starting weights back.
+fn restore(model: &Model, initial: &BTreeMap<String, Tensor>) -> Result<()> {
+    for (n, v) in &model.vars {
+        v.set(&initial[n])?;
+    }
+    Ok(())
+}
+
+/// What training one strategy did.
+struct Trained {
+    tokens: usize,
+    seconds: f64,
+    updates: usize,
+    /// Groups any update touched, as (layer, module).
+    touched: BTreeSet<(usize, Module)>,
+}
+
+impl Trained {
+    /// The strategy's row, with its metrics and the peak memory so far.
+    fn result(self, name: String, metrics: Metrics) -> StrategyResult {
+        StrategyResult {
+            name,
+            metrics,
+            groups_trained: self.touched.len(),
+            updates: self.updates,
+            tokens_per_s: if self.seconds > 0.0 {
+                self.tokens as f64 / self.seconds
+            } else {
+                0.0
+            },
+            peak_rss_mb: memory::peak_rss_mb(),
+            train_seconds: self.seconds,
+        }
+    }
+}
+
+/// Trains `strategy` from the model's current weights over `opts.epochs` shuffled passes of
+/// `docs` through the server's update path, leaving the trained weights (adapters merged) in
+/// the model.
+fn train(
+    model: &Arc<Model>,
+    strategy: &Strategy,
+    opts: &EvalOptions,
+    replay: &[String],
+    docs: &[Doc],
+    static_norms: Option<&[GroupStat]>,
+) -> live::Result<Trained> {
+    let cfg = LearnConfig {
+        strategy: strategy.clone(),
+        ..opts.learn.clone()
+    };
+    let mut engine = Inline::new(
+        Arc::clone(model),
+        cfg,
+        replay.to_vec(),
+        opts.batch_size,
+        |learner| {
+            if let (Some(norms), true) = (static_norms, strategy.needs_norms()) {
+                learner.set_static_norms(norms);
+            }
+        },
+    )?;
+    let mut order = docs.to_vec();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.learn.seed);
+    let mut trained = Trained {
+        tokens: 0,
+        seconds: 0.0,
+        updates: 0,
+        touched: BTreeSet::new(),
+    };
+    for _ in 0..opts.epochs {
+        order.shuffle(&mut rng);
+        for batch in order.chunks(opts.batch_size.max(1)) {
+            for r in engine.learn(batch)? {
+                trained.tokens += r.tokens;
+                trained.seconds += r.seconds;
+                trained.updates += usize::from(r.applied);
+                trained
+                    .touched
+                    .extend(r.groups.iter().map(|g| (g.layer, g.module)));
+            }
+        }
+    }
+    engine.learner().merge_adapters()?;
+    Ok(trained)
 }
 
 fn fmt_opt(v: Option<f64>) -> String {

@@ -505,62 +505,16 @@ impl Learner {
         let mut batch = self.batch(docs)?;
         // A batch with no span target cannot be localized; it still trains the current selection.
         let traced = self.needs_trace() && batch.has_spans();
-        // Static group norms (a diagnostic set's) stay when a trace is only for the units.
-        let refresh = self.norms_due();
         let trainable = self.trainable();
-        let model = Arc::clone(&self.model);
         let params = self.params_for(traced, &trainable)?;
-
-        let logits = model.arch.forward(&params, &batch.ids)?;
-        let nll = ops::next_token_nll(&logits, &batch.ids)?;
-        let span = batch.span_mask(&nll.to_vec2()?, self.cfg.surprisal_fraction)?;
-        let masked = (&nll * &batch.valid)?;
-        let (span_loss, _) = span_and_full_loss(&masked, &span)?;
-        let full = batch.mean(&masked)?;
-        let loss_before = f64::from(full.to_scalar::<f32>()?);
-        let span_value = f64::from(span_loss.to_scalar::<f32>()?);
-        // The update objective: the full loss, plus the span loss weighted (new knowledge sits in
-        // the spans; the rest of the text mostly restates what the model knows). A batch without
-        // span targets has no span loss (0 / 0).
-        let weight = if span_value.is_finite() {
-            self.cfg.span_weight
-        } else {
-            0.0
-        };
-
+        let losses = self.losses(&params, &mut batch)?;
+        let (loss_before, span_value) = (losses.before, losses.span_value);
         let grads = if traced {
-            // Norms are read off the variables: under LoRA `params` holds `W + BA`, whose gradient
-            // candle does not keep.
-            let variables = model.params(|_| true);
-            let span_grads = span_loss.backward()?;
-            let span_sq = match refresh {
-                true => Some(squared_norms(&model, &variables, &span_grads)?),
-                false => None,
-            };
-            // Held through the full backward only when the units or the update still need them.
-            let span_grads = (weight > 0.0 || self.units.is_some()).then_some(span_grads);
-            let full_grads = full.backward()?;
-            let ema = self.ema();
-            if let (Some(units), Some(span_grads)) = (self.units.as_mut(), &span_grads) {
-                units.observe(&model, span_grads, &full_grads, ema)?;
-            }
-            if let Some(span_sq) = span_sq {
-                let full_sq = squared_norms(&model, &variables, &full_grads)?;
-                self.observe(&span_sq.groups, &full_sq.groups);
-            }
-            Some(Gradients::Parts {
-                full: full_grads,
-                span: span_grads.filter(|_| weight > 0.0),
-                weight,
-            })
+            Some(self.traced_gradients(&losses)?)
         } else if trainable.is_empty() {
             None
-        } else if weight > 0.0 {
-            Some(Gradients::Whole(
-                (full + (span_loss * weight)?)?.backward()?,
-            ))
         } else {
-            Some(Gradients::Whole(full.backward()?))
+            Some(losses.whole_gradients()?)
         };
         let outcome = self.apply(grads, loss_before)?;
         let loss_after = match outcome.applied && self.cfg.measure_after {
@@ -595,6 +549,66 @@ impl Learner {
         };
         self.batches += 1;
         Ok(report)
+    }
+
+    /// One forward pass over the batch: the span and full losses, and the span loss's weight.
+    fn losses(&self, params: &Params, batch: &mut Batch) -> Result<Losses> {
+        let logits = self.model.arch.forward(params, &batch.ids)?;
+        let nll = ops::next_token_nll(&logits, &batch.ids)?;
+        let span_mask = batch.span_mask(&nll.to_vec2()?, self.cfg.surprisal_fraction)?;
+        let masked = (&nll * &batch.valid)?;
+        let (span, _) = span_and_full_loss(&masked, &span_mask)?;
+        let full = batch.mean(&masked)?;
+        let before = f64::from(full.to_scalar::<f32>()?);
+        let span_value = f64::from(span.to_scalar::<f32>()?);
+        // The update objective: the full loss, plus the span loss weighted (new knowledge sits in
+        // the spans; the rest of the text mostly restates what the model knows). A batch without
+        // span targets has no span loss (0 / 0).
+        let weight = if span_value.is_finite() {
+            self.cfg.span_weight
+        } else {
+            0.0
+        };
+        Ok(Losses {
+            span,
+            full,
+            before,
+            span_value,
+            weight,
+        })
+    }
+
+    /// A traced step's gradients: the span and full backwards through every group, whose norms
+    /// feed the selection (when due) and the units before the update uses them.
+    fn traced_gradients(&mut self, losses: &Losses) -> Result<Gradients> {
+        // Static group norms (a diagnostic set's) stay when a trace is only for the units.
+        let refresh = self.norms_due();
+        let model = Arc::clone(&self.model);
+        let weight = losses.weight;
+        // Norms are read off the variables: under LoRA `params` holds `W + BA`, whose gradient
+        // candle does not keep.
+        let variables = model.params(|_| true);
+        let span_grads = losses.span.backward()?;
+        let span_sq = match refresh {
+            true => Some(squared_norms(&model, &variables, &span_grads)?),
+            false => None,
+        };
+        // Held through the full backward only when the units or the update still need them.
+        let span_grads = (weight > 0.0 || self.units.is_some()).then_some(span_grads);
+        let full_grads = losses.full.backward()?;
+        let ema = self.ema();
+        if let (Some(units), Some(span_grads)) = (self.units.as_mut(), &span_grads) {
+            units.observe(&model, span_grads, &full_grads, ema)?;
+        }
+        if let Some(span_sq) = span_sq {
+            let full_sq = squared_norms(&model, &variables, &full_grads)?;
+            self.observe(&span_sq.groups, &full_sq.groups);
+        }
+        Ok(Gradients::Parts {
+            full: full_grads,
+            span: span_grads.filter(|_| weight > 0.0),
+            weight,
+        })
     }
 
     /// Folds one batch's norms into the static or moving-average norms and re-selects when due.
@@ -713,6 +727,31 @@ impl Learner {
             .forward(&self.current_params()?, &batch.ids)?;
         let nll = (ops::next_token_nll(&logits, &batch.ids)? * &batch.valid)?;
         Ok(f64::from(batch.mean(&nll)?.to_scalar::<f32>()?))
+    }
+}
+
+/// One forward pass's losses, with their graphs for the backward passes.
+struct Losses {
+    span: Tensor,
+    full: Tensor,
+    /// The full loss's value.
+    before: f64,
+    /// The span loss's value; not finite for a batch without span targets.
+    span_value: f64,
+    /// The span loss's weight in the update objective.
+    weight: f64,
+}
+
+impl Losses {
+    /// An untraced step's gradients: one backward of the update objective. Taking the losses
+    /// frees the forward graph before the update runs.
+    fn whole_gradients(self) -> Result<Gradients> {
+        let objective = if self.weight > 0.0 {
+            (self.full + (self.span * self.weight)?)?
+        } else {
+            self.full
+        };
+        Ok(Gradients::Whole(objective.backward()?))
     }
 }
 
