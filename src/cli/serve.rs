@@ -1,9 +1,11 @@
 //! `locus serve`: the gRPC server that learns from streamed text while it answers queries.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use candle_core::Device;
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Args, Command};
 use locus::learn::{LearnConfig, Localization, Strategy};
@@ -406,6 +408,46 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     // Before the listener binds: a bad --device is a start-up error, not a failed model load.
     let device = a.device.open()?;
+    let config = server_config(&a)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.grpc_addr)
+            .await
+            .with_context(|| format!("--grpc-addr {}", a.grpc_addr))?;
+        eprintln!(
+            "locus: serving gRPC{} on {} (health NOT_SERVING until the model is loaded)",
+            if config.tls.is_some() {
+                " over TLS"
+            } else {
+                ""
+            },
+            listener.local_addr()?
+        );
+        let state = State::new(config).await;
+        start_http_listeners(&a, &state).await?;
+        let load_failure = load_in_background(&state, a.model.clone(), device);
+        let mut load_error = None;
+        let shutdown = async {
+            tokio::select! {
+                _ = signal() => eprintln!("locus: shutting down"),
+                Ok(e) = load_failure => load_error = Some(e),
+            }
+        };
+        server::run(listener, state, shutdown).await?;
+        match load_error {
+            Some(e) => Err(e.context("loading the model")),
+            None => {
+                eprintln!("locus: stopped");
+                Ok(())
+            }
+        }
+    })
+}
+
+/// The server's settings from the command line (files read, values checked).
+fn server_config(a: &ServeArgs) -> anyhow::Result<Config> {
     let (learn, replay) = a.learn.config()?;
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Some(Tls {
@@ -414,7 +456,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         }),
         _ => None,
     };
-    let config = Config {
+    Ok(Config {
         learn,
         batch_size: a.learn.batch_size,
         replay,
@@ -451,81 +493,57 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                     a.follow_interval
                 )
             })?,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&a.grpc_addr)
-            .await
-            .with_context(|| format!("--grpc-addr {}", a.grpc_addr))?;
-        eprintln!(
-            "locus: serving gRPC{} on {} (health NOT_SERVING until the model is loaded)",
-            if config.tls.is_some() {
-                " over TLS"
-            } else {
-                ""
-            },
-            listener.local_addr()?
-        );
-        let state = State::new(config).await;
-        if let Some(addr) = &a.metrics_addr {
-            let metrics = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("--metrics-addr {addr}"))?;
-            eprintln!(
-                "locus: metrics on http://{}/metrics (and /healthz, /readyz)",
-                metrics.local_addr()?
-            );
-            // Ends with the runtime, after gRPC has drained: /readyz answers 503 meanwhile.
-            tokio::spawn(server::serve_metrics(
-                metrics,
-                std::sync::Arc::clone(&state),
-            ));
-        }
-        if let Some(addr) = &a.http_addr {
-            let http = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("--http-addr {addr}"))?;
-            eprintln!(
-                "locus: OpenAI-style API on http://{}/v1 (model `{}`)",
-                http.local_addr()?,
-                server::OPENAI_MODEL
-            );
-            // Like the metrics listener, it ends with the runtime.
-            tokio::spawn(server::serve_openai(http, std::sync::Arc::clone(&state)));
-        }
-        let (failed, load_failure) = tokio::sync::oneshot::channel();
-        let loading = std::sync::Arc::clone(&state);
-        let spec = a.model.clone();
-        tokio::spawn(async move {
-            let loaded = async {
-                let model = tokio::task::spawn_blocking(move || super::load_model(&spec, &device))
-                    .await??;
-                loading.install(model).await?;
-                eprintln!("locus: model loaded; serving");
-                anyhow::Ok(())
-            };
-            if let Err(e) = loaded.await {
-                let _ = failed.send(e);
-            }
-        });
-        let mut load_error = None;
-        let shutdown = async {
-            tokio::select! {
-                _ = signal() => eprintln!("locus: shutting down"),
-                Ok(e) = load_failure => load_error = Some(e),
-            }
-        };
-        server::run(listener, state, shutdown).await?;
-        match load_error {
-            Some(e) => Err(e.context("loading the model")),
-            None => {
-                eprintln!("locus: stopped");
-                Ok(())
-            }
-        }
     })
+}
+
+/// Binds the metrics and OpenAI-style listeners that were asked for; both end with the runtime,
+/// after gRPC has drained (so /readyz answers 503 meanwhile).
+async fn start_http_listeners(a: &ServeArgs, state: &Arc<State>) -> anyhow::Result<()> {
+    if let Some(addr) = &a.metrics_addr {
+        let metrics = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-addr {addr}"))?;
+        eprintln!(
+            "locus: metrics on http://{}/metrics (and /healthz, /readyz)",
+            metrics.local_addr()?
+        );
+        tokio::spawn(server::serve_metrics(metrics, Arc::clone(state)));
+    }
+    if let Some(addr) = &a.http_addr {
+        let http = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--http-addr {addr}"))?;
+        eprintln!(
+            "locus: OpenAI-style API on http://{}/v1 (model `{}`)",
+            http.local_addr()?,
+            server::OPENAI_MODEL
+        );
+        tokio::spawn(server::serve_openai(http, Arc::clone(state)));
+    }
+    Ok(())
+}
+
+/// Loads the model off the runtime and installs it; the receiver gets the error if that fails.
+fn load_in_background(
+    state: &Arc<State>,
+    spec: String,
+    device: Device,
+) -> tokio::sync::oneshot::Receiver<anyhow::Error> {
+    let (failed, load_failure) = tokio::sync::oneshot::channel();
+    let loading = Arc::clone(state);
+    tokio::spawn(async move {
+        let loaded = async {
+            let model =
+                tokio::task::spawn_blocking(move || super::load_model(&spec, &device)).await??;
+            loading.install(model).await?;
+            eprintln!("locus: model loaded; serving");
+            anyhow::Ok(())
+        };
+        if let Err(e) = loaded.await {
+            let _ = failed.send(e);
+        }
+    });
+    load_failure
 }
 
 /// Completes on Ctrl-C or, on Unix, SIGTERM.

@@ -388,6 +388,32 @@ impl State {
     }
 }
 
+/// Server reflection (both protocol versions) over locus's and the health service's descriptors.
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServerError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let error = |e: tonic_reflection::server::Error| {
+        ServerError::Internal(format!("reflection descriptors: {e}"))
+    };
+    Ok((
+        builder().build_v1().map_err(error)?,
+        builder().build_v1alpha().map_err(error)?,
+    ))
+}
+
 /// Serves every service on `listener` until `shutdown` completes, then shuts down gracefully:
 /// health NOT_SERVING first, no new connections, ingest streams finish the batches they already
 /// read, and after `Config::shutdown_grace` whatever is left is dropped. The learner thread is
@@ -402,16 +428,7 @@ pub async fn run(
     let health = tonic_health::pb::health_server::HealthServer::new(
         HealthService::from_health_reporter(state.health.clone()),
     );
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_error = |e: tonic_reflection::server::Error| {
-        ServerError::Internal(format!("reflection descriptors: {e}"))
-    };
-    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let auth = &state.config.auth;
     let learn = InterceptedService::new(
         LearnServer::new(ingest::LearnService::new(Arc::clone(&state)))
