@@ -89,13 +89,17 @@ impl Decoder for Raw {
     }
 }
 
-pub async fn raw_client(addr: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+/// A connection to the server at `addr`, for clients other than locus's own.
+pub async fn channel(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+        .unwrap()
+}
+
+pub async fn raw_client(addr: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let mut grpc = tonic::client::Grpc::new(channel(addr).await);
     grpc.ready().await.unwrap();
     grpc
 }
