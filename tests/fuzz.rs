@@ -65,6 +65,7 @@ struct Rpc {
 }
 
 const INGEST: usize = 0;
+const SCORE: usize = 2;
 const COMPLETE: usize = 3;
 
 const RPCS: [Rpc; 12] = [
@@ -726,6 +727,110 @@ async fn drop_unary(grpc: &Grpc<Channel>, r: &mut StdRng, case: &str) {
     }
 }
 
+/// The edges issue 13 names, each with the one code it must get.
+fn extremes() -> Vec<(&'static str, usize, Vec<u8>, Code)> {
+    let complete = |temperature: f32, top_p: f32, max_tokens: u32| {
+        let request = pb::CompleteRequest {
+            prompt: "The museum".into(),
+            max_tokens,
+            temperature,
+            top_p,
+            seed: Some(1),
+            ..Default::default()
+        };
+        request.encode_to_vec()
+    };
+    let score = |prompt: &str, candidates: Vec<String>| {
+        let request = pb::ScoreRequest {
+            prompt: prompt.into(),
+            candidates,
+        };
+        request.encode_to_vec()
+    };
+    let tiny = f32::from_bits(1);
+    let a = || vec![" a".to_string()];
+    vec![
+        (
+            "NaN temperature",
+            COMPLETE,
+            complete(f32::NAN, 0.0, 4),
+            Code::InvalidArgument,
+        ),
+        (
+            "infinite temperature",
+            COMPLETE,
+            complete(f32::INFINITY, 0.0, 4),
+            Code::InvalidArgument,
+        ),
+        (
+            "negative temperature",
+            COMPLETE,
+            complete(-1.0, 0.0, 4),
+            Code::InvalidArgument,
+        ),
+        (
+            "subnormal temperature",
+            COMPLETE,
+            complete(tiny, 0.0, 4),
+            Code::Ok,
+        ),
+        (
+            "largest temperature",
+            COMPLETE,
+            complete(f32::MAX, 1.0, 4),
+            Code::Ok,
+        ),
+        (
+            "NaN top_p",
+            COMPLETE,
+            complete(1.0, f32::NAN, 4),
+            Code::InvalidArgument,
+        ),
+        (
+            "top_p above 1",
+            COMPLETE,
+            complete(1.0, 1.000_000_1, 4),
+            Code::InvalidArgument,
+        ),
+        (
+            "negative top_p",
+            COMPLETE,
+            complete(1.0, -0.5, 4),
+            Code::InvalidArgument,
+        ),
+        (
+            "subnormal top_p",
+            COMPLETE,
+            complete(1.0, tiny, 4),
+            Code::Ok,
+        ),
+        (
+            "u32::MAX max_tokens",
+            COMPLETE,
+            complete(0.0, 0.0, u32::MAX),
+            Code::ResourceExhausted,
+        ),
+        (
+            "an empty prompt",
+            SCORE,
+            score("", a()),
+            Code::InvalidArgument,
+        ),
+        (
+            "a 40 KB prompt",
+            SCORE,
+            score(&"word ".repeat(8000), a()),
+            Code::ResourceExhausted,
+        ),
+        (
+            "16,000 candidates",
+            SCORE,
+            score("The museum", vec![" a".into(); 16_000]),
+            Code::ResourceExhausted,
+        ),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_makes_the_server_fail_hang_or_panic() {
     watch_panics_and_errors();
@@ -746,6 +851,14 @@ async fn no_request_makes_the_server_fail_hang_or_panic() {
     let channel = channel(&server.addr).await;
     let grpc = Grpc::new(channel.clone());
     let mut client = server.client().await;
+    for (what, rpc, message, expected) in extremes() {
+        // Within the message limit, so that the handler sees it.
+        assert!(message.len() < 64 << 10, "{what}: {} bytes", message.len());
+        let answer = tokio::time::timeout(DEADLINE, call(&grpc, &RPCS[rpc], vec![message])).await;
+        let answer = answer.unwrap_or_else(|_| panic!("{what}: no answer within {DEADLINE:?}"));
+        let code = answer.map_or_else(|s| s.code(), |_| Code::Ok);
+        assert_eq!(code, expected, "{what}");
+    }
     let mut r = StdRng::seed_from_u64(seed);
     let start = Instant::now();
     for i in 0..cases {
