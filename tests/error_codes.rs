@@ -65,6 +65,21 @@ async fn request_bytes_that_do_not_decode_are_invalid_argument_with_the_reason()
     let s = answers.next().await.unwrap().expect_err("an error status");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     assert!(s.message().contains("UTF-8"), "{s:?}");
+    // A status quoting a long request string is cut, so that it fits in the client's headers.
+    let salient = "x".repeat(30_000);
+    let text = locus::proto::v1::TraceText {
+        text: "Ada Lovelace opened a museum.".into(),
+        salient: vec![salient],
+        ..Default::default()
+    };
+    let (c, message) = code(server.client().await.trace(vec![text]).await);
+    assert_eq!(c, Code::InvalidArgument, "{message}");
+    assert!(
+        message.starts_with("texts[0].salient: \"xxx")
+            && message.len() <= locus::server::MAX_CLIENT_MESSAGE + 3,
+        "{} bytes",
+        message.len()
+    );
     // The server is unharmed.
     assert_eq!(score(&mut server.client().await).await.version, 0);
     server.shutdown().await;
