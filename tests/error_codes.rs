@@ -12,62 +12,11 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bytes::{Buf, BufMut};
 use locus::server::Config;
 use locus::store::Durability;
 use tokio_stream::StreamExt;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::{Code, Status};
-
-/// Sends and receives messages as the bytes given, so a test can send what no client would.
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
-}
-
-async fn raw_client(addr: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    grpc
-}
 
 /// The status of a unary call whose request message is `body`.
 async fn unary(addr: &str, path: &'static str, body: &[u8]) -> Status {
@@ -116,6 +65,21 @@ async fn request_bytes_that_do_not_decode_are_invalid_argument_with_the_reason()
     let s = answers.next().await.unwrap().expect_err("an error status");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     assert!(s.message().contains("UTF-8"), "{s:?}");
+    // A status quoting a long request string is cut, so that it fits in the client's headers.
+    let salient = "x".repeat(30_000);
+    let text = locus::proto::v1::TraceText {
+        text: "Ada Lovelace opened a museum.".into(),
+        salient: vec![salient],
+        ..Default::default()
+    };
+    let (c, message) = code(server.client().await.trace(vec![text]).await);
+    assert_eq!(c, Code::InvalidArgument, "{message}");
+    assert!(
+        message.starts_with("texts[0].salient: \"xxx")
+            && message.len() <= locus::server::MAX_CLIENT_MESSAGE + 3,
+        "{} bytes",
+        message.len()
+    );
     // The server is unharmed.
     assert_eq!(score(&mut server.client().await).await.version, 0);
     server.shutdown().await;

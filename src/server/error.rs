@@ -168,14 +168,29 @@ impl ServerError {
         }
     }
 
-    /// What a client is told: the message, less the server's paths.
+    /// What a client is told: the message, less the server's paths, cut to
+    /// [`MAX_CLIENT_MESSAGE`] bytes.
     pub(crate) fn client_message(&self) -> String {
-        match self {
+        let mut message = match self {
             ServerError::Store(e) => e.client_message(),
             e => e.to_string(),
+        };
+        if message.len() > MAX_CLIENT_MESSAGE {
+            let mut end = MAX_CLIENT_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
         }
+        message
     }
 }
+
+/// The longest status message a client is sent. It travels in an HTTP/2 header, and a message
+/// that quotes a long request string (a salient string not found in its text) past the client's
+/// header-list limit (16 KiB in h2) made the client reset the stream: INTERNAL, for bad input.
+pub const MAX_CLIENT_MESSAGE: usize = 1024;
 
 impl From<live::Error> for ServerError {
     fn from(e: live::Error) -> Self {
@@ -360,6 +375,18 @@ mod tests {
             ServerError::Internal("a thread died".into()).http_status(),
             500
         );
+    }
+
+    #[test]
+    fn client_messages_are_cut_on_a_character_boundary() {
+        let long = ServerError::invalid("salient", "é".repeat(MAX_CLIENT_MESSAGE));
+        let message = Status::from(long).message().to_string();
+        assert!(
+            message.len() <= MAX_CLIENT_MESSAGE + '…'.len_utf8(),
+            "{}",
+            message.len()
+        );
+        assert!(message.starts_with("salient: é") && message.ends_with('…'));
     }
 
     #[test]

@@ -38,7 +38,7 @@ use crate::store::publish::Published;
 
 pub use crate::live::Guard;
 pub use auth::{Auth, Token};
-pub use error::ServerError;
+pub use error::{ServerError, MAX_CLIENT_MESSAGE};
 pub use metrics::serve as serve_metrics;
 pub use openai::serve as serve_openai;
 pub use openai::{MODEL as OPENAI_MODEL, VERSION_HEADER};
