@@ -10,6 +10,7 @@ use serde::Deserialize;
 use tokio_stream::StreamExt;
 
 use super::progress::IngestProgress;
+use super::Usage;
 
 /// Arguments of `locus client`.
 #[derive(Args)]
@@ -109,12 +110,6 @@ struct Line {
     #[serde(default)]
     source: String,
 }
-
-/// A file the client was asked to send that it cannot read or parse: a usage error, told apart
-/// from the server's errors by the exit status.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct InputError(String);
 
 /// Prints an answer as one line of JSON.
 fn print_json<T: serde::Serialize>(answer: &T) -> anyhow::Result<()> {
@@ -365,9 +360,9 @@ async fn ingest(
 }
 
 /// The documents of a JSONL file, each with its 1-based line number.
-fn read_documents(file: &PathBuf) -> Result<(Vec<pb::Document>, Vec<usize>), InputError> {
-    let content = std::fs::read_to_string(file)
-        .map_err(|e| InputError(locus::Error::io(file, e).to_string()))?;
+fn read_documents(file: &PathBuf) -> Result<(Vec<pb::Document>, Vec<usize>), Usage> {
+    let content =
+        std::fs::read_to_string(file).map_err(|e| Usage(locus::Error::io(file, e).to_string()))?;
     let mut docs = Vec::new();
     let mut lines = Vec::new();
     for (i, raw) in content.lines().enumerate() {
@@ -375,7 +370,7 @@ fn read_documents(file: &PathBuf) -> Result<(Vec<pb::Document>, Vec<usize>), Inp
             continue;
         }
         let l: Line = serde_json::from_str(raw)
-            .map_err(|e| InputError(format!("{} line {}: {e}", file.display(), i + 1)))?;
+            .map_err(|e| Usage(format!("{} line {}: {e}", file.display(), i + 1)))?;
         docs.push(pb::Document {
             text: l.text,
             spans: l
@@ -394,7 +389,7 @@ fn read_documents(file: &PathBuf) -> Result<(Vec<pb::Document>, Vec<usize>), Inp
         lines.push(i + 1);
     }
     if docs.is_empty() {
-        return Err(InputError(format!("{}: no documents", file.display())));
+        return Err(Usage(format!("{}: no documents", file.display())));
     }
     Ok((docs, lines))
 }

@@ -56,7 +56,7 @@ enum Command {
 pub fn exit_status(e: &anyhow::Error) -> u8 {
     use locus::client::ClientError;
     for cause in e.chain() {
-        if cause.is::<client::InputError>() || cause.is::<Usage>() {
+        if cause.is::<Usage>() {
             return 2;
         }
         if let Some(c) = cause.downcast_ref::<ClientError>() {
@@ -72,10 +72,11 @@ pub fn exit_status(e: &anyhow::Error) -> u8 {
     1
 }
 
-/// A command line or settings file that does not parse.
+/// A usage error: a command line or settings file that does not parse, or a file the client was
+/// asked to send that it cannot read or parse.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct Usage(String);
+pub struct Usage(pub String);
 
 /// Parses the command line (exiting on a usage error or `--help`); `locus serve` also takes the
 /// settings of its file that no flag or environment variable gives.
