@@ -331,13 +331,13 @@ impl Mentions {
 
     /// The names of `text` (see [`names`]) whose most frequent word is mentioned most often.
     pub fn most_mentioned(&self, text: &str) -> Vec<(usize, usize)> {
-        let chars: Vec<char> = text.chars().collect();
+        let words = words(text);
         let scored: Vec<((usize, usize), usize)> = names(text)
             .into_iter()
             .map(|(s, e)| {
-                let name: String = chars[s..e].iter().collect();
-                let count = words(&name)
+                let count = words
                     .iter()
+                    .filter(|&&(ws, we, _)| s <= ws && we <= e)
                     .map(|(_, _, w)| self.0.get(*w).copied().unwrap_or(0))
                     .max()
                     .unwrap_or(0);
