@@ -134,6 +134,9 @@ pub struct Choice {
     pub fell_back: bool,
     /// Under `novel`: the targets of each name in the text, for [`novel_targets`] to choose from.
     pub names: Vec<Vec<bool>>,
+    /// Under `trending`: the targets of the names the step mentions less often (an outgoing
+    /// office holder named once), which the update may weigh down; empty otherwise.
+    pub minor: Vec<bool>,
 }
 
 /// A document's span targets: its given spans where they mark a target token, else (absent, or a
@@ -156,6 +159,7 @@ pub fn choose_targets(
         rule,
         fell_back,
         names,
+        minor: Vec::new(),
     };
     if let Some(t) = given_targets {
         return choice(Some(t), SpanRule::Given, Vec::new());
@@ -168,15 +172,16 @@ pub fn choose_targets(
             }
         }
         SpanRule::Novel | SpanRule::Trending => {
-            let spans = match auto {
+            let (spans, minor) = match auto {
                 SpanRule::Novel => {
                     let chars: Vec<char> = text.chars().collect();
-                    entity_spans(text)
+                    let names = entity_spans(text)
                         .into_iter()
                         .filter(|&(s, _)| chars[s].is_alphabetic())
-                        .collect()
+                        .collect();
+                    (names, Vec::new())
                 }
-                _ => mentions.most_mentioned(text),
+                _ => mentions.split(text),
             };
             let names: Vec<Vec<bool>> = spans
                 .into_iter()
@@ -184,7 +189,10 @@ pub fn choose_targets(
                 .filter(|t| t.iter().any(|&b| b))
                 .collect();
             if !names.is_empty() {
-                return choice(None, auto, names);
+                return Choice {
+                    minor: span_targets(enc, &minor),
+                    ..choice(None, auto, names)
+                };
             }
         }
         _ => {}
@@ -329,8 +337,9 @@ impl Mentions {
         Mentions(counts)
     }
 
-    /// The names of `text` (see [`names`]) whose most frequent word is mentioned most often.
-    pub fn most_mentioned(&self, text: &str) -> Vec<(usize, usize)> {
+    /// The names of `text` (see [`names`]) whose most frequent word is mentioned most often, and
+    /// the other names.
+    pub fn split(&self, text: &str) -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
         let words = words(text);
         let scored: Vec<((usize, usize), usize)> = names(text)
             .into_iter()
@@ -345,11 +354,9 @@ impl Mentions {
             })
             .collect();
         let top = scored.iter().map(|&(_, c)| c).max().unwrap_or(0);
-        scored
-            .into_iter()
-            .filter(|&(_, c)| c == top)
-            .map(|(span, _)| span)
-            .collect()
+        let (most, rest): (Vec<_>, Vec<_>) = scored.into_iter().partition(|&(_, c)| c == top);
+        let spans = |v: Vec<((usize, usize), usize)>| v.into_iter().map(|(s, _)| s).collect();
+        (spans(most), spans(rest))
     }
 }
 
@@ -432,11 +439,14 @@ mod tests {
         ];
         let mentions = Mentions::of(docs);
         let text = docs[0];
-        let got: Vec<String> = mentions
-            .most_mentioned(text)
-            .into_iter()
-            .map(|(s, e)| text.chars().skip(s).take(e - s).collect())
-            .collect();
-        assert_eq!(got, ["Leo XIV"]);
+        let said = |spans: Vec<(usize, usize)>| -> Vec<String> {
+            spans
+                .into_iter()
+                .map(|(s, e)| text.chars().skip(s).take(e - s).collect())
+                .collect()
+        };
+        let (most, minor) = mentions.split(text);
+        assert_eq!(said(most), ["Leo XIV"]);
+        assert_eq!(said(minor), ["Pope Francis", "Rome"]);
     }
 }

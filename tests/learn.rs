@@ -366,6 +366,46 @@ fn span_weight_changes_the_update() {
     assert_ne!(run(0.0), run(3.0));
 }
 
+#[test]
+fn trending_weighs_down_the_names_the_step_mentions_less() {
+    use locus::learn::batch::{Kind, Row, RowRules};
+    use locus::spans::{Mentions, SpanRule};
+    let model = tiny();
+    let docs = [
+        "Leo XIV succeeded Pope Francis in Rome.",
+        "As Leo XIV he leads the Church.",
+    ];
+    let mentions = Mentions::of(docs);
+    let row = |minor_weight: f32| {
+        let rules = RowRules {
+            max_tokens: 256,
+            auto: SpanRule::Trending,
+            mentions: &mentions,
+            minor_weight,
+        };
+        let doc = Doc {
+            text: docs[0].into(),
+            spans: None,
+        };
+        Row::document(&model.tokenizer, &doc, &rules, Kind::Fresh, 0).unwrap()
+    };
+    assert!(row(1.0).weights.iter().all(|&w| w == 1.0));
+    let enc = model.tokenizer.encode(docs[0]).unwrap();
+    let minor: Vec<(usize, usize)> = ["Pope Francis", "Rome"]
+        .iter()
+        .flat_map(|n| find_all(docs[0], n))
+        .collect();
+    let expected: Vec<f32> = enc.offsets[1..]
+        .iter()
+        .map(|&(a, b)| match minor.iter().any(|&(s, e)| a < e && s < b) {
+            true => 0.25,
+            false => 1.0,
+        })
+        .collect();
+    assert!(expected.contains(&0.25) && expected.contains(&1.0));
+    assert_eq!(row(0.25).weights, expected);
+}
+
 /// The tiny Llama's head width, query heads and key/value heads, from its configuration.
 fn heads(model: &Model) -> (usize, usize, usize) {
     let c = model.arch.describe();

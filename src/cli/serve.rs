@@ -189,6 +189,11 @@ pub struct LearnArgs {
     /// language-modelling loss).
     #[arg(long, default_value_t = 1.0, env = "LOCUS_SPAN_WEIGHT")]
     pub span_weight: f64,
+    /// Under `--auto-spans trending`, the weight in the update's loss of a document's other names
+    /// (those the step mentions less often, such as the outgoing office holder a report names
+    /// once); 0 leaves them out, 1 learns them as any other token.
+    #[arg(long, default_value_t = 1.0, env = "LOCUS_MINOR_NAME_WEIGHT")]
+    pub minor_name_weight: f64,
     /// How spans are found in documents sent without any: `entity` (capitalised names, numbers and
     /// dates; the highest-loss tokens where there are none), `novel` (the names the model finds
     /// most surprising in context), `trending` (the names the step's documents mention most
@@ -220,6 +225,12 @@ impl LearnArgs {
                 self.span_weight
             );
         }
+        if !(self.minor_name_weight.is_finite() && self.minor_name_weight >= 0.0) {
+            anyhow::bail!(
+                "--minor-name-weight {}: must be a finite number >= 0",
+                self.minor_name_weight
+            );
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             anyhow::bail!("--lr {}: must be a finite number > 0", self.lr);
         }
@@ -244,6 +255,7 @@ impl LearnArgs {
             rehearse: self.rehearse,
             rehearsal_window: self.rehearsal_window,
             span_weight: self.span_weight,
+            minor_name_weight: self.minor_name_weight,
             measure_after: self.measure_after,
             auto_spans: match self.auto_spans.as_str() {
                 "entity" => SpanRule::Entity,

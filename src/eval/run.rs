@@ -99,6 +99,7 @@ fn diagnostic_set(
         max_tokens,
         auto: SpanRule::Entity,
         mentions: &Mentions::default(),
+        minor_weight: 1.0,
     };
     for (i, d) in docs.iter().enumerate() {
         let row = Row::document(&model.tokenizer, d, &rules, Kind::Fresh, i)?;

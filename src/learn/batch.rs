@@ -30,6 +30,9 @@ pub struct Row {
     pub fell_back: bool,
     /// Under `novel` and `trending`, each name's targets to choose from at the forward pass.
     pub names: Vec<Vec<bool>>,
+    /// Each target's weight in the full loss: 1, or [`RowRules::minor_weight`] on the names
+    /// `trending` passed over.
+    pub weights: Vec<f32>,
     /// Fresh, rehearsed or replay.
     pub kind: Kind,
 }
@@ -42,6 +45,8 @@ pub struct RowRules<'a> {
     pub auto: SpanRule,
     /// The step's word counts, for the `trending` rule.
     pub mentions: &'a Mentions,
+    /// Weight in the full loss of the targets of the names `trending` passed over.
+    pub minor_weight: f32,
 }
 
 impl Row {
@@ -67,12 +72,19 @@ impl Row {
         }
         let auto = (rules.auto, rules.mentions);
         let c = choose_targets(&enc, &doc.text, doc.spans.as_deref(), auto);
+        let mut weights = vec![1.0; enc.ids.len() - 1];
+        for (w, &minor) in weights.iter_mut().zip(&c.minor) {
+            if minor {
+                *w = rules.minor_weight;
+            }
+        }
         Ok(Row {
             ids: enc.ids,
             targets: c.targets,
             rule: c.rule,
             fell_back: c.fell_back,
             names: c.names,
+            weights,
             kind,
         })
     }
@@ -83,6 +95,7 @@ impl Row {
         ids.truncate(max_tokens);
         Ok((ids.len() >= 2).then(|| Row {
             targets: Some(vec![false; ids.len() - 1]),
+            weights: vec![1.0; ids.len() - 1],
             ids,
             rule: SpanRule::Given,
             fell_back: false,
@@ -92,18 +105,18 @@ impl Row {
     }
 }
 
-/// Rows padded to one length: ids `(b, t)` and the mask of real targets `(b, t - 1)`.
+/// Rows padded to one length: ids `(b, t)` and the weights of real targets `(b, t - 1)`.
 pub struct Batch {
     /// The rows, fresh documents first.
     pub rows: Vec<Row>,
     /// Padded token ids.
     pub ids: Tensor,
-    /// 1.0 where a target is a real token.
+    /// A real target's weight in the full loss (see [`Row::weights`]); 0 on padding.
     pub valid: Tensor,
     /// Tokens over all rows.
     pub tokens: usize,
-    /// Real targets over all rows (the ones in `valid`).
-    targets: usize,
+    /// The sum of `valid`: what the full loss's mean divides by.
+    targets: f64,
 }
 
 impl Batch {
@@ -117,20 +130,25 @@ impl Batch {
         let mut valid = vec![0f32; b * (t - 1)];
         for (i, r) in rows.iter().enumerate() {
             ids[i * t..i * t + r.ids.len()].copy_from_slice(&r.ids);
-            valid[i * (t - 1)..i * (t - 1) + r.ids.len() - 1].fill(1.0);
+            valid[i * (t - 1)..i * (t - 1) + r.ids.len() - 1].copy_from_slice(&r.weights);
         }
         Ok(Batch {
             tokens: rows.iter().map(|r| r.ids.len()).sum(),
-            targets: rows.iter().map(|r| r.ids.len() - 1).sum(),
+            targets: valid
+                .iter()
+                .map(|&w| f64::from(w))
+                .sum::<f64>()
+                .max(f64::MIN_POSITIVE),
             ids: Tensor::from_vec(ids, (b, t), device)?,
             valid: Tensor::from_vec(valid, (b, t - 1), device)?,
             rows,
         })
     }
 
-    /// The mean over the real targets of per-target losses `(b, t - 1)` already masked by `valid`.
+    /// The weighted mean over the real targets of per-target losses `(b, t - 1)` already
+    /// multiplied by `valid`.
     pub fn mean(&self, masked: &Tensor) -> Result<Tensor> {
-        Ok((masked.sum_all()? / self.targets as f64)?)
+        Ok((masked.sum_all()? / self.targets)?)
     }
 
     /// Rows of one kind.

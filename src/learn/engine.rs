@@ -469,6 +469,7 @@ impl Learner {
             max_tokens: self.cfg.max_tokens,
             auto: self.cfg.auto_spans,
             mentions: &mentions,
+            minor_weight: self.cfg.minor_name_weight as f32,
         };
         let mut rows = Vec::with_capacity(docs.len() + due.len());
         for (i, d) in docs.iter().enumerate() {

@@ -186,6 +186,8 @@ pub struct LearnConfig {
     pub rehearsal_window: usize,
     /// Weight of the mean span loss added to the mean full loss in the update objective.
     pub span_weight: f64,
+    /// Weight in the full loss of the names `trending` passes over (1: as any other token).
+    pub minor_name_weight: f64,
     /// Measure the batch's loss again after the update (one more forward pass).
     pub measure_after: bool,
 }
@@ -211,6 +213,7 @@ impl Default for LearnConfig {
             rehearse: 0,
             rehearsal_window: 1024,
             span_weight: 0.0,
+            minor_name_weight: 1.0,
             measure_after: true,
         }
     }
