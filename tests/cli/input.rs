@@ -3,7 +3,7 @@
 use tempfile::TempDir;
 
 use crate::common::fails;
-use crate::{fixture_str, path_str};
+use crate::{fixture_str, trace_args};
 
 const GOOD: &str =
     r#"{"text": "On 3 May 2021, Ada Lovelace opened a museum.", "spans": [[3, 13]]}"#;
@@ -15,16 +15,7 @@ fn bad_input(content: &str, needles: &[&str]) -> String {
     std::fs::write(&input, content).unwrap();
     let mut all = vec!["in.jsonl"];
     all.extend_from_slice(needles);
-    fails(
-        &[
-            "trace",
-            "--model",
-            &fixture_str("llama"),
-            "--input",
-            path_str(&input),
-        ],
-        &all,
-    )
+    fails(&trace_args(&fixture_str("llama"), &input, &[]), &all)
 }
 
 #[test]
@@ -155,13 +146,7 @@ fn a_missing_input_file_is_refused() {
     let dir = TempDir::new().unwrap();
     let missing = dir.path().join("nope.jsonl");
     fails(
-        &[
-            "trace",
-            "--model",
-            &fixture_str("llama"),
-            "--input",
-            path_str(&missing),
-        ],
+        &trace_args(&fixture_str("llama"), &missing, &[]),
         &["nope.jsonl", "No such file"],
     );
 }

@@ -50,16 +50,16 @@ fn spans_form(texts: &[(String, Vec<(usize, usize)>)]) -> Vec<String> {
         .collect()
 }
 
+/// The arguments of `locus trace` on `input` with `model`, then `extra`.
+fn trace_args<'a>(model: &'a str, input: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["trace", "--model", model, "--input", path_str(input)];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// `locus trace --json` on `input` with `model`, parsed.
 fn trace_json(model: &str, input: &Path) -> Value {
-    let r = ok(&[
-        "trace",
-        "--model",
-        model,
-        "--input",
-        path_str(input),
-        "--json",
-    ]);
+    let r = ok(&trace_args(model, input, &["--json"]));
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| {
         panic!(
             "stdout of `locus trace --json` is not one JSON object: {e}\n{}",

@@ -11,22 +11,13 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::common::{fails, fixture, locus, ok};
-use crate::{fixture_str, good_input, path_str, trace_json, without_seconds};
+use crate::{fixture_str, good_input, path_str, trace_args, trace_json, without_seconds};
 
 /// `locus trace` with `model` must fail naming `needles`.
 fn bad_model(model: &Path, needles: &[&str]) -> String {
     let dir = TempDir::new().unwrap();
     let input = good_input(dir.path());
-    fails(
-        &[
-            "trace",
-            "--model",
-            path_str(model),
-            "--input",
-            path_str(&input),
-        ],
-        needles,
-    )
+    fails(&trace_args(path_str(model), &input, &[]), needles)
 }
 
 /// A copy of a fixture directory in a fresh temp dir.
@@ -256,16 +247,7 @@ fn device_cpu_gives_the_default_trace() {
     let dir = TempDir::new().unwrap();
     let input = good_input(dir.path());
     let model = fixture_str("llama");
-    let r = ok(&[
-        "trace",
-        "--model",
-        &model,
-        "--input",
-        path_str(&input),
-        "--json",
-        "--device",
-        "cpu",
-    ]);
+    let r = ok(&trace_args(&model, &input, &["--json", "--device", "cpu"]));
     assert!(r.stderr.contains(" on cpu in "), "{}", r.stderr);
     let on_cpu: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(

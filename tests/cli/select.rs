@@ -7,19 +7,12 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::common::{fails, ok, rel_err};
-use crate::{f, fixture_str, gid, good_input, mean_relative, path_str};
+use crate::{f, fixture_str, gid, good_input, mean_relative, path_str, trace_args};
 
 /// A saved `locus trace --json` of the llama fixture.
 fn saved_trace(dir: &Path) -> (PathBuf, Value) {
     let input = good_input(dir);
-    let r = ok(&[
-        "trace",
-        "--model",
-        &fixture_str("llama"),
-        "--input",
-        path_str(&input),
-        "--json",
-    ]);
+    let r = ok(&trace_args(&fixture_str("llama"), &input, &["--json"]));
     let p = dir.join("trace.json");
     std::fs::write(&p, &r.stdout).unwrap();
     (p, serde_json::from_str(&r.stdout).unwrap())

@@ -8,7 +8,7 @@ use tempfile::TempDir;
 
 use crate::common::{expected, fails, fixture, locus, ok, rel_err, TINY};
 use crate::{
-    f, fixture_str, gid, mean_relative, path_str, ref_texts, spans_form, trace_json,
+    f, fixture_str, gid, mean_relative, path_str, ref_texts, spans_form, trace_args, trace_json,
     without_seconds, write_lines,
 };
 
@@ -210,13 +210,7 @@ fn blank_lines_are_skipped_and_errors_keep_file_line_numbers() {
     bad.push(json!({"text": "Ada Lovelace", "spans": [[0, 99]]}).to_string());
     let input = write_lines(dir.path(), "bad.jsonl", &bad);
     fails(
-        &[
-            "trace",
-            "--model",
-            &fixture_str("llama"),
-            "--input",
-            path_str(&input),
-        ],
+        &trace_args(&fixture_str("llama"), &input, &[]),
         &["line 6", "field `spans`", "out of range"],
     );
 }
@@ -239,13 +233,7 @@ fn table_lists_every_layer_and_the_tgl_fp_line() {
             .map(|g| format!("{}.{}", g["layer"], g["module"].as_str().unwrap()))
             .collect();
 
-        let r = ok(&[
-            "trace",
-            "--model",
-            &fixture_str(name),
-            "--input",
-            path_str(&input),
-        ]);
+        let r = ok(&trace_args(&fixture_str(name), &input, &[]));
         let table = &r.stdout;
         assert!(
             table.starts_with(&format!("traced {} texts from", texts.len())),
@@ -282,16 +270,11 @@ fn plot_svg_has_one_titled_cell_per_group() {
     let name = "llama_untied_bf16";
     let input = write_lines(dir.path(), "t.jsonl", &spans_form(&ref_texts(name)));
     let svg_path = dir.path().join("heat.svg");
-    let r = ok(&[
-        "trace",
-        "--model",
+    let r = ok(&trace_args(
         &fixture_str(name),
-        "--input",
-        path_str(&input),
-        "--json",
-        "--plot",
-        path_str(&svg_path),
-    ]);
+        &input,
+        &["--json", "--plot", path_str(&svg_path)],
+    ));
     let out: Value = serde_json::from_str(&r.stdout).unwrap();
     let svg = std::fs::read_to_string(&svg_path).unwrap();
     assert!(svg.contains("<svg"), "{svg}");
@@ -333,15 +316,11 @@ fn plot_png_is_a_png_sized_by_the_layers() {
     let name = "llama_untied_bf16";
     let input = write_lines(dir.path(), "t.jsonl", &spans_form(&ref_texts(name)));
     let png_path = dir.path().join("heat.PNG");
-    ok(&[
-        "trace",
-        "--model",
+    ok(&trace_args(
         &fixture_str(name),
-        "--input",
-        path_str(&input),
-        "--plot",
-        path_str(&png_path),
-    ]);
+        &input,
+        &["--plot", path_str(&png_path)],
+    ));
     let bytes = std::fs::read(&png_path).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     assert_eq!(&bytes[12..16], b"IHDR");
@@ -356,15 +335,8 @@ fn plot_with_another_extension_fails_before_tracing() {
     let dir = TempDir::new().unwrap();
     let input = write_lines(dir.path(), "t.jsonl", &spans_form(&ref_texts("llama")));
     let txt = dir.path().join("x.txt");
-    let args = [
-        "trace",
-        "--model",
-        &fixture_str("llama"),
-        "--input",
-        path_str(&input),
-        "--plot",
-        path_str(&txt),
-    ];
+    let model = fixture_str("llama");
+    let args = trace_args(&model, &input, &["--plot", path_str(&txt)]);
     fails(&args, &["--plot", "x.txt", ".svg or .png"]);
     assert!(locus(&args).stdout.is_empty(), "nothing is traced");
     assert!(!txt.exists());
