@@ -5,6 +5,7 @@ pub mod client;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod infer;
 pub mod learn;
 pub mod live;
 pub mod memory;

@@ -1,6 +1,7 @@
 //! The forgetting guard: an update that raises the perplexity of a canary set of texts by more
 //! than a configured ratio is undone before any query or reader sees it.
 
+use crate::infer;
 use crate::model::Model;
 use crate::snapshot::Snapshot;
 
@@ -63,7 +64,7 @@ pub(crate) struct Canaries {
 impl Canaries {
     /// Perplexity of the canaries under `snapshot`'s weights.
     pub fn perplexity(&self, snapshot: &Snapshot) -> Result<f64> {
-        let nll = snapshot.target_nll(&self.seqs)?;
+        let nll = infer::target_nll(snapshot, &self.seqs)?;
         let (sum, n) = nll
             .iter()
             .flatten()

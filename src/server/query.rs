@@ -12,9 +12,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{Limits, Loaded, ServerError, State};
+use crate::infer::{self, Finish, Sampling};
 use crate::proto::v1 as pb;
 use crate::proto::v1::query_server::Query;
-use crate::snapshot::{Finish, Sampling, Snapshot};
+use crate::snapshot::Snapshot;
 
 /// The Query service.
 pub struct QueryService {
@@ -191,7 +192,7 @@ impl Query for QueryService {
                     )
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let logprobs = s.logprobs(&prompt, &continuations)?;
+            let logprobs = infer::logprobs(s, &prompt, &continuations)?;
             let mut ranked: Vec<pb::CandidateScore> = r
                 .candidates
                 .into_iter()
@@ -258,7 +259,7 @@ impl Query for QueryService {
                 finish_reason: finish as i32,
             };
             let mut count = 0;
-            let finish = snapshot.generate(&prompt, &sampling, |text, n| {
+            let finish = infer::generate(&snapshot, &prompt, &sampling, |text, n| {
                 count = n;
                 tx.blocking_send(Ok(chunk(text, n, pb::FinishReason::Unspecified)))
                     .is_ok()
@@ -294,7 +295,7 @@ impl Query for QueryService {
                 .enumerate()
                 .map(|(i, t)| tokens(s, &format!("texts[{i}]"), t, 2, max))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(s.target_nll(&seqs)?
+            Ok(infer::target_nll(s, &seqs)?
                 .iter()
                 .map(|row| {
                     let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / row.len() as f64;

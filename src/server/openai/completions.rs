@@ -6,9 +6,10 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use super::request::{Completion, Prompt};
+use crate::infer::{self, Finish, Generated};
 use crate::server::query::{bounded, max_tokens, on_snapshot, sampling, tokens};
 use crate::server::{ServerError, State};
-use crate::snapshot::{Finish, Generated, Snapshot};
+use crate::snapshot::Snapshot;
 
 /// One prompt's choice and its token counts.
 struct Choice {
@@ -50,7 +51,7 @@ pub(super) async fn complete(
                     Prompt::Tokens(ids) => bounded(field, known(s, field, ids)?, 1, max)?,
                 };
                 let mut text = String::new();
-                let generated = s.generate(&ids, &sampling, |piece, _| {
+                let generated = infer::generate(s, &ids, &sampling, |piece, _| {
                     text.push_str(piece);
                     true
                 })?;
@@ -167,7 +168,7 @@ fn logprobs(
     top: usize,
     from: usize,
 ) -> Result<Value, ServerError> {
-    let scored = s.token_logprobs(sequence, top)?;
+    let scored = infer::token_logprobs(s, sequence, top)?;
     let tokenizer = &s.model().tokenizer;
     let mut tokens = Vec::new();
     let mut token_logprobs = Vec::new();
