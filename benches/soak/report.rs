@@ -103,7 +103,12 @@ pub fn markdown(report: &Value) -> String {
         out += &format!("\n| {minute} |");
         for rpc in rpcs {
             out += &match of(rpc) {
-                Some(r) => format!(" {} / {} ({}) |", r["p50_ms"], r["p99_ms"], r["calls"]),
+                Some(r) => format!(
+                    " {} / {} ({}) |",
+                    ms(&r["p50_ms"]),
+                    ms(&r["p99_ms"]),
+                    r["calls"]
+                ),
                 None => " - |".into(),
             };
         }
@@ -115,6 +120,11 @@ pub fn markdown(report: &Value) -> String {
         out += &format!(" {errors} |");
     }
     out + &resources(report)
+}
+
+/// A latency of the table, `-` where there is none.
+fn ms(value: &Value) -> String {
+    value.as_f64().map_or("-".into(), |ms| ms.to_string())
 }
 
 /// The lines under the table: RSS, descriptors, versions, errors and the restart.
