@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use locus::client::Client;
 use locus::model::load;
-use locus::proto::v1 as pb;
 use locus::server::{self, Config, State};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+
+mod support;
+use support::{batches, machine, probes, summary};
 
 /// Score requests measured in each phase at least (after `WARMUP` unmeasured ones); under
 /// ingest, measuring goes on until `STEPS` learning steps have finished during it.
@@ -23,48 +25,6 @@ const WARMUP: usize = 10;
 const STEPS: u64 = 3;
 /// Documents per ingest batch.
 const BATCH: usize = 8;
-
-const STABLE: &str = include_str!("../data/drift/stable.jsonl");
-const UPDATES: &str = include_str!("../data/drift/updates.jsonl");
-
-/// `(prompt, [gold, foil])` probes to score, cycled through.
-fn probes() -> Vec<(String, Vec<String>)> {
-    STABLE
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| {
-            let field = |k: &str| v[k].as_str().map(String::from);
-            Some((field("prompt")?, vec![field("gold")?, field("foil")?]))
-        })
-        .collect()
-}
-
-/// The drifted documents, in batches, to ingest in a loop.
-fn batches() -> Vec<pb::IngestRequest> {
-    let docs: Vec<pb::Document> = UPDATES
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .flat_map(|v| {
-            v["docs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|d| d.as_str())
-                .map(|text| pb::Document {
-                    text: text.to_string(),
-                    ..Default::default()
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    docs.chunks(BATCH)
-        .enumerate()
-        .map(|(i, chunk)| pb::IngestRequest {
-            documents: chunk.to_vec(),
-            client_batch_id: format!("load-{i}"),
-        })
-        .collect()
-}
 
 /// Latencies in milliseconds of `n` sequential Score calls after `warmup` unmeasured ones.
 async fn measure(
@@ -82,32 +42,6 @@ async fn measure(
         }
     }
     Ok(out)
-}
-
-/// p50, p99, mean and max of latencies in milliseconds.
-fn summary(mut ms: Vec<f64>) -> serde_json::Value {
-    ms.sort_by(f64::total_cmp);
-    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
-    serde_json::json!({
-        "requests": ms.len(),
-        "p50_ms": at(0.50),
-        "p99_ms": at(0.99),
-        "mean_ms": ms.iter().sum::<f64>() / ms.len() as f64,
-        "max_ms": ms[ms.len() - 1],
-    })
-}
-
-/// The CPU's model name, as /proc/cpuinfo gives it.
-fn machine() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, name)| name.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -142,7 +76,7 @@ fn main() -> anyhow::Result<()> {
         let mut ingest_client = client.clone();
         let answers = ingest_client.ingest(ReceiverStream::new(rx)).await?;
         let feeder = tokio::spawn(async move {
-            for batch in batches().into_iter().cycle() {
+            for batch in batches("load", BATCH).into_iter().cycle() {
                 if tx.send(batch).await.is_err() {
                     break;
                 }
