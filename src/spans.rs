@@ -320,6 +320,9 @@ pub fn names(text: &str) -> Vec<(usize, usize)> {
     spans
 }
 
+/// Character ranges of names in a text.
+pub type Spans = Vec<(usize, usize)>;
+
 /// How often each word occurs in a set of texts (a learning step's documents), for the
 /// `trending` rule.
 #[derive(Debug, Default)]
@@ -339,7 +342,7 @@ impl Mentions {
 
     /// The names of `text` (see [`names`]) whose most frequent word is mentioned most often, and
     /// the other names.
-    pub fn split(&self, text: &str) -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
+    pub fn split(&self, text: &str) -> (Spans, Spans) {
         let words = words(text);
         let scored: Vec<((usize, usize), usize)> = names(text)
             .into_iter()
