@@ -192,7 +192,7 @@ pub struct LearnArgs {
     /// Under `--auto-spans trending`, the weight in the update's loss of a document's other names
     /// (those the step mentions less often, such as the outgoing office holder a report names
     /// once); 0 leaves them out, 1 learns them as any other token.
-    #[arg(long, default_value_t = 1.0, env = "LOCUS_MINOR_NAME_WEIGHT")]
+    #[arg(long, default_value_t = 0.0, env = "LOCUS_MINOR_NAME_WEIGHT")]
     pub minor_name_weight: f64,
     /// How spans are found in documents sent without any: `entity` (capitalised names, numbers and
     /// dates; the highest-loss tokens where there are none), `novel` (the names the model finds
