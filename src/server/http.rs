@@ -29,6 +29,10 @@ where
                 continue;
             }
         };
+        // A reply must not wait for the client's delayed ACK (as on the gRPC listener).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "{what} listener: TCP_NODELAY");
+        }
         let respond = respond.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
