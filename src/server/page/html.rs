@@ -215,6 +215,31 @@ mod tests {
         assert!(html.contains("blocked: disk &lt;full&gt;"));
     }
 
+    fn step(version: u64, skipped: Option<&str>, before: f64, after: f64) -> Step {
+        Step {
+            at: SystemTime::now(),
+            version,
+            skipped: skipped.map(str::to_string),
+            documents: 1,
+            tokens: 10,
+            loss_before: 3.0,
+            loss_after: None,
+            groups: Vec::new(),
+            canary: Some(crate::live::Check { before, after }),
+            seconds: 0.1,
+        }
+    }
+
+    #[test]
+    fn the_canary_perplexity_is_that_of_the_version_served() {
+        let served = step(1, None, 10.0, 11.0);
+        assert!(canary(std::slice::from_ref(&served), 2.0).starts_with("11.000 "));
+        // An update the guard undid leaves the version before it served.
+        let undone = step(1, Some("forgetting guard: ..."), 11.0, 40.0);
+        assert!(canary(&[served, undone], 2.0).starts_with("11.000 "));
+        assert!(canary(&[], 2.0).starts_with("not measured yet"));
+    }
+
     #[test]
     fn the_clock_is_utc_and_counts_back_from_now() {
         let at = UNIX_EPOCH + std::time::Duration::from_secs(86_400 * 3 + 3600 * 13 + 60 * 5 + 9);
