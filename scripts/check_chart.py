@@ -8,7 +8,7 @@ Kubernetes API schemas). In order:
 2. Renders it with several value sets, its defaults (a single writer) first, and validates every manifest with `kubernetes-validate
    --strict` against the oldest Kubernetes the chart allows and the newest the validator knows.
    The ServiceMonitor is a CRD outside those schemas: its shape is checked here instead.
-3. Asserts what the deployment relies on (gRPC probes, GPU limits, tokens only through
+3. Asserts what the deployment relies on (gRPC probes, listeners and ports, GPU limits, tokens only through
    secretKeyRef, the writer's volume, the HPA's target, the settings file, ...).
 4. Renders each value of values.yaml changed on its own and requires a different output, so no
    value is dead, and requires every value to be described by values.schema.json.
@@ -75,6 +75,7 @@ CASES: dict[str, dict[str, Any]] = {
         "env": [{"name": "RUST_LOG", "value": "info"}],
     },
     "writer-publishing": S3,
+    "http": {**SCALED, "http": {"enabled": True, "port": 8000}},
     "shared-volume": {
         "store": {"url": "file:///shared/locus", "sharedVolume": {"claimName": "locus-shared"}},
         "model": {"path": "/models/custom.gguf", "volume": {"persistentVolumeClaim": {"claimName": "models"}}},
@@ -175,6 +176,9 @@ def check_case(name: str, values: dict, docs: list[dict], f: Failures) -> None:
         f"{p} the StatefulSet's serviceName is its headless service",
     )
     store_url = values["store"]["url"]
+    # The listeners each pod opens, by port name; the services carry the same.
+    http = values["http"]
+    want_ports = {"grpc": 50051, "metrics": 9090} | ({"http": http["port"]} if http["enabled"] else {})
 
     workloads = [w for w in (writer, reader) if w is not None]
     settings = [c for c in by_kind(docs, "ConfigMap") if not c["metadata"]["name"].endswith("-dashboard")]
@@ -191,6 +195,10 @@ def check_case(name: str, values: dict, docs: list[dict], f: Failures) -> None:
         else:
             f.check(not any(a.startswith("--store") for a in args), f"{q} no --store without store.url")
         f.check("--grpc-addr=0.0.0.0:50051" in args and "--metrics-addr=0.0.0.0:9090" in args, f"{q} listen addresses")
+        http_args = [a for a in args if a.startswith("--http-addr")]
+        want_http = [f"--http-addr=0.0.0.0:{http['port']}"] if http["enabled"] else []
+        f.check(http_args == want_http, f"{q} {want_http or 'no --http-addr'} (http.enabled)")
+        f.check({pt["name"]: pt["containerPort"] for pt in c["ports"]} == want_ports, f"{q} container ports {want_ports}")
         f.check("--config=/etc/locus/locus.toml" in args, f"{q} --config")
         # Probes: native gRPC health checks only.
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -317,7 +325,7 @@ def check_case(name: str, values: dict, docs: list[dict], f: Failures) -> None:
         f.check(len(svc) == 1, f"{p} one {comp} service")
         if svc:
             ports = {pt["name"]: pt["port"] for pt in svc[0]["spec"]["ports"]}
-            f.check(ports == {"grpc": 50051, "metrics": 9090}, f"{p} {comp} service ports grpc 50051, metrics 9090")
+            f.check(ports == want_ports, f"{p} {comp} service ports {want_ports}")
 
     monitors = by_kind(docs, "ServiceMonitor")
     want_monitor = values.get("metrics", {}).get("serviceMonitor", {}).get("enabled", False)
@@ -449,6 +457,8 @@ MUTATIONS: dict[str, tuple[dict, Any]] = {
     "serviceAccount.create": ({}, False),
     "serviceAccount.name": ({}, "custom"),
     "serviceAccount.annotations": ({}, {"iam.gke.io/gcp-service-account": "locus@p.iam.gserviceaccount.com"}),
+    "http.enabled": ({}, True),
+    "http.port": ({"http": {"enabled": True}}, 8000),
     "metrics.serviceMonitor.enabled": ({}, True),
     "metrics.serviceMonitor.interval": ({"metrics": {"serviceMonitor": {"enabled": True}}}, "15s"),
     "metrics.serviceMonitor.labels": ({"metrics": {"serviceMonitor": {"enabled": True}}}, {"release": "prom"}),
@@ -510,6 +520,8 @@ REJECTED: list[tuple[str, dict, str]] = [
     ("a misspelled nested key", {"writer": {"persistance": {"size": "1Gi"}}}, "persistance"),
     ("an object store the chart does not know", {"store": {"url": "ftp://host/x"}}, "/store/url"),
     ("a bad volume size", {"writer": {"persistence": {"size": "ten gigs"}}}, "/writer/persistence/size"),
+    ("http.port on the metrics port", {"http": {"enabled": True, "port": 9090}}, "/http/port"),
+    ("http.port of the wrong type", {"http": {"port": "8080"}}, "/http/port"),
     ("a setting the chart owns in config", {"config": {"grpc-addr": "0.0.0.0:1"}}, "grpc-addr"),
     ("a token in config", {"config": {"write-token": "x"}}, "write-token"),
     ("TLS in config", {"config": {"tls-cert": "/c.pem"}}, "tls-cert"),

@@ -16,7 +16,8 @@ const RAMP: [[f64; 3]; 5] = [
     [253.0, 231.0, 37.0],
 ];
 
-fn colour(v: f64, lo: f64, hi: f64) -> [u8; 3] {
+/// The ramp's colour of `v` on the scale from `lo` to `hi` (the middle when the scale is empty).
+pub(crate) fn colour(v: f64, lo: f64, hi: f64) -> [u8; 3] {
     let x = if hi > lo {
         ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
     } else {
@@ -144,10 +145,13 @@ fn svg(groups: &[GroupStat], selected: &[GroupId], title: &str) -> String {
     s
 }
 
-fn escape(s: &str) -> String {
+/// `s` as text or an attribute value of SVG or HTML.
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 fn png(groups: &[GroupStat]) -> Result<Vec<u8>> {

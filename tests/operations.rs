@@ -2,6 +2,7 @@
 //! precedence. Servers run in-process on 127.0.0.1:0 with the tiny Llama fixture.
 
 mod common;
+mod serving;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use locus::client::Client;
 use locus::model::load;
 use locus::proto::v1 as pb;
 use locus::server::{self, Config, Limits, ServerError, State, Tls};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use serving::http_get as get;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -64,18 +65,6 @@ async fn start(config: Config) -> Running {
 async fn install(state: &State) {
     let model = load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();
     state.install(model).await.unwrap();
-}
-
-/// GET `path` over plain HTTP/1.1: the status code and the body.
-async fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
 }
 
 /// The value of the sample `series` (name and labels as exposed) in a scrape.

@@ -40,7 +40,8 @@ pub struct ServeArgs {
     /// Address to serve gRPC on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:50051", env = "LOCUS_GRPC_ADDR")]
     grpc_addr: String,
-    /// Address for Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP (unset: not served).
+    /// Address for Prometheus `/metrics`, `/healthz`, `/readyz` and the status page `/` over HTTP
+    /// (unset: not served).
     #[arg(long, env = "LOCUS_METRICS_ADDR")]
     metrics_addr: Option<String>,
     /// Address for the OpenAI-style HTTP API, `POST /v1/completions` and `GET /v1/models` (unset:
@@ -516,7 +517,7 @@ async fn start_http_listeners(a: &ServeArgs, state: &Arc<State>) -> anyhow::Resu
             .await
             .with_context(|| format!("--metrics-addr {addr}"))?;
         eprintln!(
-            "locus: metrics on http://{}/metrics (and /healthz, /readyz)",
+            "locus: metrics on http://{0}/metrics (and /healthz, /readyz; status page http://{0}/)",
             metrics.local_addr()?
         );
         tokio::spawn(server::serve_metrics(metrics, Arc::clone(state)));

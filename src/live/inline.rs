@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::counters::Counters;
+use super::guard::Check;
 use super::learner::{Setup, Worker};
 use super::Result;
 use crate::learn::{Doc, LearnConfig, Learner, UpdateReport};
@@ -75,7 +76,7 @@ impl Inline {
 struct Uncounted;
 
 impl Counters for Uncounted {
-    fn stepped(&self, _: &UpdateReport) {}
+    fn stepped(&self, _: &UpdateReport, _: Option<Check>) {}
     fn published(&self, _: &str, _: Option<u64>) {}
     fn set_learning_blocked(&self, _: bool) {}
 }

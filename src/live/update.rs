@@ -36,10 +36,12 @@ impl Worker {
         let span = tracing::info_span!("update", documents = docs.len());
         let _entered = span.enter();
         let mut report = self.learner.step(docs)?;
-        if report.applied {
-            self.serve_update(&mut report)?;
-        }
-        self.setup.metrics.stepped(&report);
+        let canary = if report.applied {
+            self.serve_update(&mut report)?
+        } else {
+            None
+        };
+        self.setup.metrics.stepped(&report, canary);
         tracing::info!(
             version = report.version,
             applied = report.applied,
@@ -57,13 +59,20 @@ impl Worker {
     }
 
     /// Publishes the step's weights as the next snapshot, or, when the guard rejects them,
-    /// reverts the step before anything saw it.
-    fn serve_update(&mut self, report: &mut UpdateReport) -> Result<()> {
+    /// reverts the step before anything saw it. Answers the guard's canary check, when it made one.
+    fn serve_update(&mut self, report: &mut UpdateReport) -> Result<Option<Check>> {
         let changed: Vec<GroupId> = report.groups.iter().map(UpdatedGroup::id).collect();
         let weights = self.learner.current_params()?;
         let current = self.setup.snapshots.current();
         let next = current.after_update(report.version, &changed, &weights)?;
-        if let Some(check) = self.rejects(&current, &next)? {
+        let check = self.canary_check(&current, &next)?;
+        let max_ratio = self
+            .setup
+            .guard
+            .as_ref()
+            .map_or(f64::INFINITY, |g| g.max_ratio);
+        if let Some(check) = check.filter(|c| c.ratio() > max_ratio) {
+            self.canary = Some((current.version(), check.before));
             self.learner.revert()?;
             report.applied = false;
             report.version = self.learner.version();
@@ -72,7 +81,7 @@ impl Worker {
                 check.before,
                 check.after,
                 check.ratio(),
-                self.setup.guard.as_ref().map_or(0.0, |g| g.max_ratio)
+                max_ratio
             ));
             tracing::warn!(
                 version = report.version,
@@ -80,19 +89,22 @@ impl Worker {
                 after = check.after,
                 "forgetting guard undid an update"
             );
-            return Ok(());
+            return Ok(Some(check));
+        }
+        if let Some(c) = check {
+            self.canary = Some((next.version(), c.after));
         }
         let published = self.setup.snapshots.publish(next)?;
         if let Some(store) = self.setup.store.as_mut() {
             store.updated(changed);
         }
         self.publish_delta(current.version(), &published);
-        Ok(())
+        Ok(check)
     }
 
-    /// With a guard: the canary check of `next` against `current`, when it fails. The canary
-    /// perplexity of the version served is measured once and remembered.
-    fn rejects(&mut self, current: &Snapshot, next: &Snapshot) -> Result<Option<Check>> {
+    /// With a guard: the canary perplexity of `current` and of `next`; that of the version served
+    /// is remembered from its own check rather than measured again.
+    fn canary_check(&self, current: &Snapshot, next: &Snapshot) -> Result<Option<Check>> {
         let Some(guard) = &self.setup.guard else {
             return Ok(None);
         };
@@ -100,16 +112,10 @@ impl Worker {
             Some((v, ppl)) if v == current.version() => ppl,
             _ => guard.perplexity(current)?,
         };
-        let check = Check {
+        Ok(Some(Check {
             before,
             after: guard.perplexity(next)?,
-        };
-        if check.ratio() > guard.max_ratio {
-            self.canary = Some((current.version(), before));
-            return Ok(Some(check));
-        }
-        self.canary = Some((next.version(), check.after));
-        Ok(None)
+        }))
     }
 
     /// Records that journal record `seq` has been learned, and checkpoints when one is due.

@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::{ServerError, State};
-use crate::learn::Localization;
 use crate::live::Job;
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_server::Admin;
@@ -66,10 +65,7 @@ impl Admin for AdminService {
             source: model.source.path.clone(),
             version,
             strategy: learn.strategy.name.clone(),
-            localization: match learn.localization {
-                Localization::Static => "static".to_string(),
-                Localization::PerBatch { .. } => "per-batch".to_string(),
-            },
+            localization: convert::localization(&learn.localization).to_string(),
             lr: learn.lr,
             batch_size: self.state.config.batch_size as u32,
             paused: loaded.paused.load(Ordering::SeqCst),

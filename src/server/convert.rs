@@ -3,6 +3,7 @@
 use std::time::SystemTime;
 
 use crate::learn::engine::UpdatedGroup as DomainGroup;
+use crate::learn::Localization;
 use crate::learn::UpdateReport as DomainReport;
 use crate::model::{GroupId, Module as DomainModule};
 use crate::proto::v1 as pb;
@@ -116,6 +117,14 @@ pub fn trace(
             .collect(),
         mean_relative: selection.mean_relative,
         seconds,
+    }
+}
+
+/// The name of a localization mode, as Admin.Info and the status page show it.
+pub fn localization(l: &Localization) -> &'static str {
+    match l {
+        Localization::Static => "static",
+        Localization::PerBatch { .. } => "per-batch",
     }
 }
 

@@ -1,10 +1,11 @@
-//! Prometheus metrics and the probes beside them: `/metrics`, `/healthz` and `/readyz` over plain
-//! HTTP/1.1 on their own port, so scrapers and Kubernetes HTTP probes need no gRPC.
+//! Prometheus metrics and what is served beside them: `/metrics`, `/healthz` and `/readyz` over
+//! plain HTTP/1.1 on their own port, so scrapers and Kubernetes HTTP probes need no gRPC, and the
+//! status page at `/` for people.
 //!
 //! Counters and histograms are recorded where things happen (documents at validation, steps and
 //! publishing in the learner, so a batch whose client hung up still counts); the model version,
 //! queue depth, selection and store lag are read from the live state at scrape time, so they
-//! cannot go stale.
+//! cannot go stale. The learner's step reports also go to a short ring for the status page.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,9 +19,9 @@ use prometheus::{
 };
 use tokio::net::TcpListener;
 
-use super::State;
+use super::{page, State};
 use crate::learn::UpdateReport;
-use crate::live::Counters;
+use crate::live::{Check, Counters};
 
 /// The server's metrics, in a registry of its own so that several servers in one process (tests,
 /// the demo) do not mix their numbers.
@@ -40,6 +41,7 @@ pub(crate) struct Metrics {
     model_bytes: IntGauge,
     published_version: IntGauge,
     learning_blocked: IntGauge,
+    recent: page::Recent,
 }
 
 impl Metrics {
@@ -178,6 +180,7 @@ impl Metrics {
             model_bytes,
             published_version,
             learning_blocked,
+            recent: page::Recent::default(),
         })
     }
 
@@ -194,6 +197,11 @@ impl Metrics {
         self.ingest_documents
             .with_label_values(&["rejected"])
             .inc_by(rejected as u64);
+    }
+
+    /// The recent learning steps.
+    pub(crate) fn recent(&self) -> &page::Recent {
+        &self.recent
     }
 
     /// Files that failed to publish, of every kind.
@@ -232,8 +240,9 @@ impl Metrics {
 }
 
 impl Counters for Metrics {
-    /// Records one learning step, as the learner finishes it.
-    fn stepped(&self, report: &UpdateReport) {
+    /// Records one learning step, as the learner finishes it, and keeps it for the status page.
+    fn stepped(&self, report: &UpdateReport, canary: Option<Check>) {
+        self.recent.record(report, canary);
         self.ingest_tokens.inc_by(report.tokens as u64);
         self.update_seconds.observe(report.seconds);
         let outcome = if report.applied { "applied" } else { "skipped" };
@@ -258,7 +267,7 @@ impl Counters for Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped; it keeps
+/// Serves `/metrics`, `/healthz`, `/readyz` and the status page `/` on `listener` until the task is dropped; it keeps
 /// answering while the gRPC server drains, so probes see `/readyz` fail during shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     super::http::serve(listener, "metrics", move |request| {
@@ -277,6 +286,11 @@ fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4",
             Bytes::from(state.metrics.render(state)),
         ),
+        (&Method::GET, "/") => (
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            Bytes::from(page::render(state)),
+        ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
             if state.loaded().is_err() {
@@ -287,12 +301,12 @@ fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, "ready\n")
             }
         }
-        (_, "/metrics" | "/healthz" | "/readyz") => {
+        (_, "/" | "/metrics" | "/healthz" | "/readyz") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: /metrics, /healthz, /readyz\n",
+            "not found: /, /metrics, /healthz, /readyz\n",
         ),
     };
     let mut response = Response::new(Full::new(body));

@@ -13,6 +13,7 @@ mod http;
 mod ingest;
 mod metrics;
 mod openai;
+mod page;
 mod query;
 
 use std::future::Future;

@@ -14,6 +14,7 @@ use locus::model::load;
 use locus::proto::v1 as pb;
 use locus::server::{self, Config, Limits, ServerError, State};
 use locus::store::location::Location;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -402,4 +403,25 @@ pub async fn large_file_round_trips(store: &str) {
     })
     .await
     .unwrap();
+}
+
+/// GET `path` over plain HTTP/1.1: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+/// Serves the metrics listener (metrics, probes, the status page) of `running` on a free port;
+/// answers its address.
+pub async fn serve_metrics(running: &Running) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(server::serve_metrics(listener, Arc::clone(&running.state)));
+    addr
 }

@@ -164,6 +164,9 @@ containers:
       - --config=/etc/locus/locus.toml
       - --grpc-addr=0.0.0.0:50051
       - --metrics-addr=0.0.0.0:9090
+      {{- if $v.http.enabled }}
+      - --http-addr=0.0.0.0:{{ $v.http.port }}
+      {{- end }}
       - --role={{ .role }}
       {{- with $v.store.url }}
       - --store={{ . }}
@@ -180,6 +183,10 @@ containers:
         containerPort: 50051
       - name: metrics
         containerPort: 9090
+      {{- if $v.http.enabled }}
+      - name: http
+        containerPort: {{ $v.http.port }}
+      {{- end }}
     {{- if or $secret $v.store.existingSecret $v.gpu.enabled $v.env }}
     env:
       {{- if $secret }}

@@ -1,0 +1,190 @@
+//! The status page at `/` of the metrics listener, against a real in-process server with the tiny
+//! Llama fixture and the forgetting guard on: over plain HTTP, and rendered by headless Chromium
+//! (skipped, with a note, where `chromium` is not installed, except under `CI=true`, where that
+//! fails).
+
+mod common;
+mod serving;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use locus::client::Client;
+use locus::proto::v1 as pb;
+use locus::server::{Config, Guard};
+use serving::*;
+
+fn guarded() -> Config {
+    Config {
+        guard: Some(Guard {
+            canaries: vec!["The museum in London opened its doors in the spring.".to_string()],
+            max_ratio: 1000.0,
+        }),
+        ..config()
+    }
+}
+
+/// Ingests the facts as one batch; answers its single learning step.
+async fn ingest_one(client: &mut Client, id: &str) -> pb::UpdateReport {
+    let answers = ingest(client, vec![batch(id, facts())]).await.unwrap();
+    let steps = &answers[0].steps;
+    assert_eq!(steps.len(), 1, "{answers:?}");
+    steps[0].clone()
+}
+
+/// The page's row of the step that made `version`.
+fn update_row(page: &str, version: u64) -> &str {
+    let start = format!("<tr class=\"step\" data-version=\"{version}\">");
+    let at = page
+        .find(&start)
+        .unwrap_or_else(|| panic!("no row {start} in\n{page}"));
+    let end = page[at..].find("</tr>").expect("the row ends");
+    &page[at..at + end]
+}
+
+fn shows_version(page: &str, version: u64) -> bool {
+    page.contains(&format!("<span id=\"version\">{version}</span>"))
+}
+
+/// `layer.module`, as the page names a group.
+fn group_name(g: &pb::UpdatedGroup) -> String {
+    let module = match pb::Module::try_from(g.module) {
+        Ok(pb::Module::Attn) => "attn",
+        Ok(pb::Module::Mlp) => "mlp",
+        other => panic!("module {other:?}"),
+    };
+    format!("{}.{module}", g.layer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_version_and_each_new_update() {
+    let server = start_with(guarded(), true).await;
+    let metrics = serve_metrics(&server).await;
+    let (code, page) = http_get(&metrics, "/").await;
+    assert_eq!(code, 200);
+    assert!(shows_version(&page, 0), "{page}");
+    assert!(page.contains("<meta http-equiv=\"refresh\""), "{page}");
+    assert!(page.contains("tgl-fp, per-batch localization"), "{page}");
+    assert!(page.contains("No learning step yet."), "{page}");
+    assert!(page.contains("canary perplexity"), "{page}");
+
+    let mut client = server.client().await;
+    let step = ingest_one(&mut client, "page-1").await;
+    assert_eq!(step.version, 1);
+    let (_, page) = http_get(&metrics, "/").await;
+    assert!(shows_version(&page, 1), "{page}");
+    let row = update_row(&page, 1);
+    assert!(row.contains("served; canary "), "{row}");
+    assert!(!step.groups.is_empty());
+    for g in &step.groups {
+        assert!(
+            row.contains(&group_name(g)),
+            "{} not in {row}",
+            group_name(g)
+        );
+    }
+    // The heat map has a column for the version, and a cell for each group it changed.
+    assert!(page.contains("<svg id=\"heatmap\""), "{page}");
+    for g in &step.groups {
+        let cell = format!("<title>version 1, {}: updated", group_name(g));
+        assert!(page.contains(&cell), "no cell {cell:?} in\n{page}");
+    }
+
+    ingest_one(&mut client, "page-2").await;
+    let (_, page) = http_get(&metrics, "/").await;
+    assert!(shows_version(&page, 2), "{page}");
+    // Newest first.
+    let (new, old) = (update_row(&page, 2), update_row(&page, 1));
+    assert!(page.find(new) < page.find(old));
+    server.shutdown().await;
+}
+
+/// Where Chromium is, or why the test cannot run.
+fn chromium() -> Option<&'static str> {
+    let found = Command::new("chromium")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some("chromium");
+    }
+    let note = "chromium is not installed (apt-get install -y chromium)";
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{note}");
+    eprintln!("note: skipping the headless Chromium test: {note}");
+    None
+}
+
+/// Runs headless Chromium with `args` and a profile in `profile`, killed after a minute.
+fn run_chromium(program: &str, profile: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(program)
+        .args(["--headless", "--no-sandbox", "--disable-gpu"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting chromium");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium {args:?} ran for more than a minute");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "chromium {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The DOM of `url` after Chromium loaded it.
+async fn dom(program: &'static str, profile: &Path, url: &str) -> String {
+    let (profile, url) = (profile.to_path_buf(), url.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        run_chromium(program, &profile, &["--dump-dom", url.as_str()])
+    })
+    .await
+    .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_chromium_renders_the_page_and_its_new_updates() {
+    let Some(program) = chromium() else {
+        return;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let server = start_with(guarded(), true).await;
+    let url = format!("http://{}/", serve_metrics(&server).await);
+    let page = dom(program, profile.path(), &url).await;
+    assert!(shows_version(&page, 0), "{page}");
+    assert!(page.contains("No learning step yet."), "{page}");
+
+    let mut client = server.client().await;
+    ingest_one(&mut client, "chromium").await;
+    let page = dom(program, profile.path(), &url).await;
+    assert!(shows_version(&page, 1), "{page}");
+    let row = update_row(&page, 1);
+    assert!(row.contains("served"), "{row}");
+    assert!(page.contains("<svg id=\"heatmap\""), "{page}");
+
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status_page.png");
+    let (p, s) = (profile.path().to_path_buf(), shot.clone());
+    tokio::task::spawn_blocking(move || {
+        let arg = format!("--screenshot={}", s.display());
+        run_chromium(program, &p, &[&arg, "--window-size=1280,900", &url])
+    })
+    .await
+    .unwrap();
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "{} is no PNG", shot.display());
+    eprintln!("the status page's screenshot: {}", shot.display());
+    server.shutdown().await;
+}
