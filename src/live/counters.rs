@@ -2,7 +2,7 @@
 
 use crate::learn::UpdateReport;
 
-/// Where learning steps, published files and a blocked learner are counted.
+/// Where learning steps, published files, store contact and a blocked learner are counted.
 pub(crate) trait Counters: Send + Sync {
     /// Records one learning step, as the learner finishes it.
     fn stepped(&self, report: &UpdateReport);
@@ -10,4 +10,6 @@ pub(crate) trait Counters: Send + Sync {
     fn published(&self, kind: &str, bytes: Option<u64>);
     /// Whether learning is blocked now.
     fn set_learning_blocked(&self, blocked: bool);
+    /// Records a store request that succeeded at `unix` seconds.
+    fn store_reached(&self, unix: u64);
 }

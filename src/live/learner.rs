@@ -11,6 +11,7 @@ use super::counters::Counters;
 use super::guard::Canaries;
 use super::jobs::{Job, Progress, Reply};
 use super::publisher::Publisher;
+use super::store_health::StoreHealth;
 use super::{priority, Error, Result};
 use crate::learn::{LearnConfig, Learner};
 use crate::model::Model;
@@ -39,6 +40,8 @@ pub(crate) struct Setup {
     pub published: Arc<AtomicU64>,
     /// Where learning steps and published files are counted.
     pub metrics: Arc<dyn Counters>,
+    /// Whether the publisher reaches the store.
+    pub store_health: Arc<StoreHealth>,
     /// The forgetting guard's canaries, when configured.
     pub guard: Option<Canaries>,
 }
@@ -62,6 +65,8 @@ pub(crate) struct Handle {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     progress: Arc<Mutex<Progress>>,
+    /// Set while the store misses a file (writers).
+    owed: Option<Arc<AtomicBool>>,
 }
 
 impl Handle {
@@ -80,9 +85,11 @@ impl Handle {
                 store.clone(),
                 Arc::clone(&setup.published),
                 Arc::clone(&setup.metrics),
+                Arc::clone(&setup.store_health),
             )?),
             None => None,
         };
+        let owed = publisher.as_ref().map(Publisher::owed);
         let worker = Worker {
             learner,
             publisher,
@@ -101,6 +108,7 @@ impl Handle {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             progress,
+            owed,
         })
     }
 
@@ -143,6 +151,12 @@ impl Handle {
         self.sender()
             .map(|tx| tx.max_capacity() - tx.capacity())
             .unwrap_or(0)
+    }
+
+    /// The flag set while a writer's store misses a file; `None` on a server that publishes
+    /// nothing.
+    pub fn owed(&self) -> Option<Arc<AtomicBool>> {
+        self.owed.clone()
     }
 
     /// What the learner has done so far.
@@ -220,6 +234,12 @@ impl Worker {
             }
             Job::Replay { restored, reply } => {
                 let _ = reply.send(self.guarded(|w| w.replay(restored)));
+            }
+            Job::Repair { reply } => {
+                let _ = reply.send(self.guarded(|w| {
+                    w.repair_store();
+                    Ok(())
+                }));
             }
             Job::Checkpoint { reply } => {
                 let _ = reply.send(self.guarded(|w| w.checkpoint()));

@@ -40,6 +40,7 @@ pub(crate) struct Metrics {
     model_bytes: IntGauge,
     published_version: IntGauge,
     learning_blocked: IntGauge,
+    store_reached: IntGauge,
 }
 
 impl Metrics {
@@ -132,6 +133,11 @@ impl Metrics {
             "locus_learning_blocked",
             "1 while batches cannot be journaled (Admin.Info.learning_blocked says why), else 0",
         )?;
+        let store_reached = IntGauge::new(
+            "locus_store_reached_timestamp_seconds",
+            "Unix time the store of published versions last answered (time() minus it: how stale \
+             a reader may be while its store is away)",
+        )?;
         // Series that exist from the start read 0 rather than absent, so rates and alerts work
         // before the first event.
         for kind in ["delta", "checkpoint"] {
@@ -162,6 +168,7 @@ impl Metrics {
         registry.register(Box::new(model_bytes.clone()))?;
         registry.register(Box::new(published_version.clone()))?;
         registry.register(Box::new(learning_blocked.clone()))?;
+        registry.register(Box::new(store_reached.clone()))?;
         Ok(Metrics {
             registry,
             ingest_tokens,
@@ -178,6 +185,7 @@ impl Metrics {
             model_bytes,
             published_version,
             learning_blocked,
+            store_reached,
         })
     }
 
@@ -255,6 +263,10 @@ impl Counters for Metrics {
 
     fn set_learning_blocked(&self, blocked: bool) {
         self.learning_blocked.set(i64::from(blocked));
+    }
+
+    fn store_reached(&self, unix: u64) {
+        self.store_reached.set(unix as i64);
     }
 }
 
