@@ -11,6 +11,7 @@ use super::counters::Counters;
 use super::guard::Canaries;
 use super::jobs::{Job, Progress, Reply};
 use super::publisher::Publisher;
+use super::repair::StoreWatch;
 use super::store_health::StoreHealth;
 use super::{priority, Error, Result};
 use crate::learn::{LearnConfig, Learner};
@@ -65,8 +66,8 @@ pub(crate) struct Handle {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     progress: Arc<Mutex<Progress>>,
-    /// Set while the store misses a file (writers).
-    owed: Option<Arc<AtomicBool>>,
+    /// What the store-repair timer watches (writers).
+    watch: Option<StoreWatch>,
 }
 
 impl Handle {
@@ -89,7 +90,14 @@ impl Handle {
             )?),
             None => None,
         };
-        let owed = publisher.as_ref().map(Publisher::owed);
+        let watch = publisher
+            .as_ref()
+            .zip(setup.publish.clone())
+            .map(|(p, store)| StoreWatch {
+                owed: p.owed(),
+                store,
+                published: Arc::clone(&setup.published),
+            });
         let worker = Worker {
             learner,
             publisher,
@@ -108,7 +116,7 @@ impl Handle {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             progress,
-            owed,
+            watch,
         })
     }
 
@@ -153,10 +161,9 @@ impl Handle {
             .unwrap_or(0)
     }
 
-    /// The flag set while a writer's store misses a file; `None` on a server that publishes
-    /// nothing.
-    pub fn owed(&self) -> Option<Arc<AtomicBool>> {
-        self.owed.clone()
+    /// What a writer's store-repair timer watches; `None` on a server that publishes nothing.
+    pub fn store_watch(&self) -> Option<StoreWatch> {
+        self.watch.clone()
     }
 
     /// What the learner has done so far.

@@ -1,9 +1,13 @@
 //! A writer's store after a file missed it (the store was away, or slower than learning): the
 //! learner publishes a checkpoint, since readers cannot follow deltas past the gap, and a timer
-//! reminds an idle learner, so the store gets what readers need as soon as it is back.
+//! reminds an idle learner, so the store gets what readers need as soon as it is back. The timer
+//! also checks now and then that the store still holds what was published, since a store can
+//! lose objects without any request of the writer's failing (emptied, or restored from an old
+//! copy, while the writer was idle).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -11,6 +15,10 @@ use super::jobs::Job;
 use super::learner::{Handle, Worker};
 use super::publisher::{Publish, RETRY};
 use super::Error;
+use crate::store::publish::Published;
+
+/// How often the store's files are checked against what was published: one listing each.
+const AUDIT: Duration = Duration::from_secs(30);
 
 impl Worker {
     /// Publishes a checkpoint of the served version when the store owes one and a try is due:
@@ -38,17 +46,41 @@ impl Worker {
     }
 }
 
+/// A writer's store and what it owes readers, for the timer.
+#[derive(Clone)]
+pub(crate) struct StoreWatch {
+    /// Set while the store misses a file readers need.
+    pub owed: Arc<AtomicBool>,
+    pub store: Published,
+    /// The newest version published.
+    pub published: Arc<AtomicU64>,
+}
+
 /// Every [`RETRY`] while the store owes a file, asks the learner to repair it, so a writer that
-/// takes no batches still republishes once the store is back; ends when the server shuts down.
+/// takes no batches still republishes once the store is back; every [`AUDIT`], makes the store
+/// owe one where it no longer lets readers reach the published version. Ends when the server
+/// shuts down; does nothing on a server that publishes nothing.
 pub(crate) fn keep_store_repaired(learner: Arc<Handle>, mut stop: watch::Receiver<bool>) {
-    let Some(owed) = learner.owed() else {
+    let Some(StoreWatch {
+        owed,
+        store,
+        published,
+    }) = learner.store_watch()
+    else {
         return;
     };
     tokio::spawn(async move {
+        let mut audited = Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(RETRY) => {}
                 _ = stop.changed() => return,
+            }
+            if !owed.load(Ordering::SeqCst) && audited.elapsed() >= AUDIT {
+                audited = Instant::now();
+                if lost(&store, &published).await {
+                    owed.store(true, Ordering::SeqCst);
+                }
             }
             if !owed.load(Ordering::SeqCst) {
                 continue;
@@ -60,4 +92,23 @@ pub(crate) fn keep_store_repaired(learner: Arc<Handle>, mut stop: watch::Receive
             }
         }
     });
+}
+
+/// Whether `store` lacks files readers need to reach the version published before the listing.
+/// A store that cannot be listed counts as whole: the publisher's next failure says otherwise.
+async fn lost(store: &Published, published: &AtomicU64) -> bool {
+    let version = published.load(Ordering::SeqCst);
+    let store = store.clone();
+    let Ok(Ok(listing)) = tokio::task::spawn_blocking(move || store.list()).await else {
+        return false;
+    };
+    let lost = !listing.reaches(version);
+    if lost {
+        tracing::warn!(
+            version,
+            newest = listing.newest(),
+            "the store lost files readers need to reach the published version; republishing"
+        );
+    }
+    lost
 }
