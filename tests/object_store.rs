@@ -9,30 +9,17 @@ mod common;
 mod emulator;
 mod serving;
 
-use emulator::{missing_bucket_is_reported, run_with_env, Emulator};
+use emulator::{missing_bucket_is_reported, moto, run_with_s3};
 use serving::{large_file_round_trips, writer_and_two_readers};
 
 const BUCKET: &str = "locus-published";
 
 #[test]
 fn readers_follow_the_writer_through_s3() {
-    let Some(s3) = Emulator::start(
-        "S3 (moto)",
-        &["python3", "-c", "import moto.server, boto3, flask"],
-        "python3 -m pip install 'moto[server]'",
-        "s3_server.py",
-        &[BUCKET],
-    ) else {
+    let Some(s3) = moto(&[BUCKET]) else {
         return;
     };
-    let env = [
-        ("AWS_ENDPOINT", s3.endpoint.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-    ];
-    run_with_env(&env, async {
+    run_with_s3(&s3.endpoint, async {
         writer_and_two_readers(&format!("s3://{BUCKET}/models/smol")).await;
         missing_bucket_is_reported("s3://no-such-bucket/x").await;
         large_file_round_trips(&format!("s3://{BUCKET}/large")).await;

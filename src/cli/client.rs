@@ -268,6 +268,12 @@ fn print_info(r: &pb::InfoResponse) {
     if !r.learning_blocked.is_empty() {
         println!("learning     blocked: {}", r.learning_blocked);
     }
+    if !r.store_error.is_empty() {
+        println!(
+            "store        not answering for {} s: {}",
+            r.seconds_since_store, r.store_error
+        );
+    }
 }
 
 fn print_versions(r: &pb::ListVersionsResponse) {

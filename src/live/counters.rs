@@ -3,7 +3,7 @@
 use super::guard::Check;
 use crate::learn::UpdateReport;
 
-/// Where learning steps, published files and a blocked learner are counted.
+/// Where learning steps, published files, store contact and a blocked learner are counted.
 pub(crate) trait Counters: Send + Sync {
     /// Records one learning step, as the learner finishes it, with the forgetting guard's canary
     /// check of its update (`None`: no guard, or no update to check).
@@ -12,4 +12,6 @@ pub(crate) trait Counters: Send + Sync {
     fn published(&self, kind: &str, bytes: Option<u64>);
     /// Whether learning is blocked now.
     fn set_learning_blocked(&self, blocked: bool);
+    /// Records a store request that succeeded at `unix` seconds.
+    fn store_reached(&self, unix: u64);
 }

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::jobs::Job;
 use super::learner::{Handle, Worker};
+use super::store_health::StoreHealth;
 use super::{Error, Result};
 use crate::model::{GroupId, Params};
 use crate::snapshot::Snapshots;
@@ -30,6 +31,8 @@ pub(crate) struct Follower {
     pub learner: Arc<Handle>,
     /// The newest version the store holds, as last seen.
     pub published: Arc<AtomicU64>,
+    /// Whether the store answers.
+    pub health: Arc<StoreHealth>,
 }
 
 impl Follower {
@@ -39,7 +42,7 @@ impl Follower {
         loop {
             let current = self.snapshots.current().version();
             let (store, device) = (self.store.clone(), self.device.clone());
-            let (newest, next) = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
+            let read = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
                 let listing = store.list()?;
                 Ok((
                     listing.newest(),
@@ -50,7 +53,8 @@ impl Follower {
             .map_err(|e| Error::Thread {
                 what: "reading the store",
                 cause: e.to_string(),
-            })??;
+            })?;
+            let (newest, next) = self.record(current, read)?;
             self.published.fetch_max(newest, Ordering::SeqCst);
             let Some(file) = next else {
                 return Ok(current);
@@ -87,6 +91,28 @@ impl Follower {
         }
     }
 
+    /// Records whether the store answered, logging only when that changes: a store that is away
+    /// for minutes would otherwise fill the log with one error per poll.
+    fn record<T>(&self, current: u64, read: crate::store::Result<T>) -> Result<T> {
+        match read {
+            Ok(found) => {
+                if self.health.reached() {
+                    tracing::info!(version = current, "the store answers again; catching up");
+                }
+                Ok(found)
+            }
+            Err(e) => {
+                if self.health.failed(&e) {
+                    tracing::error!(
+                        version = current,
+                        "reading the store: {e}; serving version {current} until it answers"
+                    );
+                }
+                Err(e.into())
+            }
+        }
+    }
+
     /// Catches up every `interval` until the server shuts down.
     pub fn spawn(self, interval: Duration, mut stop: watch::Receiver<bool>) {
         tokio::spawn(async move {
@@ -96,7 +122,8 @@ impl Follower {
                     _ = stop.changed() => return,
                 }
                 match self.catch_up().await {
-                    Ok(_) => {}
+                    // Store failures are logged as they begin and end.
+                    Ok(_) | Err(Error::Store(_)) => {}
                     Err(Error::ShuttingDown) => return,
                     Err(e) => tracing::error!("following the writer: {e}"),
                 }

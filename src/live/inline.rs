@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::counters::Counters;
 use super::guard::Check;
 use super::learner::{Setup, Worker};
+use super::store_health::StoreHealth;
 use super::Result;
 use crate::learn::{Doc, LearnConfig, Learner, UpdateReport};
 use crate::model::Model;
@@ -41,6 +42,7 @@ impl Inline {
             publish: None,
             published: Arc::default(),
             metrics: Arc::new(Uncounted),
+            store_health: Arc::new(StoreHealth::new(Arc::new(Uncounted))),
             guard: None,
         };
         let mut learner = setup.learner(0)?;
@@ -79,4 +81,5 @@ impl Counters for Uncounted {
     fn stepped(&self, _: &UpdateReport, _: Option<Check>) {}
     fn published(&self, _: &str, _: Option<u64>) {}
     fn set_learning_blocked(&self, _: bool) {}
+    fn store_reached(&self, _: u64) {}
 }

@@ -42,6 +42,8 @@ pub(crate) enum Job {
     },
     /// Write a checkpoint now; answers `None` when the server keeps no data directory.
     Checkpoint { reply: Reply<Option<Written>> },
+    /// Publish a checkpoint for a store that missed a file, when a try is due (writers).
+    Repair { reply: Reply<()> },
     /// Serve a version a writer published: these groups' tensors, on top of the current ones.
     Follow {
         version: u64,

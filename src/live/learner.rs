@@ -11,6 +11,8 @@ use super::counters::Counters;
 use super::guard::Canaries;
 use super::jobs::{Job, Progress, Reply};
 use super::publisher::Publisher;
+use super::repair::StoreWatch;
+use super::store_health::StoreHealth;
 use super::{priority, Error, Result};
 use crate::learn::{LearnConfig, Learner};
 use crate::model::Model;
@@ -39,6 +41,8 @@ pub(crate) struct Setup {
     pub published: Arc<AtomicU64>,
     /// Where learning steps and published files are counted.
     pub metrics: Arc<dyn Counters>,
+    /// Whether the publisher reaches the store.
+    pub store_health: Arc<StoreHealth>,
     /// The forgetting guard's canaries, when configured.
     pub guard: Option<Canaries>,
 }
@@ -62,6 +66,8 @@ pub(crate) struct Handle {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     progress: Arc<Mutex<Progress>>,
+    /// What the store-repair timer watches (writers).
+    watch: Option<StoreWatch>,
 }
 
 impl Handle {
@@ -80,9 +86,18 @@ impl Handle {
                 store.clone(),
                 Arc::clone(&setup.published),
                 Arc::clone(&setup.metrics),
+                Arc::clone(&setup.store_health),
             )?),
             None => None,
         };
+        let watch = publisher
+            .as_ref()
+            .zip(setup.publish.clone())
+            .map(|(p, store)| StoreWatch {
+                owed: p.owed(),
+                store,
+                published: Arc::clone(&setup.published),
+            });
         let worker = Worker {
             learner,
             publisher,
@@ -101,6 +116,7 @@ impl Handle {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             progress,
+            watch,
         })
     }
 
@@ -143,6 +159,11 @@ impl Handle {
         self.sender()
             .map(|tx| tx.max_capacity() - tx.capacity())
             .unwrap_or(0)
+    }
+
+    /// What a writer's store-repair timer watches; `None` on a server that publishes nothing.
+    pub fn store_watch(&self) -> Option<StoreWatch> {
+        self.watch.clone()
     }
 
     /// What the learner has done so far.
@@ -220,6 +241,12 @@ impl Worker {
             }
             Job::Replay { restored, reply } => {
                 let _ = reply.send(self.guarded(|w| w.replay(restored)));
+            }
+            Job::Repair { reply } => {
+                let _ = reply.send(self.guarded(|w| {
+                    w.repair_store();
+                    Ok(())
+                }));
             }
             Job::Checkpoint { reply } => {
                 let _ = reply.send(self.guarded(|w| w.checkpoint()));

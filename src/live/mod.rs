@@ -17,7 +17,9 @@ mod jobs;
 mod learner;
 mod priority;
 mod publisher;
+mod repair;
 mod rollback;
+mod store_health;
 mod update;
 
 pub(crate) use counters::Counters;
@@ -30,3 +32,5 @@ pub use inline::Inline;
 pub(crate) use jobs::Job;
 pub(crate) use learner::{Handle, Setup};
 pub use priority::inline_elementwise_ops;
+pub(crate) use repair::keep_store_repaired;
+pub(crate) use store_health::StoreHealth;

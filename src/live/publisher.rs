@@ -4,18 +4,24 @@
 //!
 //! A file that fails to publish, or that finds the queue full because the store is slower than
 //! learning, is dropped and recorded as missing: later deltas alone would lack it, so the learner
-//! publishes a checkpoint instead at its next update, and readers catch up from that.
+//! publishes a checkpoint instead, and readers catch up from that. While the store stays away the
+//! learner tries again at most every [`RETRY`], not at every update (each try writes a
+//! checkpoint), and an idle writer is reminded by a timer (`repair.rs`), so readers get what they
+//! need as soon as the store is back whether or not batches still arrive.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
 use super::counters::Counters;
+use super::store_health::StoreHealth;
 use super::{Error, Result};
 use crate::store::checkpoint::Meta;
 use crate::store::publish::Published;
@@ -23,6 +29,10 @@ use crate::store::publish::Published;
 /// Files waiting to be published; a store slower than this is behind by more than it is worth
 /// queueing deltas for, since a checkpoint will replace them.
 const QUEUE: usize = 4;
+
+/// The least time between two checkpoints for a store that missed a file: a store that is away
+/// costs one try (and one checkpoint written) per this, however fast batches arrive.
+pub(crate) const RETRY: Duration = Duration::from_secs(3);
 
 /// One file for the store.
 pub(crate) enum Publish {
@@ -55,6 +65,8 @@ pub(crate) struct Publisher {
     tx: Option<SyncSender<Publish>>,
     thread: Option<JoinHandle<()>>,
     missing: Arc<AtomicBool>,
+    /// When the learner last took the missing file in hand, for [`RETRY`].
+    repaired: Cell<Option<Instant>>,
     metrics: Arc<dyn Counters>,
 }
 
@@ -64,6 +76,7 @@ impl Publisher {
         store: Published,
         published: Arc<AtomicU64>,
         metrics: Arc<dyn Counters>,
+        health: Arc<StoreHealth>,
     ) -> Result<Publisher> {
         let (tx, rx) = mpsc::sync_channel::<Publish>(QUEUE);
         let missing = Arc::new(AtomicBool::new(false));
@@ -72,7 +85,7 @@ impl Publisher {
             .name("locus-publisher".into())
             .spawn(move || {
                 for file in rx {
-                    publish(&store, file, &published, &flag, &*counts);
+                    publish(&store, file, &published, &flag, &*counts, &health);
                 }
             })
             .map_err(|e| Error::Thread {
@@ -83,6 +96,7 @@ impl Publisher {
             tx: Some(tx),
             thread: Some(thread),
             missing,
+            repaired: Cell::new(None),
             metrics,
         })
     }
@@ -96,14 +110,29 @@ impl Publisher {
             self.missing.store(true, Ordering::SeqCst);
             tracing::warn!(
                 kind = file.kind(),
-                "the store is behind; not queueing this file, the next update publishes a checkpoint"
+                "the store is behind; not queueing this file, a checkpoint follows"
             );
         }
     }
 
-    /// Whether a file was lost since the last call, so that readers need a checkpoint rather than
-    /// the next delta; the caller publishes one (whose own failure sets this again).
-    pub fn take_missing(&self) -> bool {
+    /// Whether a file never reached the store, so that readers need a checkpoint rather than the
+    /// next delta.
+    pub fn owes(&self) -> bool {
+        self.missing.load(Ordering::SeqCst)
+    }
+
+    /// The flag [`Publisher::owes`] reads, for the timer that reminds an idle learner.
+    pub fn owed(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.missing)
+    }
+
+    /// Whether the caller should publish a checkpoint now: a file is missing and the last try
+    /// was at least [`RETRY`] ago. It clears the flag; the checkpoint's own failure sets it again.
+    pub fn take_due(&self) -> bool {
+        if !self.owes() || self.repaired.get().is_some_and(|at| at.elapsed() < RETRY) {
+            return false;
+        }
+        self.repaired.set(Some(Instant::now()));
         self.missing.swap(false, Ordering::SeqCst)
     }
 }
@@ -127,6 +156,7 @@ fn publish(
     published: &AtomicU64,
     missing: &AtomicBool,
     metrics: &dyn Counters,
+    health: &StoreHealth,
 ) {
     let kind = file.kind();
     let (version, written) = match file {
@@ -163,12 +193,16 @@ fn publish(
     match written {
         Ok(_) => {
             published.fetch_max(version, Ordering::SeqCst);
+            if health.reached() {
+                tracing::info!(version, "the store is reachable again");
+            }
         }
         Err(e) => {
             missing.store(true, Ordering::SeqCst);
+            health.failed(&e);
             tracing::error!(
                 version,
-                "publishing the {kind} failed: {e}; the next update publishes a checkpoint"
+                "publishing the {kind} failed: {e}; a checkpoint follows once the store takes it"
             );
         }
     }

@@ -5,7 +5,7 @@ use std::sync::PoisonError;
 
 use super::guard::Check;
 use super::learner::Worker;
-use super::publisher::Publish;
+use super::publisher::{Publish, Publisher};
 use super::Result;
 use crate::learn::engine::UpdatedGroup;
 use crate::learn::{Doc, UpdateReport};
@@ -132,17 +132,13 @@ impl Worker {
         }
     }
 
-    /// Queues the update from version `parent` to `snapshot` as a delta for readers, or a
-    /// checkpoint where an earlier file never reached the store. Failures are the publisher's to
-    /// log; the batch is journaled and applied either way.
+    /// Queues the update from version `parent` to `snapshot` as a delta for readers, or, where
+    /// an earlier file never reached the store, repairs the store instead (a delta would only
+    /// extend a chain readers cannot follow). Failures are the publisher's to log; the batch is
+    /// journaled and applied either way.
     fn publish_delta(&mut self, parent: u64, snapshot: &Snapshot) {
-        if self.publisher.as_ref().is_some_and(|p| p.take_missing()) {
-            if let Err(e) = self.checkpoint() {
-                tracing::error!(
-                    version = snapshot.version(),
-                    "checkpoint for the store: {e}"
-                );
-            }
+        if self.publisher.as_ref().is_some_and(Publisher::owes) {
+            self.repair_store();
             return;
         }
         let (Some(publisher), Some(store)) = (&self.publisher, &self.setup.store) else {

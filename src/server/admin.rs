@@ -82,6 +82,8 @@ impl Admin for AdminService {
             behind: published.saturating_sub(version),
             publish_failures: self.state.metrics.publish_failures(),
             learning_blocked: progress.blocked.clone().unwrap_or_default(),
+            store_error: loaded.store_health.error().unwrap_or_default(),
+            seconds_since_store: loaded.store_health.seconds_since_reached(),
         }))
     }
 

@@ -348,14 +348,32 @@ mod tests {
             s.message(),
             "data directory: 00000000000000000003.ckpt is corrupt: checksum mismatch"
         );
-        let s = answer(StoreError::Remote {
-            file: "s3://bucket/locus/deltas/1.delta".into(),
-            cause: Box::new(object_store::Error::Generic {
-                store: "S3",
-                source: "connection refused".into(),
-            }),
-        });
-        assert_eq!(s.code(), Code::Unavailable);
+        // A directory store's client names its paths, an object store's its endpoint and keys;
+        // `answer` checks that no path reaches the client.
+        for (file, store, source) in [
+            (
+                "s3://bucket/locus/deltas/1.delta",
+                "S3",
+                "connection refused",
+            ),
+            (
+                "/srv/locus/published/deltas/1.delta",
+                "LocalFileSystem",
+                "/srv/locus/published/deltas: permission denied",
+            ),
+        ] {
+            let s = answer(StoreError::Remote {
+                file: file.into(),
+                cause: Box::new(object_store::Error::Generic {
+                    store,
+                    source: source.into(),
+                }),
+            });
+            assert_eq!(s.code(), Code::Unavailable);
+            let told =
+                format!("published store: a request to {store} failed (the log has details)");
+            assert_eq!(s.message(), told);
+        }
         // The operator's view keeps the path.
         let e = ServerError::from(io(io::ErrorKind::StorageFull));
         assert!(e.to_string().contains("/srv/locus/data/journal.log"), "{e}");

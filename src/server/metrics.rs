@@ -42,6 +42,7 @@ pub(crate) struct Metrics {
     published_version: IntGauge,
     learning_blocked: IntGauge,
     recent: page::Recent,
+    store_reached: IntGauge,
 }
 
 impl Metrics {
@@ -134,6 +135,11 @@ impl Metrics {
             "locus_learning_blocked",
             "1 while batches cannot be journaled (Admin.Info.learning_blocked says why), else 0",
         )?;
+        let store_reached = IntGauge::new(
+            "locus_store_reached_timestamp_seconds",
+            "Unix time the store of published versions last answered (time() minus it: how stale \
+             a reader may be while its store is away)",
+        )?;
         // Series that exist from the start read 0 rather than absent, so rates and alerts work
         // before the first event.
         for kind in ["delta", "checkpoint"] {
@@ -164,6 +170,7 @@ impl Metrics {
         registry.register(Box::new(model_bytes.clone()))?;
         registry.register(Box::new(published_version.clone()))?;
         registry.register(Box::new(learning_blocked.clone()))?;
+        registry.register(Box::new(store_reached.clone()))?;
         Ok(Metrics {
             registry,
             ingest_tokens,
@@ -181,6 +188,7 @@ impl Metrics {
             published_version,
             learning_blocked,
             recent: page::Recent::default(),
+            store_reached,
         })
     }
 
@@ -264,6 +272,10 @@ impl Counters for Metrics {
 
     fn set_learning_blocked(&self, blocked: bool) {
         self.learning_blocked.set(i64::from(blocked));
+    }
+
+    fn store_reached(&self, unix: u64) {
+        self.store_reached.set(unix as i64);
     }
 }
 

@@ -208,6 +208,8 @@ struct Loaded {
     paused: Arc<AtomicBool>,
     /// The newest version published (writer) or seen in the store (reader).
     published: Arc<AtomicU64>,
+    /// Whether the store of published versions answers.
+    store_health: Arc<live::StoreHealth>,
 }
 
 /// The state the services share; the model is installed once it has loaded.
@@ -266,6 +268,7 @@ impl State {
         let snapshots = Arc::new(Snapshots::new(snapshots, keep));
         let paused = Arc::new(AtomicBool::new(false));
         let published = Arc::new(AtomicU64::new(0));
+        let store_health = Arc::new(live::StoreHealth::new(self.metrics.clone()));
         let learner = Arc::new(live::Handle::spawn(live::Setup {
             model: Arc::clone(&model),
             snapshots: Arc::clone(&snapshots),
@@ -285,10 +288,12 @@ impl State {
                 .transpose()?,
             published: Arc::clone(&published),
             metrics: self.metrics.clone(),
+            store_health: Arc::clone(&store_health),
         })?);
         if let Some(restored) = restored {
             learner.replay(restored).await?;
         }
+        live::keep_store_repaired(Arc::clone(&learner), self.shutting_down());
         if let (Some(store), Some(base_hash)) = (publish, base_hash) {
             let follower = live::Follower {
                 store,
@@ -297,6 +302,7 @@ impl State {
                 snapshots: Arc::clone(&snapshots),
                 learner: Arc::clone(&learner),
                 published: Arc::clone(&published),
+                health: Arc::clone(&store_health),
             };
             let version = follower.catch_up().await?;
             tracing::info!(version, "reader caught up with the store");
@@ -309,6 +315,7 @@ impl State {
             queries: Arc::new(Semaphore::new(self.config.limits.query_concurrency.max(1))),
             paused,
             published,
+            store_health,
         };
         if self.loaded.set(loaded).is_err() {
             return Err(ServerError::Internal("a model is already installed".into()));

@@ -87,7 +87,9 @@ impl StoreError {
             ),
             // Those with a path are refusals to start, which no client sees.
             StoreError::Mismatch(_) | StoreError::Location { .. } => self.to_string(),
-            StoreError::Remote { .. } => format!("published store: {self}"),
+            StoreError::Remote { cause, .. } => {
+                format!("published store: {}", remote_reason(cause))
+            }
             StoreError::Tensor(t) => format!("data directory: tensor: {t}"),
         }
     }
@@ -104,6 +106,19 @@ impl StoreError {
             path: path.to_path_buf(),
             reason: reason.into(),
         }
+    }
+}
+
+/// What went wrong with an object-store request, in words a client may see: the client's own
+/// messages can hold a directory store's paths or a request's URL, which go to the log only.
+fn remote_reason(cause: &object_store::Error) -> String {
+    use object_store::Error as E;
+    match cause {
+        E::NotFound { .. } => "a file is missing".into(),
+        E::PermissionDenied { .. } => "permission denied".into(),
+        E::Unauthenticated { .. } => "not authenticated (check the store's credentials)".into(),
+        E::Generic { store, .. } => format!("a request to {store} failed (the log has details)"),
+        _ => "a request failed (the log has details)".into(),
     }
 }
 
@@ -377,6 +392,11 @@ impl Store {
     /// The base model's content hash.
     pub fn base_hash(&self) -> &str {
         &self.base_hash
+    }
+
+    /// The newest checkpoint's version and file, if one was written.
+    pub fn newest_checkpoint(&self) -> Option<(u64, PathBuf)> {
+        self.parent.map(|v| (v, self.checkpoints.path_of(v)))
     }
 
     /// Checkpoints retained in the data directory.

@@ -129,6 +129,13 @@ impl Listing {
         first(&self.deltas).max(first(&self.checkpoints))
     }
 
+    /// Whether a reader can reach `version` from these files: the newest checkpoint (or the base
+    /// model) and a delta to each version after it, up to `version`.
+    pub fn reaches(&self, version: u64) -> bool {
+        let from = self.checkpoints.first().copied().unwrap_or(0);
+        (from + 1..=version).all(|v| self.deltas.contains(&v))
+    }
+
     /// The first delta after `version`, if any.
     pub fn delta_after(&self, version: u64) -> Option<u64> {
         self.deltas.iter().rev().copied().find(|v| *v > version)

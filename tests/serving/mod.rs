@@ -237,20 +237,34 @@ pub async fn wait_for_version(client: &mut Client, version: u64) -> pb::InfoResp
     .await
 }
 
-/// Polls `client`'s Admin.Info until `done` holds; `what` names the wait when it times out.
+/// Polls `client`'s Admin.Info for 10 s until `done` holds; `what` names the wait when it times
+/// out.
 pub async fn wait_for_info(
     client: &mut Client,
     what: &str,
     done: impl Fn(&pb::InfoResponse) -> bool,
 ) -> pb::InfoResponse {
-    for _ in 0..200 {
+    wait_for_info_within(client, what, Duration::from_secs(10), done).await
+}
+
+/// Polls `client`'s Admin.Info every 50 ms until `done` holds, for at most `limit`.
+pub async fn wait_for_info_within(
+    client: &mut Client,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&pb::InfoResponse) -> bool,
+) -> pb::InfoResponse {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
         let info = client.info().await.unwrap();
         if done(&info) {
             return info;
         }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("the server did not reach {what} within {limit:?}: {info:?}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the server did not reach {what}");
 }
 
 /// A writer that journals and checkpoints to `data` and publishes to `store`.
@@ -262,6 +276,16 @@ pub fn writer_config(data: &Path, store: &str, checkpoint_every: u64, keep: usiz
             keep_checkpoints: keep,
         }),
         store: Some(store.to_string()),
+        ..config()
+    }
+}
+
+/// A reader following `store`, polling it every 50 ms.
+pub fn reader_config(store: &str) -> Config {
+    Config {
+        role: server::Role::Reader,
+        store: Some(store.to_string()),
+        follow_interval: Duration::from_millis(50),
         ..config()
     }
 }
@@ -308,13 +332,7 @@ pub async fn published_deltas(spec: &str) -> Vec<(String, u64)> {
 pub async fn writer_and_two_readers(store: &str) {
     let data = tempfile::tempdir().unwrap();
     let writer = start_with(writer_config(data.path(), store, 2, 1), true).await;
-    let reader_config = || Config {
-        role: server::Role::Reader,
-        store: Some(store.to_string()),
-        follow_interval: Duration::from_millis(50),
-        ..config()
-    };
-    let early = start_with(reader_config(), true).await;
+    let early = start_with(reader_config(store), true).await;
     let mut w = writer.client().await;
     let mut r1 = early.client().await;
     assert_eq!(r1.info().await.unwrap().version, 0);
@@ -331,7 +349,7 @@ pub async fn writer_and_two_readers(store: &str) {
     let deltas = published_deltas(store).await;
     let names: Vec<_> = deltas.iter().map(|d| d.0.clone()).collect();
     assert_eq!(names, vec![format!("{:020}.delta", 3)]);
-    let late = start_with(reader_config(), true).await;
+    let late = start_with(reader_config(store), true).await;
     let mut r2 = late.client().await;
 
     for r in [&mut r1, &mut r2] {

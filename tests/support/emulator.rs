@@ -21,6 +21,8 @@ use crate::serving::writer_config;
 pub struct Emulator {
     child: Child,
     pub endpoint: String,
+    script: String,
+    buckets: Vec<String>,
 }
 
 impl Emulator {
@@ -47,30 +49,62 @@ impl Emulator {
             return None;
         }
         let script = format!("{}/tests/support/{script}", env!("CARGO_MANIFEST_DIR"));
-        // Errors go to a file rather than a pipe nobody drains, and into the panic if it fails.
-        let mut errors = tempfile::tempfile().unwrap();
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .args(buckets)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(errors.try_clone().unwrap())
-            .spawn()
-            .expect("python3 starts");
-        let mut endpoint = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut endpoint)
-            .unwrap();
-        let endpoint = endpoint.trim().to_string();
-        if !endpoint.starts_with("http://") {
-            let _ = child.wait();
-            let mut said = String::new();
-            errors.rewind().unwrap();
-            errors.read_to_string(&mut said).unwrap();
-            panic!("{script} printed {endpoint:?}, not an endpoint:\n{said}");
-        }
-        Some(Emulator { child, endpoint })
+        let args: Vec<String> = buckets.iter().map(|b| b.to_string()).collect();
+        let (child, endpoint) = spawn(&script, &args);
+        Some(Emulator {
+            child,
+            endpoint,
+            script,
+            buckets: args,
+        })
     }
+
+    /// Kills the emulator outright, as a crash or a lost network would take the store away.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the emulator again on its endpoint's port, its buckets created anew and empty
+    /// (for scripts that take `--port`, such as s3_server.py).
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.endpoint.rsplit(':').next().unwrap().to_string();
+        let args: Vec<String> = ["--port".to_string(), port]
+            .into_iter()
+            .chain(self.buckets.iter().cloned())
+            .collect();
+        let (child, endpoint) = spawn(&self.script, &args);
+        assert_eq!(endpoint, self.endpoint, "the emulator came back elsewhere");
+        self.child = child;
+    }
+}
+
+/// Runs `python3 script args` and reads the endpoint it prints, or panics with what it said.
+fn spawn(script: &str, args: &[String]) -> (Child, String) {
+    // Errors go to a file rather than a pipe nobody drains, and into the panic if it fails.
+    let mut errors = tempfile::tempfile().unwrap();
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(errors.try_clone().unwrap())
+        .spawn()
+        .expect("python3 starts");
+    let mut endpoint = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut endpoint)
+        .unwrap();
+    let endpoint = endpoint.trim().to_string();
+    if !endpoint.starts_with("http://") {
+        let _ = child.wait();
+        let mut said = String::new();
+        errors.rewind().unwrap();
+        errors.read_to_string(&mut said).unwrap();
+        panic!("{script} printed {endpoint:?}, not an endpoint:\n{said}");
+    }
+    (child, endpoint)
 }
 
 impl Drop for Emulator {
@@ -78,6 +112,34 @@ impl Drop for Emulator {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
     }
+}
+
+/// The credentials the S3 tests give moto, distinct enough that a test can check that no client
+/// is ever shown them.
+pub const S3_KEY_ID: &str = "locus-test-key-id";
+pub const S3_SECRET: &str = "locus-test-secret-key";
+
+/// moto's S3-compatible server with `buckets`, where moto is installed.
+pub fn moto(buckets: &[&str]) -> Option<Emulator> {
+    Emulator::start(
+        "S3 (moto)",
+        &["python3", "-c", "import moto.server, boto3, flask"],
+        "python3 -m pip install 'moto[server]'",
+        "s3_server.py",
+        buckets,
+    )
+}
+
+/// Runs `test` with the environment an S3 client of `endpoint` reads, as [`run_with_env`].
+pub fn run_with_s3<F: Future>(endpoint: &str, test: F) -> F::Output {
+    let env = [
+        ("AWS_ENDPOINT", endpoint),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", S3_KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+    ];
+    run_with_env(&env, test)
 }
 
 /// Sets `vars` (the object-store client reads them as a pod would) and runs `test` on a fresh
