@@ -68,7 +68,7 @@ impl Worker {
             report.applied = false;
             report.version = self.learner.version();
             report.skipped = Some(format!(
-                "forgetting guard: canary perplexity {:.3} -> {:.3} (ratio {:.3} > {:.3}); the update was undone",
+                "forgetting guard: canary perplexity {:.3} -> {:.3} (ratio {:.3}, at most {:.3}); the update was undone",
                 check.before,
                 check.after,
                 check.ratio(),
@@ -104,7 +104,7 @@ impl Worker {
             before,
             after: guard.perplexity(next)?,
         };
-        if check.ratio() > guard.max_ratio {
+        if check.fails(guard.max_ratio) {
             self.canary = Some((current.version(), before));
             return Ok(Some(check));
         }

@@ -22,6 +22,8 @@ use tonic::{Code, Status};
 
 use crate::common::fixture;
 
+pub mod frames;
+
 /// A running test server.
 pub struct Running {
     pub addr: String,
@@ -402,4 +404,13 @@ pub async fn large_file_round_trips(store: &str) {
     })
     .await
     .unwrap();
+}
+
+/// The whole server's health as its health service reports it.
+pub async fn health(addr: &str) -> tonic_health::pb::health_check_response::ServingStatus {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    health.check(request).await.unwrap().into_inner().status()
 }
