@@ -245,23 +245,6 @@ async fn a_peer_that_answers_no_ping_is_disconnected() {
     server.shutdown().await;
 }
 
-#[test]
-fn every_stream_bound_is_a_serve_flag_with_an_environment_variable() {
-    let help = common::ok(&["serve", "--help"]).stdout;
-    for (flag, var) in [
-        ("--send-timeout", "LOCUS_SEND_TIMEOUT"),
-        ("--ingest-idle", "LOCUS_INGEST_IDLE"),
-        ("--keepalive-interval", "LOCUS_KEEPALIVE_INTERVAL"),
-        ("--keepalive-timeout", "LOCUS_KEEPALIVE_TIMEOUT"),
-        ("--max-concurrent-streams", "LOCUS_MAX_CONCURRENT_STREAMS"),
-    ] {
-        assert!(
-            help.contains(flag) && help.contains(var),
-            "{flag} {var}:\n{help}"
-        );
-    }
-}
-
 /// Scores and perplexities, one after another until `stop`, each checked finite; how many ran.
 fn finite_queries_until(addr: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> {
     tokio::spawn(async move {
