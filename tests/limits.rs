@@ -242,6 +242,11 @@ fn every_limit_is_a_serve_flag_with_an_environment_variable() {
         ("--max-spans", "LOCUS_MAX_SPANS"),
         ("--max-label-bytes", "LOCUS_MAX_LABEL_BYTES"),
         ("--max-complete-tokens", "LOCUS_MAX_COMPLETE_TOKENS"),
+        ("--max-concurrent-streams", "LOCUS_MAX_CONCURRENT_STREAMS"),
+        ("--send-timeout", "LOCUS_SEND_TIMEOUT"),
+        ("--ingest-idle", "LOCUS_INGEST_IDLE"),
+        ("--keepalive-interval", "LOCUS_KEEPALIVE_INTERVAL"),
+        ("--keepalive-timeout", "LOCUS_KEEPALIVE_TIMEOUT"),
     ] {
         assert!(
             help.contains(flag) && help.contains(var),

@@ -319,11 +319,29 @@ struct LimitArgs {
     /// Batches queued for the learner before ingest streams wait.
     #[arg(long, default_value_t = 4, env = "LOCUS_QUEUE_DEPTH")]
     queue_depth: usize,
+    /// Seconds an answer of a stream (a completion chunk, an ingest answer) waits for the client
+    /// to read it; then the stream ends with DEADLINE_EXCEEDED and frees its query slot.
+    #[arg(long, default_value_t = 30.0, env = "LOCUS_SEND_TIMEOUT")]
+    send_timeout: f64,
+    /// Seconds an ingest stream may go without sending a batch (the first included) before it is
+    /// ended with DEADLINE_EXCEEDED.
+    #[arg(long, default_value_t = 300.0, env = "LOCUS_INGEST_IDLE")]
+    ingest_idle: f64,
+    /// Seconds of quiet on a connection before the server pings the client (0: no pings).
+    #[arg(long, default_value_t = 60.0, env = "LOCUS_KEEPALIVE_INTERVAL")]
+    keepalive_interval: f64,
+    /// Seconds a ping may go unanswered before the server closes the connection and its streams.
+    #[arg(long, default_value_t = 20.0, env = "LOCUS_KEEPALIVE_TIMEOUT")]
+    keepalive_timeout: f64,
 }
 
 impl LimitArgs {
-    fn limits(&self) -> Limits {
-        Limits {
+    fn limits(&self) -> anyhow::Result<Limits> {
+        let keepalive_interval = match self.keepalive_interval {
+            0.0 => None,
+            s => Some(seconds("--keepalive-interval", s)?),
+        };
+        Ok(Limits {
             max_message_bytes: self.max_message_bytes,
             max_document_tokens: self.max_document_tokens,
             max_documents: self.max_documents,
@@ -338,8 +356,20 @@ impl LimitArgs {
             query_concurrency: self.query_concurrency,
             query_wait: Duration::from_secs(self.query_wait),
             queue_depth: self.queue_depth,
-        }
+            send_timeout: seconds("--send-timeout", self.send_timeout)?,
+            ingest_idle: seconds("--ingest-idle", self.ingest_idle)?,
+            keepalive_interval,
+            keepalive_timeout: seconds("--keepalive-timeout", self.keepalive_timeout)?,
+        })
     }
+}
+
+/// `secs` of the flag `flag` as a duration, when it is a positive number of seconds.
+fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("{flag} {secs}: must be a positive number of seconds"))
 }
 
 /// The settings file: `--config`, else `./locus.toml` when it exists.
@@ -475,7 +505,7 @@ fn server_config(a: &ServeArgs) -> anyhow::Result<Config> {
         replay,
         keep_versions: a.keep_versions,
         learner_nice: a.learner_nice,
-        limits: a.limits.limits(),
+        limits: a.limits.limits()?,
         auth: Auth {
             write: a.write_token.as_deref().map(Token::new),
             query: a.query_token.as_deref().map(Token::new),
@@ -497,15 +527,7 @@ fn server_config(a: &ServeArgs) -> anyhow::Result<Config> {
             .as_deref()
             .map(|path| guard(path, a.canary_max_ratio))
             .transpose()?,
-        follow_interval: Duration::try_from_secs_f64(a.follow_interval)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--follow-interval {}: must be a positive number of seconds",
-                    a.follow_interval
-                )
-            })?,
+        follow_interval: seconds("--follow-interval", a.follow_interval)?,
     })
 }
 

@@ -30,6 +30,13 @@ impl Check {
     pub fn ratio(&self) -> f64 {
         self.after / self.before
     }
+
+    /// Whether the update raised the canary perplexity past `max_ratio`, or made it not a
+    /// number at all (weights blown up to infinities).
+    pub fn fails(&self, max_ratio: f64) -> bool {
+        let ratio = self.ratio();
+        !ratio.is_finite() || ratio > max_ratio
+    }
 }
 
 impl Guard {

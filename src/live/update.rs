@@ -71,13 +71,14 @@ impl Worker {
             .guard
             .as_ref()
             .map_or(f64::INFINITY, |g| g.max_ratio);
-        if let Some(check) = check.filter(|c| c.ratio() > max_ratio) {
+        // A canary perplexity that is no longer finite fails too (NaN > max is false).
+        if let Some(check) = check.filter(|c| c.fails(max_ratio)) {
             self.canary = Some((current.version(), check.before));
             self.learner.revert()?;
             report.applied = false;
             report.version = self.learner.version();
             report.skipped = Some(format!(
-                "forgetting guard: canary perplexity {:.3} -> {:.3} (ratio {:.3} > {:.3}); the update was undone",
+                "forgetting guard: canary perplexity {:.3} -> {:.3} (ratio {:.3}, at most {:.3}); the update was undone",
                 check.before,
                 check.after,
                 check.ratio(),

@@ -67,6 +67,14 @@ pub enum ServerError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The client took no answer of a stream for as long as the server waits (`--send-timeout`).
+    #[error(
+        "the client read no answer for {0:?} (the server's --send-timeout); the stream was ended"
+    )]
+    Stalled(std::time::Duration),
+    /// An ingest stream sent no batch for as long as the server waits (`--ingest-idle`).
+    #[error("no batch for {0:?} (the server's --ingest-idle); the stream was ended")]
+    Idle(std::time::Duration),
     /// A version that is not retained.
     #[error("version {version} is not retained (retained: {retained})")]
     UnknownVersion {
@@ -130,6 +138,7 @@ impl ServerError {
             ServerError::Unauthenticated(_) => Code::Unauthenticated,
             ServerError::Paused | ServerError::Reader { .. } => Code::FailedPrecondition,
             ServerError::NotLoaded | ServerError::ShuttingDown => Code::Unavailable,
+            ServerError::Stalled(_) | ServerError::Idle(_) => Code::DeadlineExceeded,
             ServerError::UnknownVersion { .. } | ServerError::UnknownModel { .. } => Code::NotFound,
             ServerError::Store(e) => match e {
                 StoreError::Io { .. } if e.is_full() => Code::ResourceExhausted,

@@ -1,18 +1,16 @@
 //! The Learn service: streamed ingest with per-document validation, and Trace.
 
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::convert;
 use super::error::from_codec;
+use super::outbox::{outbox, Answers};
 use super::{Limits, ServerError, State};
 use crate::error::Error;
 use crate::learn::{Doc, UpdateReport};
@@ -194,7 +192,7 @@ enum Pending {
     Fail(Status),
 }
 
-type IngestStream = Pin<Box<dyn Stream<Item = Result<pb::IngestResponse, Status>> + Send>>;
+type IngestStream = Answers<pb::IngestResponse>;
 
 #[tonic::async_trait]
 impl Learn for LearnService {
@@ -216,7 +214,9 @@ impl Learn for LearnService {
         }
         let mut inbound = request.into_inner();
         let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(IN_FLIGHT_PER_STREAM);
-        let (out_tx, out_rx) = mpsc::channel(IN_FLIGHT_PER_STREAM);
+        let limits = &state.config.limits;
+        let (mut out_tx, out_rx) = outbox(IN_FLIGHT_PER_STREAM, limits.send_timeout);
+        let idle = limits.ingest_idle;
         let reader_state = Arc::clone(&state);
         // The batches' learning spans hang under this RPC's span, on the learner thread too.
         tokio::spawn(
@@ -225,15 +225,14 @@ impl Learn for LearnService {
                 let mut stop = state.shutting_down();
                 loop {
                     let message = tokio::select! {
-                        m = inbound.message() => Some(m),
-                        _ = stop.wait_for(|&s| s) => None,
-                    };
-                    let Some(message) = message else {
-                        // Batches already read are finished; the client learns where the stream ended.
-                        let _ = pending_tx
-                            .send(Pending::Fail(ServerError::ShuttingDown.into()))
-                            .await;
-                        break;
+                        m = tokio::time::timeout(idle, inbound.message()) => {
+                            m.unwrap_or_else(|_| Err(ServerError::Idle(idle).into()))
+                        }
+                        _ = stop.wait_for(|&s| s) => {
+                            // Batches already read are finished; the client learns where the
+                            // stream ended.
+                            Err(ServerError::ShuttingDown.into())
+                        }
                     };
                     let next = match message {
                         Ok(Some(req)) => read_batch(&state, req).await,
@@ -266,12 +265,14 @@ impl Learn for LearnService {
                     Pending::Fail(s) => Err(s),
                 };
                 let failed = item.is_err();
-                if out_tx.send(item).await.is_err() || failed {
+                // A client gone or not reading ends the stream; dropping `pending_rx` stops the
+                // reader, and the batches it handed over are learned all the same.
+                if !out_tx.send(item).await || failed {
                     break;
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(Response::new(out_rx))
     }
 
     #[tracing::instrument(skip_all, name = "Trace")]

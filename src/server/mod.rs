@@ -13,6 +13,7 @@ mod http;
 mod ingest;
 mod metrics;
 mod openai;
+mod outbox;
 mod page;
 mod query;
 
@@ -85,6 +86,15 @@ pub struct Limits {
     pub query_wait: Duration,
     /// Batches waiting for the learner; a full queue makes ingest streams wait (flow control).
     pub queue_depth: usize,
+    /// How long an answer of a stream (a completion's chunk, an ingest answer) waits for the client
+    /// to take it; then the stream ends with DEADLINE_EXCEEDED and frees what it holds.
+    pub send_timeout: Duration,
+    /// How long an ingest stream may go without a batch, the first included, before it is ended.
+    pub ingest_idle: Duration,
+    /// Quiet time on a connection before the server pings the client (`None`: no pings).
+    pub keepalive_interval: Option<Duration>,
+    /// How long a ping may go unanswered before the server closes the connection.
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -104,6 +114,10 @@ impl Default for Limits {
             query_concurrency: 2,
             query_wait: Duration::from_secs(30),
             queue_depth: 4,
+            send_timeout: Duration::from_secs(30),
+            ingest_idle: Duration::from_secs(300),
+            keepalive_interval: Some(Duration::from_secs(60)),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -477,6 +491,10 @@ pub async fn run(
     }
     let serve = builder
         .max_concurrent_streams(limits.max_concurrent_streams)
+        // A peer that is gone without closing (a dead host, a dropped route) answers no ping; its
+        // connection and every stream on it are dropped.
+        .http2_keepalive_interval(limits.keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         // HTTP/2 flow control is per connection as well as per stream: an ingest stream waiting
         // for the learner leaves up to one stream window unread, and with equal windows that
         // would stall every query sharing its connection. The connection window has room for

@@ -3,14 +3,12 @@
 //! candle's forward passes block, so they run on tokio's blocking pool, at most
 //! `Limits::query_concurrency` at a time.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
+use super::outbox::{outbox, Answers};
 use super::{Limits, Loaded, ServerError, State};
 use crate::infer::{self, Finish, Sampling};
 use crate::proto::v1 as pb;
@@ -153,7 +151,10 @@ pub(super) fn sampling(
     })
 }
 
-type CompleteStream = Pin<Box<dyn Stream<Item = Result<pb::CompleteChunk, Status>> + Send>>;
+/// Chunks of a completion generated ahead of the client's reading.
+const CHUNKS_UNREAD: usize = 16;
+
+type CompleteStream = Answers<pb::CompleteChunk>;
 
 #[tonic::async_trait]
 impl Query for QueryService {
@@ -248,8 +249,9 @@ impl Query for QueryService {
             1,
             max_tokens(&snapshot, &self.state),
         )?;
-        let (tx, rx) = mpsc::channel(16);
+        let (mut tx, rx) = outbox(CHUNKS_UNREAD, limits.send_timeout);
         tokio::task::spawn_blocking(move || {
+            // Dropped when generation ends, stopped by a client gone or not reading included.
             let _permit = permit;
             let _timer = timer;
             let chunk = |text: &str, tokens: usize, finish: pb::FinishReason| pb::CompleteChunk {
@@ -262,7 +264,6 @@ impl Query for QueryService {
             let finish = infer::generate(&snapshot, &prompt, &sampling, |text, n| {
                 count = n;
                 tx.blocking_send(Ok(chunk(text, n, pb::FinishReason::Unspecified)))
-                    .is_ok()
             });
             let last = match finish.map(|g| g.finish) {
                 Ok(Finish::Length) => Ok(chunk("", count, pb::FinishReason::Length)),
@@ -270,9 +271,9 @@ impl Query for QueryService {
                 Ok(Finish::Cancelled) => return,
                 Err(e) => Err(Status::from(ServerError::from(e))),
             };
-            let _ = tx.blocking_send(last);
+            tx.blocking_send(last);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 
     #[tracing::instrument(skip_all, name = "Perplexity")]

@@ -23,6 +23,8 @@ use tonic::{Code, Status};
 
 use crate::common::fixture;
 
+pub mod frames;
+
 /// A running test server.
 pub struct Running {
     pub addr: String,
@@ -442,4 +444,13 @@ pub async fn serve_metrics(running: &Running) -> String {
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(server::serve_metrics(listener, Arc::clone(&running.state)));
     addr
+}
+
+/// The whole server's health as its health service reports it.
+pub async fn health(addr: &str) -> tonic_health::pb::health_check_response::ServingStatus {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    health.check(request).await.unwrap().into_inner().status()
 }
