@@ -2,7 +2,9 @@
 //! model and learning from the drift documents with the serve defaults, and the peak of each step.
 //! `cargo bench --bench memory` prints one JSON object; `LOCUS_MEMORY_STEPS` sets the steps
 //! (default 12, three re-selections) and `LOCUS_KEEP_VERSIONS` the versions kept (default 4).
-//! Run it again under `MALLOC_ARENA_MAX=2` to see what glibc's per-thread arenas add.
+//! A checkpoint into a temporary data directory ends the run, as `--data-dir` writes one every
+//! `--checkpoint-every` updates. Run it again under `MALLOC_ARENA_MAX=2` to see what glibc's
+//! per-thread arenas add.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use locus::memory::{peak_rss_mb, reset_peak, rss_mb};
 use locus::model::{load, Model};
 use locus::snapshot::{Snapshot, Snapshots};
 use locus::spans::SpanRule;
+use locus::store::{Durability, Store};
 use serde_json::{json, Value};
 
 const UPDATES: &str = include_str!("../data/drift/updates.jsonl");
@@ -107,6 +110,14 @@ fn main() -> anyhow::Result<()> {
         "first snapshot (serving copy)",
         json!({"kept_mb": kept_mb(&model, &snapshots)}),
     );
+    let dir = std::env::temp_dir().join(format!("locus-memory-{}", std::process::id()));
+    let durability = Durability {
+        dir: dir.clone(),
+        checkpoint_every: 0,
+        keep_checkpoints: 1,
+    };
+    let (mut store, _) = Store::open(durability, &model, "mix-review+tgl-fp")?;
+    phases.mark("data directory opened", json!({}));
     let replay = REPLAY
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -131,12 +142,22 @@ fn main() -> anyhow::Result<()> {
                 &learner.current_params()?,
             )?;
             snapshots.publish(next)?;
+            store.updated(changed);
         }
         phases.mark(
             &format!("version {} kept", report.version),
             json!({"kept_versions": snapshots.retained().len(), "kept_mb": kept_mb(&model, &snapshots)}),
         );
     }
+    let state = learner.export_state()?;
+    let selection = learner.selection().unwrap_or_default();
+    let written = store.checkpoint(&snapshots.current(), selection, Some(&state))?;
+    drop(state);
+    phases.mark(
+        "checkpoint written",
+        json!({"checkpoint_mb": written.bytes as f64 / MIB, "groups": written.meta.groups.len()}),
+    );
+    std::fs::remove_dir_all(&dir)?;
     let arena = std::env::var("MALLOC_ARENA_MAX").unwrap_or_default();
     let vocab = model.arch.vocab_size();
     println!(
