@@ -1,4 +1,4 @@
-//! Peak resident memory of this process, per measured section (Linux; NaN elsewhere).
+//! Resident memory of this process, current and peak (Linux; NaN elsewhere).
 
 /// Resets the kernel's peak-RSS counter so the next reading covers only what follows.
 pub fn reset_peak() {
@@ -7,10 +7,20 @@ pub fn reset_peak() {
 
 /// Peak resident set size in MiB since start or the last [`reset_peak`].
 pub fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+/// Resident set size in MiB now.
+pub fn rss_mb() -> f64 {
+    status_mb("VmRSS:")
+}
+
+/// A kB field of /proc/self/status, in MiB.
+fn status_mb(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }

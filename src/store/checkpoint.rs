@@ -181,12 +181,16 @@ pub fn encode(meta: &Meta, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>
     let meta_json = serde_json::to_vec(meta).expect("metadata always serializes");
     let payload = safetensors::serialize(tensors.iter(), None)
         .map_err(|e| StoreError::Mismatch(format!("serializing checkpoint tensors: {e}")))?;
-    let mut out = Vec::with_capacity(8 + 16 + meta_json.len() + payload.len() + DIGEST);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(meta_json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&meta_json);
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&payload);
+    let mut head = Vec::with_capacity(8 + 16 + meta_json.len());
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&(meta_json.len() as u64).to_le_bytes());
+    head.extend_from_slice(&meta_json);
+    head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    // The header goes in front of the payload in its own buffer: a second buffer of the whole
+    // file would double the checkpoint's transient memory (weights and moments, hundreds of MB).
+    let mut out = payload;
+    out.reserve_exact(head.len() + DIGEST);
+    out.splice(0..0, head);
     let digest = Sha256::digest(&out);
     out.extend_from_slice(&digest);
     Ok(out)
