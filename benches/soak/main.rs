@@ -53,7 +53,11 @@ impl Settings {
                 })?,
                 Err(_) => 500,
             }),
-            model: std::env::var("LOCUS_SOAK_MODEL").unwrap_or_else(|_| "default".into()),
+            // The server runs in a temporary directory: a relative model path is made absolute.
+            model: match std::env::var("LOCUS_SOAK_MODEL") {
+                Ok(m) => std::fs::canonicalize(&m).map_or(m, |p| p.display().to_string()),
+                Err(_) => "default".into(),
+            },
             bin: std::env::var_os("LOCUS_BIN")
                 .map_or_else(|| env!("CARGO_BIN_EXE_locus").into(), PathBuf::from),
             out: std::env::var_os("LOCUS_SOAK_OUT").map(PathBuf::from),

@@ -103,9 +103,8 @@ impl Drop for Server {
 
 /// Resident memory of `pid` in KiB (VmRSS).
 pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let mb = locus::memory::rss_mb_of(pid);
+    mb.is_finite().then_some((mb * 1024.0) as u64)
 }
 
 /// Open file descriptors of `pid`.
