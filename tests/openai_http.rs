@@ -420,26 +420,15 @@ async fn bad_requests_are_refused_by_field_with_openai_errors() {
 
 #[test]
 fn serve_http_addr_starts_the_listener() {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--model"])
-        .arg(common::fixture("llama"))
-        .env_remove("LOCUS_CONFIG")
-        .env("LOCUS_HTTP_ADDR", "127.0.0.1:0")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut addr = None;
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("locus: OpenAI-style API on http://") {
-            addr = rest.split('/').next().map(String::from);
-        }
-        if line.contains("model loaded") {
-            break;
-        }
-    }
-    let addr = addr.expect("the server printed the API's address");
+    let (mut child, addr) = common::spawn_announcing(
+        std::process::Command::new(env!("CARGO_BIN_EXE_locus"))
+            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--model"])
+            .arg(common::fixture("llama"))
+            .env_remove("LOCUS_CONFIG")
+            .env("LOCUS_HTTP_ADDR", "127.0.0.1:0"),
+        "locus: OpenAI-style API",
+        true,
+    );
     let models = tokio::runtime::Runtime::new().unwrap().block_on(send(
         &addr,
         "GET",

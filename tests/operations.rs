@@ -388,34 +388,23 @@ fn serve_help_documents_every_knob() {
 
 #[test]
 fn spans_go_to_the_otlp_endpoint_when_one_is_set() {
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::Read;
     // A stand-in collector: an OTLP/gRPC exporter opens its connection with the HTTP/2 preface.
     let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     collector.set_nonblocking(true).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_locus"))
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--model"])
-        .arg(fixture("llama"))
-        .env_remove("LOCUS_CONFIG")
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://{}", collector.local_addr().unwrap()),
-        )
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("locus: serving gRPC on ") {
-            addr = rest.split(' ').next().map(String::from);
-        }
-        if line.contains("model loaded") {
-            break;
-        }
-    }
-    let addr = addr.expect("the server printed its address");
+    let (mut child, addr) = common::spawn_announcing(
+        Command::new(env!("CARGO_BIN_EXE_locus"))
+            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--model"])
+            .arg(fixture("llama"))
+            .env_remove("LOCUS_CONFIG")
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{}", collector.local_addr().unwrap()),
+            )
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        "locus: serving gRPC",
+        true,
+    );
     // One RPC makes the spans to export.
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let mut client = Client::connect(&addr, None).await.unwrap();

@@ -19,6 +19,14 @@ pub struct Run {
 /// address it bound, read from its stderr: no port is picked before the server holds it, so
 /// tests running side by side cannot take each other's. Its stderr is drained from then on.
 pub fn spawn_serving(command: &mut Command) -> (Child, String) {
+    spawn_announcing(command, "locus: serving gRPC", false)
+}
+
+/// Starts `command`, a `locus serve`, and returns it with the address announced on the stderr line
+/// that starts with `announce` (after its " on ", without `http://`, up to a space or a slash),
+/// once that line has come and, when `loaded`, once the model is loaded too. Its stderr is drained
+/// from then on.
+pub fn spawn_announcing(command: &mut Command, announce: &str, loaded: bool) -> (Child, String) {
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -26,11 +34,19 @@ pub fn spawn_serving(command: &mut Command) -> (Child, String) {
         .expect("running locus serve");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let announce = announce.to_string();
     std::thread::spawn(move || {
+        let mut addr = None;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("locus: serving gRPC") {
-                let addr = rest.split(" on ").nth(1).and_then(|r| r.split(' ').next());
-                let _ = tx.send(addr.unwrap_or_default().to_string());
+            if let Some(rest) = line.strip_prefix(&announce) {
+                let after = rest.split(" on ").nth(1).unwrap_or_default();
+                let after = after.trim_start_matches("http://");
+                addr = after.split([' ', '/']).next().map(String::from);
+            }
+            let ready = !loaded || line.contains("model loaded");
+            if let Some(a) = addr.as_ref().filter(|_| ready) {
+                let _ = tx.send(a.clone());
+                addr = None;
             }
         }
     });
