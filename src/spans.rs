@@ -123,6 +123,42 @@ pub fn span_targets(enc: &Encoded, spans: &[(usize, usize)]) -> Vec<bool> {
         .collect()
 }
 
+/// A name the forward pass may choose as a document's span targets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Name {
+    /// The targets of every mention.
+    pub targets: Vec<bool>,
+    /// The targets of its first mention with any: what its surprise is measured on (later
+    /// mentions are predictable from the first).
+    pub first: Vec<bool>,
+}
+
+impl Name {
+    /// A name mentioned at `spans` (character ranges, in order), or `None` when no mention
+    /// covers a target token.
+    fn of(enc: &Encoded, spans: &[(usize, usize)]) -> Option<Name> {
+        let first = spans
+            .iter()
+            .map(|&s| span_targets(enc, &[s]))
+            .find(|t| t.iter().any(|&b| b))?;
+        Some(Name {
+            targets: span_targets(enc, spans),
+            first,
+        })
+    }
+
+    /// Mean loss of the first mention's targets; `nll[j - 1]` is target `j`'s loss.
+    fn surprise(&self, nll: &[f32]) -> f32 {
+        let (sum, n) = self
+            .first
+            .iter()
+            .zip(nll)
+            .filter(|(&on, _)| on)
+            .fold((0f32, 0usize), |(s, n), (_, &v)| (s + v, n + 1));
+        sum / n.max(1) as f32
+    }
+}
+
 /// How a document's span targets were chosen, before the forward pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
@@ -132,8 +168,9 @@ pub struct Choice {
     pub rule: SpanRule,
     /// Whether given spans marked no target token and a rule stood in.
     pub fell_back: bool,
-    /// Under `novel`: the targets of each name in the text, for [`novel_targets`] to choose from.
-    pub names: Vec<Vec<bool>>,
+    /// Under `novel` and `trending`: the names in the text for [`novel_targets`] or
+    /// [`trending_targets`] to choose from.
+    pub names: Vec<Name>,
     /// Under `trending`: the targets of the names the step mentions less often (an outgoing
     /// office holder named once), which the update may weigh down; empty otherwise.
     pub minor: Vec<bool>,
@@ -178,16 +215,13 @@ pub fn choose_targets(
                     let names = entity_spans(text)
                         .into_iter()
                         .filter(|&(s, _)| chars[s].is_alphabetic())
+                        .map(|span| vec![span])
                         .collect();
                     (names, Vec::new())
                 }
                 _ => mentions.split(text),
             };
-            let names: Vec<Vec<bool>> = spans
-                .into_iter()
-                .map(|span| span_targets(enc, &[span]))
-                .filter(|t| t.iter().any(|&b| b))
-                .collect();
+            let names: Vec<Name> = spans.iter().filter_map(|s| Name::of(enc, s)).collect();
             if !names.is_empty() {
                 return Choice {
                     minor: span_targets(enc, &minor),
@@ -204,28 +238,50 @@ pub fn choose_targets(
 /// median name (mean loss of their targets), so a name it already expects there (an outgoing
 /// office holder, a well-known place) is not what the update leans on. `nll[j - 1]` is target
 /// `j`'s loss.
-pub fn novel_targets(nll: &[f32], names: &[Vec<bool>]) -> Vec<bool> {
-    let mean = |t: &Vec<bool>| {
-        let (sum, n) = t
-            .iter()
-            .zip(nll)
-            .filter(|(&on, _)| on)
-            .fold((0f32, 0usize), |(s, n), (_, &v)| (s + v, n + 1));
-        sum / n.max(1) as f32
-    };
-    let means: Vec<f32> = names.iter().map(mean).collect();
+pub fn novel_targets(nll: &[f32], names: &[Name]) -> Vec<bool> {
+    let means: Vec<f32> = names.iter().map(|n| n.surprise(nll)).collect();
     let mut sorted = means.clone();
     sorted.sort_by(f32::total_cmp);
     let median = sorted[(sorted.len() - 1) / 2];
     let mut out = vec![false; nll.len()];
-    for (t, m) in names.iter().zip(&means) {
+    for (n, m) in names.iter().zip(&means) {
         if *m >= median {
-            for (o, &on) in out.iter_mut().zip(t) {
-                *o |= on;
-            }
+            union(&mut out, &n.targets);
         }
     }
     out
+}
+
+fn union(into: &mut [bool], targets: &[bool]) {
+    for (o, &on) in into.iter_mut().zip(targets) {
+        *o |= on;
+    }
+}
+
+/// The `trending` rule's choice among the names a step mentions most: the one the model finds
+/// most surprising at its first mention. Where the successor and the predecessor are both named
+/// throughout, the one the model does not expect yet is the news. Returns the chosen targets and
+/// those of the names passed over, which the update may weigh down as it does the names
+/// mentioned less often. `nll[j - 1]` is target `j`'s loss.
+pub fn trending_targets(nll: &[f32], names: &[Name]) -> (Vec<bool>, Vec<bool>) {
+    let mut chosen = vec![false; nll.len()];
+    let mut passed = vec![false; nll.len()];
+    let best = names
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.surprise(nll).total_cmp(&b.1.surprise(nll)))
+        .map(|(i, _)| i);
+    for (i, n) in names.iter().enumerate() {
+        match Some(i) == best {
+            true => union(&mut chosen, &n.targets),
+            false => union(&mut passed, &n.targets),
+        }
+    }
+    // A token both names cover (a shared word) stays a target.
+    for (p, &c) in passed.iter_mut().zip(&chosen) {
+        *p &= !c;
+    }
+    (chosen, passed)
 }
 
 /// How salient spans are found for a document that brings none.
@@ -241,7 +297,7 @@ pub enum SpanRule {
     /// The names the current model finds most surprising in context.
     Novel,
     /// Of a document's names, those the step's documents mention most often (news repeats what
-    /// is new), the most surprising of them where many tie.
+    /// is new); where several entities tie, the one the model finds most surprising.
     Trending,
 }
 
@@ -292,13 +348,28 @@ const OPENERS: [&str; 25] = [
     "Its", "His", "Her", "This", "That", "As", "By", "For", "From", "With", "When", "While",
 ];
 
+/// Lower-case words that join the parts of a name ("Luca de Meo", "Ursula von der Leyen").
+const PARTICLES: [&str; 14] = [
+    "de", "del", "della", "der", "den", "di", "da", "du", "van", "von", "la", "le", "bin", "ibn",
+];
+
 /// Names: runs of capitalised words joined by single spaces or hyphens, one word long or more,
-/// not starting with an opener or a month; as character ranges.
+/// not starting with an opener or a month; lower-case particles and prefixes such as `al-` join
+/// two parts of a name. As character ranges.
 pub fn names(text: &str) -> Vec<(usize, usize)> {
     let words = words(text);
     let chars: Vec<char> = text.chars().collect();
     let capital = |w: &str| w.chars().next().is_some_and(char::is_uppercase);
     let plain = |w: &str| !OPENERS.contains(&w) && !MONTHS.contains(&w);
+    // "al-Sharaa": a lower-case prefix, a hyphen, then a capital.
+    let prefixed = |w: &str| {
+        w.split_once('-')
+            .is_some_and(|(p, rest)| p.len() <= 3 && capital(rest))
+    };
+    let single = |a: usize, b: usize| {
+        let gap: String = chars[a..b].iter().collect();
+        gap == " " || gap == "-"
+    };
     let mut spans = Vec::new();
     let mut i = 0;
     while i < words.len() {
@@ -307,13 +378,21 @@ pub fn names(text: &str) -> Vec<(usize, usize)> {
         if !(capital(w) && plain(w)) {
             continue;
         }
-        while i < words.len() && capital(words[i].2) && plain(words[i].2) {
-            let gap: String = chars[e..words[i].0].iter().collect();
-            if gap != " " && gap != "-" {
+        while i < words.len() && single(e, words[i].0) {
+            let next = words[i].2;
+            if (capital(next) && plain(next)) || prefixed(next) {
+                e = words[i].1;
+                i += 1;
+            } else if PARTICLES.contains(&next)
+                && i + 1 < words.len()
+                && capital(words[i + 1].2)
+                && single(words[i].1, words[i + 1].0)
+            {
+                e = words[i + 1].1;
+                i += 2;
+            } else {
                 break;
             }
-            e = words[i].1;
-            i += 1;
         }
         spans.push((s, e));
     }
@@ -340,9 +419,10 @@ impl Mentions {
         Mentions(counts)
     }
 
-    /// The names of `text` (see [`names`]) whose most frequent word is mentioned most often, and
-    /// the other names.
-    pub fn split(&self, text: &str) -> (Spans, Spans) {
+    /// The names of `text` (see [`names`]) whose most frequent word is mentioned most often,
+    /// grouped by the entity they name (occurrences that end in the same word: "Sheinbaum" and
+    /// "Claudia Sheinbaum"), in order of first mention; and the other names.
+    pub fn split(&self, text: &str) -> (Vec<Spans>, Spans) {
         let words = words(text);
         let scored: Vec<((usize, usize), usize)> = names(text)
             .into_iter()
@@ -358,8 +438,24 @@ impl Mentions {
             .collect();
         let top = scored.iter().map(|&(_, c)| c).max().unwrap_or(0);
         let (most, rest): (Vec<_>, Vec<_>) = scored.into_iter().partition(|&(_, c)| c == top);
-        let spans = |v: Vec<((usize, usize), usize)>| v.into_iter().map(|(s, _)| s).collect();
-        (spans(most), spans(rest))
+        let rest = rest.into_iter().map(|(s, _)| s).collect();
+        // A name's last word identifies its entity: a surname or a numeral ("Leo XIV" against
+        // "Leo XIII"), where a shared title or first name ("Pope", "Aga Khan") would not.
+        let last = |&(s, e): &(usize, usize)| {
+            words
+                .iter()
+                .rfind(|&&(ws, we, _)| s <= ws && we <= e)
+                .map(|&(_, _, w)| w.trim_end_matches("'s"))
+        };
+        let mut entities: Vec<(Option<&str>, Spans)> = Vec::new();
+        for (span, _) in most {
+            let key = last(&span);
+            match entities.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, spans)) => spans.push(span),
+                None => entities.push((key, vec![span])),
+            }
+        }
+        (entities.into_iter().map(|(_, s)| s).collect(), rest)
     }
 }
 
@@ -414,42 +510,76 @@ mod tests {
         // Targets 0-1 are one name (mean loss 4), 3 another (0.5), 5-6 a third (2).
         let nll = [5.0, 3.0, 9.0, 0.5, 9.0, 1.0, 3.0];
         let name = |on: &[usize]| (0..nll.len()).map(|j| on.contains(&j)).collect::<Vec<_>>();
-        let names = [name(&[0, 1]), name(&[3]), name(&[5, 6])];
+        let names = [name(&[0, 1]), name(&[3]), name(&[5, 6])].map(|t| Name {
+            first: t.clone(),
+            targets: t,
+        });
         let got = novel_targets(&nll, &names);
         assert_eq!(got, name(&[0, 1, 5, 6]));
-        assert_eq!(novel_targets(&nll, &names[1..2]), names[1]);
+        assert_eq!(novel_targets(&nll, &names[1..2]), names[1].targets);
+    }
+
+    #[test]
+    fn trending_chooses_the_name_most_surprising_at_its_first_mention() {
+        // Name A: first mention targets 0-1 (mean 1), again at 6; name B: first at 3 (mean 4),
+        // again at 5, where A's second mention and B's share target 6.
+        let nll = [1.0, 1.0, 9.0, 4.0, 9.0, 0.1, 0.1];
+        let name = |on: &[usize]| (0..nll.len()).map(|j| on.contains(&j)).collect::<Vec<_>>();
+        let a = Name {
+            targets: name(&[0, 1, 6]),
+            first: name(&[0, 1]),
+        };
+        let b = Name {
+            targets: name(&[3, 5, 6]),
+            first: name(&[3]),
+        };
+        let (chosen, passed) = trending_targets(&nll, &[a, b]);
+        assert_eq!(chosen, name(&[3, 5, 6]));
+        assert_eq!(passed, name(&[0, 1]));
     }
 
     #[test]
     fn names_skip_openers_and_months_and_stop_at_punctuation() {
-        let text =
-            "In May 2025 Leo XIV succeeded Francis. The Vatican's Dicastery met, Lip-Bu Tan said.";
+        let text = "In May 2025 Leo XIV succeeded Francis. The Vatican's Dicastery met, Lip-Bu Tan \
+            said. Luca de Meo met Ahmed al-Sharaa and the de facto leader.";
         let got: Vec<String> = names(text)
             .into_iter()
             .map(|(s, e)| text.chars().skip(s).take(e - s).collect())
             .collect();
         assert_eq!(
             got,
-            ["Leo XIV", "Francis", "Vatican's Dicastery", "Lip-Bu Tan"]
+            [
+                "Leo XIV",
+                "Francis",
+                "Vatican's Dicastery",
+                "Lip-Bu Tan",
+                "Luca de Meo",
+                "Ahmed al-Sharaa"
+            ]
         );
     }
 
     #[test]
     fn trending_keeps_the_names_the_step_mentions_most() {
         let docs = [
-            "Leo XIV succeeded Pope Francis in Rome.",
-            "As Leo XIV he leads the Church.",
+            "Leo XIV succeeded Pope Francis in Rome. Pope Leo XIV met Prevost's brother.",
+            "As Leo XIV he leads the Church. Pope Francis died. Robert Prevost took the name.",
         ];
         let mentions = Mentions::of(docs);
         let text = docs[0];
-        let said = |spans: Vec<(usize, usize)>| -> Vec<String> {
+        let said = |spans: &[(usize, usize)]| -> Vec<String> {
             spans
-                .into_iter()
-                .map(|(s, e)| text.chars().skip(s).take(e - s).collect())
+                .iter()
+                .map(|&(s, e)| text.chars().skip(s).take(e - s).collect())
                 .collect()
         };
         let (most, minor) = mentions.split(text);
-        assert_eq!(said(most), ["Leo XIV"]);
-        assert_eq!(said(minor), ["Pope Francis", "Rome"]);
+        // Occurrences ending in the same word are one entity, a shared title is not.
+        let most: Vec<Vec<String>> = most.iter().map(|e| said(e)).collect();
+        assert_eq!(
+            most,
+            [vec!["Leo XIV", "Pope Leo XIV"], vec!["Pope Francis"]]
+        );
+        assert_eq!(said(&minor), ["Rome", "Prevost's"]);
     }
 }
