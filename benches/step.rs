@@ -3,6 +3,7 @@
 //! `cargo bench --bench step` prints one JSON object; `scripts/bench.sh` runs it beside the PyTorch
 //! baseline (scripts/reference/bench_torch.py) on the same machine and prints the ratios.
 //! Timings are medians of 5 runs after one warm-up; peak RSS is reset before each measurement.
+//! `LOCUS_DEVICE=cuda:0` runs it on a GPU (a build with `--features cuda`).
 
 use std::time::Instant;
 
@@ -21,26 +22,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn timed(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
+fn timed(
+    device: &Device,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
     f()?;
+    device.synchronize()?;
     reset_peak();
     let mut times = Vec::with_capacity(REPS);
     for _ in 0..REPS {
         let start = Instant::now();
         f()?;
+        // A GPU runs ahead of the host: the time is the device's.
+        device.synchronize()?;
         times.push(start.elapsed().as_secs_f64());
     }
     Ok((median(times), peak_rss_mb()))
 }
 
 fn main() -> anyhow::Result<()> {
-    let model = load::load("default", &Device::Cpu)?;
+    let device = locus::model::device::from_env()?;
+    let model = load::load("default", &device)?;
     let vocab = model.arch.vocab_size() as u32;
     // A fixed pseudo-random batch; the ids only steer the embedding lookup.
     let ids: Vec<u32> = (0..BATCH * SEQ)
         .map(|i| ((i as u64 * 2654435761) % vocab as u64) as u32)
         .collect();
-    let ids = Tensor::from_vec(ids, (BATCH, SEQ), &Device::Cpu)?;
+    let ids = Tensor::from_vec(ids, (BATCH, SEQ), &device)?;
     // The same span layout as the PyTorch baseline: a quarter of each row's targets.
     let mut mask = vec![0f32; BATCH * (SEQ - 1)];
     for b in 0..BATCH {
@@ -49,20 +57,20 @@ fn main() -> anyhow::Result<()> {
             mask[b * (SEQ - 1) + j] = 1.0;
         }
     }
-    let mask = Tensor::from_vec(mask, (BATCH, SEQ - 1), &Device::Cpu)?;
+    let mask = Tensor::from_vec(mask, (BATCH, SEQ - 1), &device)?;
     let frozen = model.params(|_| false);
     let tracked = model.params(|_| true);
 
-    let (forward_s, forward_rss) = timed(|| {
+    let (forward_s, forward_rss) = timed(&device, || {
         model.arch.forward(&frozen, &ids)?;
         Ok(())
     })?;
-    let (fwd_bwd_s, fwd_bwd_rss) = timed(|| {
+    let (fwd_bwd_s, fwd_bwd_rss) = timed(&device, || {
         let logits = model.arch.forward(&tracked, &ids)?;
         ops::next_token_nll(&logits, &ids)?.mean_all()?.backward()?;
         Ok(())
     })?;
-    let (trace_s, trace_rss) = timed(|| {
+    let (trace_s, trace_rss) = timed(&device, || {
         let logits = model.arch.forward(&tracked, &ids)?;
         let nll = ops::next_token_nll(&logits, &ids)?;
         let (span, full) = span_and_full_loss(&nll, &mask)?;
@@ -81,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
     let out = serde_json::json!({
         "machine": {"cpu": cpu, "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "device": locus::model::device::name(&device),
         "batch": BATCH, "seq": SEQ, "reps": REPS,
         "forward_s": forward_s, "fwd_bwd_s": fwd_bwd_s, "trace_step_s": trace_s,
         "tokens_per_s_fwd": tokens / forward_s,

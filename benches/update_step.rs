@@ -1,10 +1,10 @@
 //! Seconds per learning step of 4 x 128 tokens on the default model, CPU: `full`, `tgl-fp` with a
 //! static selection of a third of the groups (layers 20-29), and `tgl-fp` traced every batch.
 //! `cargo bench --bench update_step` prints one JSON object. Medians of 3 steps after one warm-up.
+//! `LOCUS_DEVICE=cuda:0` runs it on a GPU (a build with `--features cuda`).
 
 use std::sync::Arc;
 
-use candle_core::Device;
 use locus::learn::strategy::Localization;
 use locus::learn::{Doc, LearnConfig, Learner, Strategy};
 use locus::model::{load, Model};
@@ -73,7 +73,7 @@ fn bench(
 }
 
 fn main() -> anyhow::Result<()> {
-    let model = Arc::new(load::load("default", &Device::Cpu)?);
+    let model = Arc::new(load::load("default", &locus::model::device::from_env()?)?);
     let runs = vec![
         bench(&model, "full", Localization::Static, false)?,
         bench(&model, "tgl-fp", Localization::Static, true)?,

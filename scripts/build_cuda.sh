@@ -4,7 +4,8 @@
 # step only, a stand-in for the driver's libcuda.so. The binary starts only where an NVIDIA driver
 # provides libcuda.so.1; deploy/Dockerfile.cuda is the build for images.
 #
-#   scripts/build_cuda.sh [TOOLKIT_DIR]      (default target/cuda-toolkit; about 1.2 GB)
+#   scripts/build_cuda.sh [TOOLKIT_DIR] [-- CARGO ARGS]   (default target/cuda-toolkit, about
+#   1.2 GB; default cargo args: build --locked --release --features cuda --bin locus)
 #   CUDA_COMPUTE_CAP=90 (H100/H200) by default; CARGO_TARGET_DIR is honoured.
 #
 # At run time the binary needs libcudart.so.13, libcublas(Lt).so.13 and libcurand.so.10 on the
@@ -12,7 +13,10 @@
 # package) and the driver's libcuda.so.1. A cold build takes about 12 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(realpath -m "${1:-target/cuda-toolkit}")
+root=target/cuda-toolkit
+if [[ $# -gt 0 && $1 != -- ]]; then root=$1; shift; fi
+[[ ${1:-} == -- ]] && shift
+root=$(realpath -m "$root")
 cu=$root/nvidia/cu13
 
 if [[ ! -x $cu/bin/nvcc ]]; then
@@ -45,6 +49,10 @@ export CUDA_HOME=$cu CUDA_PATH=$cu PATH=$cu/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export LIBRARY_PATH=$cu/lib:$cu/lib/stubs
 unset LD_LIBRARY_PATH
+if [[ $# -gt 0 ]]; then
+  cargo "$@"
+  exit
+fi
 cargo build --locked --release --features cuda --bin locus
 bin=${CARGO_TARGET_DIR:-target}/release/locus
 echo "built $bin ($(du -h "$bin" | cut -f1)); run-time libraries:"

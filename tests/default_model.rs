@@ -1,18 +1,19 @@
 //! The real default model (SmolLM2-135M-Instruct GGUF, fetched through pip as users get it) against
 //! transformers' GGUF loader: token ids identical, losses and every group norm within 1e-3.
+//! `LOCUS_DEVICE=cuda:0` checks the GPU path against the same fixture (a `--features cuda` build).
 
 mod common;
 
 use candle_core::{Device, Tensor};
 use common::{assert_trace_matches, expected, fixture, span_texts};
-use locus::model::load;
+use locus::model::{device, load};
 use locus::trace::{prepare, trace};
 
 #[test]
 fn default_model_matches_transformers_gguf() {
     let e = expected(fixture("smollm2_reference.json"));
     let path = load::default::ensure().unwrap();
-    let model = load::gguf::load(&path, &Device::Cpu).unwrap();
+    let model = load::gguf::load(&path, &device::from_env().unwrap()).unwrap();
     assert_eq!(model.arch.num_layers(), 30);
     let texts = span_texts(&e);
     let prepared = prepare(&model, "reference", &texts).unwrap();

@@ -4,14 +4,19 @@
 mod common;
 
 use candle_core::{Device, Tensor};
+use locus::model::device;
 use common::{assert_trace_matches, expected, fixture, rel_err, span_texts, Expected, TINY};
 use locus::model::{load, ops, Model};
 use locus::trace::{param_squared_norms, prepare, span_and_full_loss, trace};
 use std::collections::BTreeMap;
 
+fn dev() -> Device {
+    device::from_env().unwrap()
+}
+
 fn load_tiny(name: &str) -> (Model, Expected) {
     let dir = fixture(name);
-    let model = load::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let model = load::load(dir.to_str().unwrap(), &dev()).unwrap();
     (model, expected(dir.join("expected.json")))
 }
 
@@ -40,7 +45,7 @@ fn logits_match_transformers() {
         let (model, e) = load_tiny(name);
         let params = model.params(|_| false);
         for (i, ids) in e.token_ids.iter().enumerate() {
-            let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+            let t = Tensor::new(ids.as_slice(), &dev())
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
@@ -78,7 +83,7 @@ fn every_parameter_gets_the_reference_gradient() {
         let mut means: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         for p in &prepared {
             let n = p.ids.len();
-            let ids = Tensor::new(p.ids.as_slice(), &Device::Cpu)
+            let ids = Tensor::new(p.ids.as_slice(), &dev())
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
@@ -89,7 +94,7 @@ fn every_parameter_gets_the_reference_gradient() {
                 .iter()
                 .map(|&b| if b { 1.0 } else { 0.0 })
                 .collect();
-            let mask = Tensor::from_vec(mask, (1, n - 1), &Device::Cpu).unwrap();
+            let mask = Tensor::from_vec(mask, (1, n - 1), &dev()).unwrap();
             let (span, full) = span_and_full_loss(&nll, &mask).unwrap();
             let span_sq = param_squared_norms(&model, &params, &span.backward().unwrap()).unwrap();
             let full_sq = param_squared_norms(&model, &params, &full.backward().unwrap()).unwrap();
@@ -131,7 +136,7 @@ fn cached_incremental_forward_matches_the_whole_sequence() {
         let (model, e) = load_tiny(name);
         let params = model.params(|_| false);
         let ids = &e.token_ids[2];
-        let all = Tensor::new(ids.as_slice(), &Device::Cpu)
+        let all = Tensor::new(ids.as_slice(), &dev())
             .unwrap()
             .unsqueeze(0)
             .unwrap();

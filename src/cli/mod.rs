@@ -133,31 +133,8 @@ pub struct DeviceArg {
 impl DeviceArg {
     /// Opens the device; subcommands call it before anything slow, so a bad `--device` fails first.
     pub fn open(&self) -> anyhow::Result<Device> {
-        parse_device(&self.device)
+        Ok(locus::model::device::open(&self.device)?)
     }
-}
-
-/// `cpu` or `cuda:N` as a candle device.
-fn parse_device(spec: &str) -> anyhow::Result<Device> {
-    if spec == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let Some(ordinal) = spec
-        .strip_prefix("cuda:")
-        .and_then(|n| n.parse::<usize>().ok())
-    else {
-        anyhow::bail!("--device {spec}: use `cpu` or `cuda:N` (N the GPU's index, e.g. `cuda:0`)");
-    };
-    // Without the feature candle's stub would only say "not compiled with cuda support".
-    if !cfg!(feature = "cuda") {
-        anyhow::bail!(
-            "--device {spec}: this locus was built without the `cuda` feature; rebuild with \
-             `--features cuda` (see deploy/Dockerfile.cuda)"
-        );
-    }
-    Device::new_cuda(ordinal)
-        .map_err(locus::Error::from)
-        .with_context(|| format!("--device {spec}"))
 }
 
 /// Loads `--model` onto `device` and says how long it took.
@@ -169,17 +146,9 @@ fn load_model(spec: &str, device: &Device) -> anyhow::Result<Model> {
         model.arch.name(),
         model.arch.num_layers(),
         model.source.path,
-        device_name(device),
+        locus::model::device::name(device),
         start.elapsed().as_secs_f64()
     );
     Ok(model)
 }
 
-/// `cpu` or `cuda:N`, as `--device` spells it.
-fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}

@@ -1,6 +1,7 @@
 //! Causal language models with a forward pass that is differentiable end to end.
 
 pub mod cache;
+pub mod device;
 pub mod fused;
 pub mod gpt2;
 pub mod gpt_neo;

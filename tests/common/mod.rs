@@ -143,7 +143,10 @@ pub fn fails_with(status: i32, args: &[&str], needles: &[&str]) -> String {
 
 /// The directory of a committed fixture.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // A test binary built on one machine and run on another (scripts/gpu_check.sh) is told
+    // where the checkout is.
+    std::env::var_os("LOCUS_REPO")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .join("tests/fixtures")
         .join(name)
 }
