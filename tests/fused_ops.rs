@@ -1,7 +1,6 @@
 //! The fused CPU kernels give the same values and gradients as the composed differentiable ops.
 
 use candle_core::{DType, Device, Tensor, Var};
-use locus::model::fused;
 use locus::model::ops::{self, composed};
 
 fn randn(shape: &[usize], seed: u64) -> Var {
@@ -96,26 +95,43 @@ fn linear_matches_composed() {
 }
 
 #[test]
-fn masked_softmax_matches_composed_with_and_without_window_and_cached_keys() {
-    // The last two shapes have more keys than queries, as when generating against a KV cache.
-    for (shape, window) in [
-        ([2, 3, 7, 7], None),
-        ([2, 3, 7, 7], Some(3)),
-        ([1, 2, 3, 8], None),
-        ([1, 2, 3, 8], Some(3)),
+fn attention_matches_composed_for_grouped_and_plain_heads_windows_and_cached_keys() {
+    // (batch, query heads, key/value heads, queries, keys, head dim, window); 70 queries span three
+    // query blocks of the kernel, and more keys than queries is generation against a KV cache.
+    for (b, h, kv, t, s, d, window) in [
+        (2, 6, 2, 70, 70, 8, None),
+        (2, 6, 2, 70, 70, 8, Some(5)),
+        (1, 4, 4, 9, 9, 16, None),
+        (1, 4, 4, 3, 40, 16, None),
+        (2, 6, 3, 35, 40, 8, Some(4)),
+        (1, 3, 1, 1, 37, 8, None),
     ] {
-        let s = randn(&shape, 6);
+        let (q, k, v) = (
+            randn(&[b, h, t, d], 10),
+            randn(&[b, kv, s, d], 11),
+            randn(&[b, kv, s, d], 12),
+        );
         check(
-            "masked_softmax",
-            &[&s],
-            || {
-                s.as_tensor()
-                    .apply_op1(fused::MaskedSoftmax { scale: 0.3, window })
-                    .unwrap()
-            },
-            || composed::masked_softmax(&s, 0.3, window).unwrap(),
+            &format!("attention {h}/{kv} heads, {t}/{s} keys, window {window:?}"),
+            &[&q, &k, &v],
+            || ops::attention(&q, &k, &v, 0.3, window).unwrap(),
+            || composed::attention(&q, &k, &v, 0.3, window).unwrap(),
         );
     }
+}
+
+#[test]
+fn attention_rejects_heads_that_do_not_group_and_more_queries_than_keys() {
+    let (q, k) = (randn(&[1, 5, 4, 8], 1), randn(&[1, 2, 4, 8], 2));
+    let err = ops::attention(&q, &k, &k, 1.0, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a multiple of 2 key/value heads"), "{err}");
+    let (q, k) = (randn(&[1, 2, 6, 8], 1), randn(&[1, 2, 4, 8], 2));
+    let err = ops::attention(&q, &k, &k, 1.0, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("4 keys for 6 queries"), "{err}");
 }
 
 #[test]

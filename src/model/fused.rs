@@ -6,9 +6,7 @@
 //! They run on contiguous f32 CPU tensors; `ops` falls back to the composed form elsewhere.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
-};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The f32 data of a contiguous CPU tensor.
@@ -188,100 +186,6 @@ impl CustomOp2 for Linear {
         let dx = grad.matmul(&w.detach())?;
         let dw = grad.t()?.matmul(&x.detach())?;
         Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// Softmax over the last axis of attention scores `(.., t, s)` after scaling and masking:
-/// key `j` is visible to query `i` when `j <= i + (s - t)` and, with a window, `i + (s - t) - j < window`.
-pub struct MaskedSoftmax {
-    /// Multiplies the scores before the softmax.
-    pub scale: f32,
-    /// Local attention window, if any.
-    pub window: Option<usize>,
-}
-
-impl MaskedSoftmax {
-    fn visible(&self, i: usize, j: usize, offset: usize) -> bool {
-        let q = i + offset;
-        j <= q && self.window.is_none_or(|w| q - j < w)
-    }
-}
-
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "locus-masked-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = l.shape().dims();
-        let (t, keys) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        if keys < t {
-            bail!("masked softmax: {keys} keys for {t} queries");
-        }
-        let x = slice(s, l, "scores")?;
-        let mut out = vec![0f32; x.len()];
-        let offset = keys - t;
-        rows_mut(&mut out, keys, |r, o| {
-            let i = r % t;
-            let row = &x[r * keys..(r + 1) * keys];
-            let mut max = f32::NEG_INFINITY;
-            for (j, &v) in row.iter().enumerate() {
-                if self.visible(i, j, offset) {
-                    max = max.max(v * self.scale);
-                }
-            }
-            let mut sum = 0f32;
-            for (j, (o, &v)) in o.iter_mut().zip(row).enumerate() {
-                if self.visible(i, j, offset) {
-                    let e = (v * self.scale - max).exp();
-                    *o = e;
-                    sum += e;
-                }
-            }
-            let inv = 1.0 / sum;
-            o.iter_mut().for_each(|v| *v *= inv);
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = probs.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad { scale: self.scale })?;
-        Ok(Some(g))
-    }
-}
-
-/// `scale * p * (g - sum(g * p))` per row: the backward of a scaled softmax.
-struct SoftmaxGrad {
-    scale: f32,
-}
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "locus-softmax-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let width = l1.shape().dims()[l1.shape().rank() - 1];
-        let p = slice(s1, l1, "probs")?;
-        let g = slice(s2, l2, "grad")?;
-        let mut out = vec![0f32; p.len()];
-        rows_mut(&mut out, width, |r, o| {
-            let (pr, gr) = (
-                &p[r * width..(r + 1) * width],
-                &g[r * width..(r + 1) * width],
-            );
-            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for ((o, &pv), &gv) in o.iter_mut().zip(pr).zip(gr) {
-                *o = self.scale * pv * (gv - dot);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 

@@ -174,9 +174,6 @@ impl Architecture for Llama {
             let k = ops::rope(&ops::split_heads(&proj("k_proj")?, c.kv_heads)?, &cos, &sin)?;
             let v = ops::split_heads(&proj("v_proj")?, c.kv_heads)?;
             let (k, v) = cache.append(l, k, v)?;
-            let rep = c.heads / c.kv_heads;
-            let k = ops::repeat_kv(&k, rep)?;
-            let v = ops::repeat_kv(&v, rep)?;
             let a = ops::attention(&q, &k, &v, scale, c.sliding_window)?;
             let o = linear(
                 &a,

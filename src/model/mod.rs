@@ -3,11 +3,13 @@
 pub mod cache;
 pub mod device;
 pub mod fused;
+pub mod fused_attention;
 pub mod gpt2;
 pub mod gpt_neo;
 pub mod llama;
 pub mod load;
 pub mod ops;
+mod tile;
 
 use std::collections::BTreeMap;
 use std::fmt;

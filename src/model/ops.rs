@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::fused;
+use super::fused_attention::FusedAttention;
 
 /// `x @ w^T + b` for a weight stored `(out, in)`, as torch's `nn.Linear`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -77,9 +78,10 @@ pub fn causal_mask(t: usize, s: usize, window: Option<usize>, device: &Device) -
     Tensor::from_vec(mask, (t, s), device)
 }
 
-/// Causal scaled dot-product attention of `(b, h, t, d)` queries over `(b, h, s, d)` keys and
-/// values (`s >= t`; the last `t` are the queries' own positions), optionally limited to a local
-/// `window`; returns `(b, t, h * d)`.
+/// Causal scaled dot-product attention of `(b, h, t, d)` queries over `(b, kv, s, d)` keys and
+/// values, `h` a multiple of `kv` (grouped-query attention: `h / kv` query heads share each
+/// key/value head), `s >= t` (the last `t` keys are the queries' own positions), optionally limited
+/// to a local `window`; returns `(b, t, h * d)`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -87,17 +89,14 @@ pub fn attention(
     scale: f64,
     window: Option<usize>,
 ) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let scores = q.matmul(&k.t()?)?;
-    let probs = if q.device().is_cpu() {
-        scores.apply_op1(fused::MaskedSoftmax {
-            scale: scale as f32,
-            window,
-        })?
-    } else {
-        composed::masked_softmax(&scores, scale, window)?
-    };
-    probs.matmul(v)?.transpose(1, 2)?.reshape((b, t, h * d))
+    if q.device().is_cpu() {
+        return q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            FusedAttention::new(scale as f32, window),
+        );
+    }
+    composed::attention(q, k, v, scale, window)
 }
 
 /// Splits `(b, t, h * d)` into contiguous heads `(b, h, t, d)`.
@@ -106,17 +105,6 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     x.reshape((b, t, heads, hd / heads))?
         .transpose(1, 2)?
         .contiguous()
-}
-
-/// Repeats key/value heads for grouped-query attention: `(b, kv, t, d)` to `(b, kv * n, t, d)`.
-pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, n, t, d))?
-        .reshape((b, kv * n, t, d))
 }
 
 /// Rotary-embedding tables `(cos, sin)`, each `(t, d / 2)`, for positions `start..start + t`.
@@ -180,6 +168,32 @@ pub mod composed {
     pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+    }
+
+    /// Attention from matmuls, an additive mask, softmax and key/value heads repeated per query head.
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let (b, h, t, d) = q.dims4()?;
+        let group = h / k.dim(1)?;
+        let (k, v) = (repeat_kv(k, group)?, repeat_kv(v, group)?);
+        let probs = masked_softmax(&q.matmul(&k.t()?)?, scale, window)?;
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))
+    }
+
+    /// Repeats key/value heads: `(b, kv, s, d)` to `(b, kv * n, s, d)`.
+    fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+        if n == 1 {
+            return Ok(x.clone());
+        }
+        let (b, kv, s, d) = x.dims4()?;
+        x.unsqueeze(2)?
+            .broadcast_as((b, kv, n, s, d))?
+            .reshape((b, kv * n, s, d))
     }
 
     /// Scaled scores plus an additive causal mask, then softmax.
