@@ -228,7 +228,7 @@ fn head_nll_in_small_chunks_with_rows_outside_the_loss_matches_composed() {
 }
 
 #[test]
-fn head_nll_rejects_out_of_vocabulary_targets_and_mismatched_widths() {
+fn head_nll_rejects_out_of_vocabulary_targets_mismatched_widths_and_empty_rows() {
     let hidden = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[1u32, 9, 2]], &Device::Cpu).unwrap();
     let w = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
@@ -242,4 +242,8 @@ fn head_nll_rejects_out_of_vocabulary_targets_and_mismatched_widths() {
         err.contains("hidden width 4 does not match head width 3"),
         "{err}"
     );
+    let empty = Tensor::zeros((1, 0, 4), DType::F32, &Device::Cpu).unwrap();
+    let none = Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap();
+    let err = ops::head_nll(&empty, &w, &none).unwrap_err().to_string();
+    assert!(err.contains("no positions"), "{err}");
 }

@@ -189,6 +189,9 @@ pub fn head_nll(hidden: &Tensor, w: &Tensor, ids: &Tensor) -> Result<Tensor> {
         return next_token_nll(&linear(hidden, w, None)?, ids);
     }
     let (b, t, h) = hidden.dims3()?;
+    if t == 0 {
+        candle_core::bail!("head nll: hidden states with no positions");
+    }
     // The last position predicts nothing: its row is dropped before the projection.
     let x = hidden
         .narrow(1, 0, t - 1)?
