@@ -10,7 +10,7 @@ use std::time::Instant;
 use locus::memory::{peak_rss_mb, reset_peak};
 
 use candle_core::{Device, Tensor};
-use locus::model::{load, ops};
+use locus::model::load;
 use locus::trace::{span_and_full_loss, squared_norms};
 
 const BATCH: usize = 4;
@@ -66,13 +66,12 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     })?;
     let (fwd_bwd_s, fwd_bwd_rss) = timed(&device, || {
-        let logits = model.arch.forward(&tracked, &ids)?;
-        ops::next_token_nll(&logits, &ids)?.mean_all()?.backward()?;
+        let nll = model.arch.next_token_nll(&tracked, &ids)?;
+        nll.mean_all()?.backward()?;
         Ok(())
     })?;
     let (trace_s, trace_rss) = timed(&device, || {
-        let logits = model.arch.forward(&tracked, &ids)?;
-        let nll = ops::next_token_nll(&logits, &ids)?;
+        let nll = model.arch.next_token_nll(&tracked, &ids)?;
         let (span, full) = span_and_full_loss(&nll, &mask)?;
         squared_norms(&model, &tracked, &span.backward()?)?;
         squared_norms(&model, &tracked, &full.backward()?)?;

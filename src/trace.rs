@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{ops, GroupId, Model, Module, ParamKind, Params};
+use crate::model::{GroupId, Model, Module, ParamKind, Params};
 use crate::spans::{span_targets, SpanText};
 
 /// A text ready for the model: token ids and which targets are span targets.
@@ -193,8 +193,7 @@ pub fn trace_text(model: &Model, params: &Params, text: &Prepared) -> Result<Tex
     let dev = model.device();
     let n = text.ids.len();
     let ids = Tensor::from_vec(text.ids.clone(), (1, n), dev)?;
-    let logits = model.arch.forward(params, &ids)?;
-    let nll = ops::next_token_nll(&logits, &ids)?;
+    let nll = model.arch.next_token_nll(params, &ids)?;
     let mask: Vec<f32> = text
         .targets
         .iter()

@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use locus::model::ops::{self, composed};
+use locus::model::fused_head;
 
 fn randn(shape: &[usize], seed: u64) -> Var {
     // A deterministic spread of values; no RNG state shared between tests.
@@ -164,4 +165,102 @@ fn cross_entropy_rejects_out_of_vocabulary_targets() {
     let ids = Tensor::new(&[[1u32, 9, 2]], &Device::Cpu).unwrap();
     let err = ops::next_token_nll(&logits, &ids).unwrap_err().to_string();
     assert!(err.contains("outside a vocabulary"), "{err}");
+}
+
+#[test]
+fn swiglu_matches_silu_times_up() {
+    let (gate, up) = (randn(&[2, 5, 24], 10), randn(&[2, 5, 24], 11));
+    check(
+        "swiglu",
+        &[&gate, &up],
+        || ops::swiglu(&gate, &up).unwrap(),
+        || composed::swiglu(&gate, &up).unwrap(),
+    );
+}
+
+#[test]
+fn swiglu_rejects_mismatched_shapes() {
+    let (gate, up) = (randn(&[2, 6], 12), randn(&[3, 4], 13));
+    let err = ops::swiglu(&gate, &up).unwrap_err().to_string();
+    assert!(err.contains("differ in shape"), "{err}");
+}
+
+fn head_ids() -> Tensor {
+    Tensor::new(
+        &[[1u32, 4, 10, 0, 3, 3, 8], [7, 7, 2, 9, 1, 0, 10]],
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn head_nll_matches_projection_then_cross_entropy() {
+    let (hidden, w, ids) = (randn(&[2, 7, 16], 14), randn(&[11, 16], 15), head_ids());
+    check(
+        "head_nll",
+        &[&hidden, &w],
+        || ops::head_nll(&hidden, &w, &ids).unwrap(),
+        || composed::next_token_nll(&composed::linear(&hidden, &w, None).unwrap(), &ids).unwrap(),
+    );
+}
+
+/// The fused head in chunks of `chunk` rows, on `(b, t, h)` hidden states.
+fn chunked_head_nll(hidden: &Tensor, w: &Tensor, ids: &Tensor, chunk: usize) -> Tensor {
+    let (b, t, h) = hidden.dims3().unwrap();
+    let x = hidden.narrow(1, 0, t - 1).unwrap().contiguous().unwrap();
+    let targets = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
+    let op = fused_head::HeadNll {
+        targets: targets.to_vec1().unwrap(),
+        chunk,
+    };
+    x.reshape((b * (t - 1), h))
+        .unwrap()
+        .apply_op2(w, op)
+        .unwrap()
+        .reshape((b, t - 1))
+        .unwrap()
+}
+
+#[test]
+fn head_nll_in_small_chunks_with_rows_outside_the_loss_matches_composed() {
+    // Chunks of 1, 4 (uneven against 12 rows) and more than all rows; the mask zeroes the gradient
+    // of some rows, which the backward skips.
+    let (hidden, w, ids) = (randn(&[2, 7, 16], 16), randn(&[11, 16], 17), head_ids());
+    let mask = Tensor::new(
+        &[[0f32, 1., 1., 0., 0., 1.], [1., 0., 0., 0., 1., 1.]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    for chunk in [1, 4, 64] {
+        check(
+            "chunked head_nll",
+            &[&hidden, &w],
+            || (chunked_head_nll(&hidden, &w, &ids, chunk) * &mask).unwrap(),
+            || {
+                let logits = composed::linear(&hidden, &w, None).unwrap();
+                (composed::next_token_nll(&logits, &ids).unwrap() * &mask).unwrap()
+            },
+        );
+    }
+}
+
+#[test]
+fn head_nll_rejects_out_of_vocabulary_targets_mismatched_widths_and_empty_rows() {
+    let hidden = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 9, 2]], &Device::Cpu).unwrap();
+    let w = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
+    let err = ops::head_nll(&hidden, &w, &ids).unwrap_err().to_string();
+    assert!(err.contains("outside a vocabulary"), "{err}");
+    let narrow = Tensor::zeros((10, 3), DType::F32, &Device::Cpu).unwrap();
+    let err = ops::head_nll(&hidden, &narrow, &ids)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("hidden width 4 does not match head width 3"),
+        "{err}"
+    );
+    let empty = Tensor::zeros((1, 0, 4), DType::F32, &Device::Cpu).unwrap();
+    let none = Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap();
+    let err = ops::head_nll(&empty, &w, &none).unwrap_err().to_string();
+    assert!(err.contains("no positions"), "{err}");
 }

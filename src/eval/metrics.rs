@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::data::{DriftSet, UpdateProbe};
 use crate::error::Result;
-use crate::model::{ops, Model, Params};
+use crate::model::{Model, Params};
 use crate::spans::{find_all, span_targets};
 
 /// Sequences scored per forward pass.
@@ -21,8 +21,7 @@ pub fn target_nll(model: &Model, params: &Params, seqs: &[Vec<u32>]) -> Result<V
             ids[i * t..i * t + s.len()].copy_from_slice(s);
         }
         let ids = Tensor::from_vec(ids, (chunk.len(), t), model.device())?;
-        let nll: Vec<Vec<f32>> =
-            ops::next_token_nll(&model.arch.forward(params, &ids)?, &ids)?.to_vec2()?;
+        let nll: Vec<Vec<f32>> = model.arch.next_token_nll(params, &ids)?.to_vec2()?;
         out.extend(
             chunk
                 .iter()

@@ -17,7 +17,7 @@ use super::rehearsal::{reorder, Entry, Rehearsal};
 use super::strategy::{LearnConfig, Localization, Selection};
 use super::units::{self, Units};
 use crate::error::{Error, Result};
-use crate::model::{ops, GroupId, Model, Module, ParamKind, Params};
+use crate::model::{GroupId, Model, Module, ParamKind, Params};
 use crate::select::{self, Rule};
 use crate::spans::{Mentions, SpanRule};
 use crate::trace::{span_and_full_loss, squared_norms, GroupStat};
@@ -554,8 +554,7 @@ impl Learner {
 
     /// One forward pass over the batch: the span and full losses, and the span loss's weight.
     fn losses(&self, params: &Params, batch: &mut Batch) -> Result<Losses> {
-        let logits = self.model.arch.forward(params, &batch.ids)?;
-        let nll = ops::next_token_nll(&logits, &batch.ids)?;
+        let nll = self.model.arch.next_token_nll(params, &batch.ids)?;
         let span_mask = batch.span_mask(&nll.to_vec2()?, self.cfg.surprisal_fraction)?;
         let masked = (&nll * &batch.valid)?;
         let (span, _) = span_and_full_loss(&masked, &span_mask)?;
@@ -722,11 +721,11 @@ impl Learner {
 
     /// Mean NLL of the batch under the weights as they now serve.
     fn loss_of(&self, batch: &Batch) -> Result<f64> {
-        let logits = self
+        let nll = self
             .model
             .arch
-            .forward(&self.current_params()?, &batch.ids)?;
-        let nll = (ops::next_token_nll(&logits, &batch.ids)? * &batch.valid)?;
+            .next_token_nll(&self.current_params()?, &batch.ids)?;
+        let nll = (nll * &batch.valid)?;
         Ok(f64::from(batch.mean(&nll)?.to_scalar::<f32>()?))
     }
 }

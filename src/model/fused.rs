@@ -43,7 +43,8 @@ fn rows_mut(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     }
 }
 
-fn log_sum_exp(row: &[f32]) -> f32 {
+/// `log(sum(exp(row)))`, computed stably.
+pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
     max + sum.ln()

@@ -119,26 +119,9 @@ impl Llama {
             "lm_head.weight"
         }
     }
-}
 
-impl Architecture for Llama {
-    fn name(&self) -> &'static str {
-        "llama"
-    }
-
-    fn num_layers(&self) -> usize {
-        self.cfg.layers
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab
-    }
-
-    fn max_positions(&self) -> Option<usize> {
-        None
-    }
-
-    fn forward_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// The final normed hidden states `(batch, seq, hidden)`, before the output head.
+    fn hidden(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t) = ids.dims2()?;
         let dev = ids.device();
@@ -193,11 +176,38 @@ impl Architecture for Llama {
                     bias(c.mlp_bias, mp(&format!("{name}.bias")))?,
                 )
             };
-            let gated = (mproj("gate_proj", &h)?.silu()? * mproj("up_proj", &h)?)?;
+            let gated = ops::swiglu(&mproj("gate_proj", &h)?, &mproj("up_proj", &h)?)?;
             x = (x + mproj("down_proj", &gated)?)?;
         }
-        let x = rms_norm(&x, p.get("model.norm.weight")?, c.eps)?;
+        rms_norm(&x, p.get("model.norm.weight")?, c.eps)
+    }
+}
+
+impl Architecture for Llama {
+    fn name(&self) -> &'static str {
+        "llama"
+    }
+
+    fn num_layers(&self) -> usize {
+        self.cfg.layers
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
+
+    fn forward_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.hidden(p, ids, cache)?;
         linear(&x, p.get(self.head_name())?, None)
+    }
+
+    fn next_token_nll(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
+        let x = self.hidden(p, ids, &mut KvCache::new(self.cfg.layers))?;
+        ops::head_nll(&x, p.get(self.head_name())?, ids)
     }
 
     fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {

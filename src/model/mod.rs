@@ -4,6 +4,8 @@ pub mod cache;
 pub mod device;
 pub mod fused;
 pub mod fused_attention;
+pub mod fused_head;
+pub mod fused_mlp;
 pub mod gpt2;
 pub mod gpt_neo;
 pub mod llama;
@@ -137,6 +139,12 @@ pub trait Architecture: Send + Sync {
     /// Logits `(batch, seq, vocab)` for whole sequences of token ids `(batch, seq)`.
     fn forward(&self, params: &Params, ids: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_cached(params, ids, &mut cache::KvCache::new(self.num_layers()))
+    }
+    /// Next-token negative log-likelihoods `(batch, seq - 1)` for whole sequences of token ids
+    /// `(batch, seq)`: the losses of training and evaluation. An architecture may compute them
+    /// without materialising the logits.
+    fn next_token_nll(&self, params: &Params, ids: &Tensor) -> candle_core::Result<Tensor> {
+        ops::next_token_nll(&self.forward(params, ids)?, ids)
     }
     /// Name and shape of every parameter the forward pass reads.
     fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)>;

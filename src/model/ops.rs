@@ -6,8 +6,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::fused;
 use super::fused_attention::FusedAttention;
+use super::{fused, fused_head, fused_mlp};
 
 /// `x @ w^T + b` for a weight stored `(out, in)`, as torch's `nn.Linear`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -159,6 +159,40 @@ pub fn next_token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     nll.reshape((b, t))?.narrow(1, 0, t - 1)
 }
 
+/// The SwiGLU activation `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cpu() {
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, fused_mlp::SwiGlu);
+    }
+    composed::swiglu(gate, up)
+}
+
+/// Next-token negative log-likelihoods `(b, t - 1)` from final hidden states `(b, t, h)` and an
+/// output head `w (vocab, h)`, as `next_token_nll(linear(hidden, w))`; on the CPU without ever
+/// holding the logits of every position.
+pub fn head_nll(hidden: &Tensor, w: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    if !hidden.device().is_cpu() {
+        return next_token_nll(&linear(hidden, w, None)?, ids);
+    }
+    let (b, t, h) = hidden.dims3()?;
+    if t == 0 {
+        candle_core::bail!("head nll: hidden states with no positions");
+    }
+    // The last position predicts nothing: its row is dropped before the projection.
+    let x = hidden
+        .narrow(1, 0, t - 1)?
+        .contiguous()?
+        .reshape((b * (t - 1), h))?;
+    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1::<u32>()?;
+    let op = fused_head::HeadNll {
+        targets,
+        chunk: fused_head::chunk_rows(w.dim(0)?),
+    };
+    x.apply_op2(&w.contiguous()?, op)?.reshape((b, t - 1))
+}
+
 /// The same ops composed from differentiable candle primitives: the path on devices without fused
 /// kernels, and the oracle the fused kernels are tested against.
 pub mod composed {
@@ -210,6 +244,11 @@ pub mod composed {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// `silu(gate) * up` from candle's `silu` and a product.
+    pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        gate.silu()? * up
     }
 
     /// Log-softmax and gather.

@@ -1,5 +1,6 @@
-//! Small strided matrix products on f32 slices, for kernels that multiply tiles of larger tensors
-//! (attention heads, query blocks) without copying them out first.
+//! Bounds-checked strided matrix products on f32 slices, for fused kernels that multiply tiles of
+//! larger tensors (attention heads, query blocks) without copying them out, or reuse and
+//! accumulate into their own buffers (the chunked head).
 
 use gemm::Parallelism;
 
@@ -54,6 +55,30 @@ pub(crate) fn matmul(
     beta: f32,
     accumulate: bool,
 ) {
+    product(dst, dst_stride, a, b, beta, accumulate, Parallelism::None)
+}
+
+/// `dst = a @ b`, or `dst += a @ b` with `accumulate`, for a contiguous row-major `dst`, on
+/// candle's CPU threads: for whole matrices, where a fused kernel reuses or accumulates into a
+/// buffer, which candle's `matmul` (a fresh tensor per call) cannot.
+pub(crate) fn matmul_threaded(dst: &mut [f32], a: View, b: View, accumulate: bool) {
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = match threads {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    };
+    product(dst, b.cols, a, b, 1.0, accumulate, parallelism)
+}
+
+fn product(
+    dst: &mut [f32],
+    dst_stride: usize,
+    a: View,
+    b: View,
+    beta: f32,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(
         k, b.rows,
@@ -66,6 +91,14 @@ pub(crate) fn matmul(
         "tile product: a view reaches past its slice"
     );
     if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(dst_stride)
+                .take(m)
+                .for_each(|row| row[..n].fill(0.0));
+        }
         return;
     }
     // SAFETY: every index gemm touches is `r * rs + c * cs` inside the views checked just above,
@@ -90,7 +123,7 @@ pub(crate) fn matmul(
             false,
             false,
             false,
-            Parallelism::None,
+            parallelism,
         )
     }
 }

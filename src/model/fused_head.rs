@@ -1,0 +1,170 @@
+//! The vocabulary projection and next-token cross-entropy as one op, worked in chunks of rows.
+//!
+//! Composed, a training step holds the `(rows x vocab)` logits for the backward and builds their
+//! gradient, a zeroed accumulator and a sum of the same size. Here the forward keeps nothing but
+//! the per-row loss; the backward recomputes each chunk's logits (one extra matrix product, cheaper
+//! than the memory traffic it replaces), turns them into the logit gradient in place, and
+//! multiplies straight into the gradients of the hidden states and of the head weight. Rows whose
+//! loss carries no gradient (outside a span) are skipped in the backward.
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::tile::{matmul_threaded as matmul, View};
+use super::fused::{log_sum_exp, slice};
+
+/// Logits per chunk (32 MiB of f32): large enough for full-speed matrix products, small enough
+/// to stay a fraction of a step's memory.
+const CHUNK_LOGITS: usize = 1 << 23;
+
+/// Rows per chunk for a vocabulary of `vocab`.
+pub fn chunk_rows(vocab: usize) -> usize {
+    (CHUNK_LOGITS / vocab.max(1)).max(1)
+}
+
+/// `nll[i] = logsumexp(x[i] @ w^T) - (x[i] @ w^T)[targets[i]]` for hidden states `x (n, h)` and a
+/// head weight `w (vocab, h)`; differentiable in both.
+pub struct HeadNll {
+    /// The target id of every row.
+    pub targets: Vec<u32>,
+    /// Rows whose logits are computed at once (at least 1).
+    pub chunk: usize,
+}
+
+impl HeadNll {
+    fn check(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+        let (n, h) = x.shape().dims2()?;
+        let (v, h2) = w.shape().dims2()?;
+        if h != h2 {
+            bail!("head nll: hidden width {h} does not match head width {h2}");
+        }
+        if self.targets.len() != n {
+            bail!("head nll: {} targets for {n} rows", self.targets.len());
+        }
+        if let Some(bad) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("head nll: target {bad} outside a vocabulary of {v}");
+        }
+        Ok((n, h, v))
+    }
+}
+
+impl CustomOp2 for HeadNll {
+    fn name(&self) -> &'static str {
+        "locus-head-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h, v) = self.check(l1, l2)?;
+        let x = slice(s1, l1, "hidden states")?;
+        let w = View::rows(slice(s2, l2, "head weight")?, v, h, h);
+        let rows = self.chunk.max(1).min(n);
+        let mut logits = vec![0f32; rows * v];
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(rows.max(1)) {
+            let c = rows.min(n - start);
+            let buf = &mut logits[..c * v];
+            matmul(
+                buf,
+                View::rows(&x[start * h..(start + c) * h], c, h, h),
+                w.t(),
+                false,
+            );
+            let targets = &self.targets[start..start + c];
+            out.par_extend(
+                buf.par_chunks(v)
+                    .zip(targets)
+                    .map(|(row, &t)| log_sum_exp(row) - row[t as usize]),
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        nll: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let nll_and_grad = Tensor::stack(&[nll, grad], 1)?;
+        let both = x.apply_op3_no_bwd(
+            w,
+            &nll_and_grad,
+            &HeadNllGrad {
+                targets: &self.targets,
+                chunk: self.chunk,
+            },
+        )?;
+        let n = x.dim(0)?;
+        Ok((
+            Some(both.narrow(0, 0, n)?),
+            Some(both.narrow(0, n, w.dim(0)?)?),
+        ))
+    }
+}
+
+/// The gradients of [`HeadNll`] for both inputs, stacked as `(n + vocab, h)`: `dx` rows first.
+/// With `p = softmax(x @ w^T)` and the logit gradient `d = g * (p - onehot(target))`,
+/// `dx = d @ w` and `dw = d^T @ x`; the log-sum-exp comes back from the loss.
+struct HeadNllGrad<'a> {
+    targets: &'a [u32],
+    chunk: usize,
+}
+
+impl CustomOp3 for HeadNllGrad<'_> {
+    fn name(&self) -> &'static str {
+        "locus-head-nll-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h) = l1.shape().dims2()?;
+        let v = l2.shape().dims()[0];
+        let x = slice(s1, l1, "hidden states")?;
+        let w = View::rows(slice(s2, l2, "head weight")?, v, h, h);
+        let ng = slice(s3, l3, "nll and grad")?;
+        let live: Vec<usize> = (0..n).filter(|&i| ng[2 * i + 1] != 0.0).collect();
+        let mut out = vec![0f32; (n + v) * h];
+        let (dx, dw) = out.split_at_mut(n * h);
+        let rows = self.chunk.max(1).min(live.len());
+        let (mut logits, mut xs, mut dxs) = (
+            vec![0f32; rows * v],
+            vec![0f32; rows * h],
+            vec![0f32; rows * h],
+        );
+        for (k, chunk) in live.chunks(rows.max(1)).enumerate() {
+            let c = chunk.len();
+            for (dst, &i) in xs.chunks_mut(h).zip(chunk) {
+                dst.copy_from_slice(&x[i * h..(i + 1) * h]);
+            }
+            let (xs, d) = (View::rows(&xs[..c * h], c, h, h), &mut logits[..c * v]);
+            matmul(d, xs, w.t(), false);
+            d.par_chunks_mut(v).zip(chunk).for_each(|(row, &i)| {
+                let (nll, g, t) = (ng[2 * i], ng[2 * i + 1], self.targets[i] as usize);
+                let lse = nll + row[t];
+                row.iter_mut().for_each(|l| *l = g * (*l - lse).exp());
+                row[t] -= g;
+            });
+            let d = View::rows(d, c, v, v);
+            matmul(&mut dxs[..c * h], d, w, false);
+            for (src, &i) in dxs.chunks(h).zip(chunk) {
+                dx[i * h..(i + 1) * h].copy_from_slice(src);
+            }
+            matmul(dw, d.t(), xs, k > 0);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n + v, h))))
+    }
+}
