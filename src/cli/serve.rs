@@ -37,6 +37,8 @@ pub struct ServeArgs {
     model: String,
     #[command(flatten)]
     device: super::DeviceArg,
+    #[command(flatten)]
+    pub(super) malloc: super::malloc::MallocArgs,
     /// Address to serve gRPC on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:50051", env = "LOCUS_GRPC_ADDR")]
     grpc_addr: String,
