@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SEED: u64 = 0x4774_f022;
-const CASES: usize = 1500;
+const CASES: usize = 3000;
 /// The random cases stop here even if fewer than `CASES` ran, so the test stays within a minute.
 const TIME_BOX: Duration = Duration::from_secs(35);
 /// Every request, its whole answer included, finishes within this or the server hangs.
@@ -198,13 +198,16 @@ fn literal(r: &mut StdRng, pool: &[&str]) -> Value {
     serde_json::from_str(pick(r, pool)).unwrap()
 }
 
+/// Draws one field's value.
+type Draw = fn(&mut StdRng) -> Value;
+
 /// A completion request's fields, each present or not, drawn from valid and invalid values.
 fn completion(r: &mut StdRng) -> Value {
     let mut fields = Map::new();
     if r.random_bool(0.9) {
         fields.insert("prompt".into(), prompt(r));
     }
-    let draws: [(&str, fn(&mut StdRng) -> Value); 12] = [
+    let draws: [(&str, Draw); 12] = [
         ("max_tokens", |r| match r.random_bool(0.5) {
             true => json!(r.random_range(0..300)),
             false => number(r),
@@ -524,17 +527,7 @@ fn check(
 async fn drop_completion(addr: &str, r: &mut StdRng) {
     let prompts: Vec<&str> = (0..r.random_range(1..8)).map(|_| "The museum").collect();
     let body = json!({"prompt": prompts, "max_tokens": 256, "logprobs": 5, "echo": true});
-    let headers = [(
-        "authorization".to_string(),
-        format!("Bearer {TOKEN}").into_bytes(),
-    )];
-    let request = wire(
-        "POST",
-        "/v1/completions",
-        &headers,
-        body.to_string().as_bytes(),
-        Framing::Length,
-    );
+    let request = post(body.to_string().as_bytes(), Framing::Length).wire;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(&request).await.unwrap();
     tokio::time::sleep(Duration::from_millis(r.random_range(0..200))).await;
@@ -548,26 +541,39 @@ fn stalled(case: Case) -> Case {
     }
 }
 
-/// Requests whose answer is known, each with the status and the `param` it must name.
-fn known() -> Vec<(&'static str, Case, u16, Option<&'static str>)> {
-    let auth = || {
-        vec![(
-            "authorization".to_string(),
-            format!("Bearer {TOKEN}").into_bytes(),
-        )]
-    };
-    let post = |body: &[u8], framing| Case {
+/// The header that bears the query token.
+fn authorized() -> Vec<(String, Vec<u8>)> {
+    vec![(
+        "authorization".to_string(),
+        format!("Bearer {TOKEN}").into_bytes(),
+    )]
+}
+
+/// A request, its status and the `param` its error must name.
+type Known = (&'static str, Case, u16, Option<&'static str>);
+
+/// A completion request with `body` framed as `framing`.
+fn post(body: &[u8], framing: Framing) -> Case {
+    Case {
         what: String::new(),
-        wire: wire("POST", "/v1/completions", &auth(), body, framing),
+        wire: wire("POST", "/v1/completions", &authorized(), body, framing),
         half_close: matches!(framing, Framing::Short(_) | Framing::ChunkedCut),
         head: false,
-    };
-    let bare = |method: &str, path: &str, headers: Vec<(String, Vec<u8>)>| Case {
+    }
+}
+
+/// A request without a body.
+fn bare(method: &str, path: &str, headers: Vec<(String, Vec<u8>)>) -> Case {
+    Case {
         what: String::new(),
         wire: wire(method, path, &headers, b"", Framing::Length),
         half_close: false,
         head: false,
-    };
+    }
+}
+
+/// Bodies whose answer is known: broken JSON, bad framing, past the limits.
+fn known_bodies() -> Vec<Known> {
     let ok = br#"{"prompt": "The museum", "max_tokens": 2}"#;
     let stops = json!({"prompt": "a", "stop": vec!["é"; 5000]}).to_string();
     vec![
@@ -620,6 +626,12 @@ fn known() -> Vec<(&'static str, Case, u16, Option<&'static str>)> {
             413,
             Some("body"),
         ),
+    ]
+}
+
+/// Refusals before the body is read: auth, methods and paths.
+fn known_refusals() -> Vec<Known> {
+    vec![
         (
             "no token",
             bare("POST", "/v1/completions", vec![]),
@@ -636,10 +648,15 @@ fn known() -> Vec<(&'static str, Case, u16, Option<&'static str>)> {
             401,
             None,
         ),
-        ("PUT", bare("PUT", "/v1/completions", auth()), 405, None),
+        (
+            "PUT",
+            bare("PUT", "/v1/completions", authorized()),
+            405,
+            None,
+        ),
         (
             "an unknown path",
-            bare("GET", "/v1/chat/completions", auth()),
+            bare("GET", "/v1/chat/completions", authorized()),
             404,
             None,
         ),
@@ -693,7 +710,7 @@ async fn no_http_request_gets_a_5xx_a_bare_error_or_a_hang() {
     eprintln!("http fuzz: seed {seed}, {cases} cases at most, {TIME_BOX:?} at most");
     let http = start_http(fuzz_config(), true).await;
     let mut outcomes = Outcomes::new();
-    for (what, mut case, status, param) in known() {
+    for (what, mut case, status, param) in known_bodies().into_iter().chain(known_refusals()) {
         case.what = what.to_string();
         let reply = tokio::time::timeout(DEADLINE, exchange(&http.addr, &case)).await;
         let (got, body) = check(&case, reply, &mut outcomes);
@@ -722,18 +739,10 @@ async fn no_http_request_gets_a_5xx_a_bare_error_or_a_hang() {
     // Dropped completions gave their query slots back: a normal completion is answered in time.
     let after = Case {
         what: "a completion after the fuzz".into(),
-        wire: wire(
-            "POST",
-            "/v1/completions",
-            &[(
-                "authorization".into(),
-                format!("Bearer {TOKEN}").into_bytes(),
-            )],
+        ..post(
             br#"{"prompt": "The museum", "max_tokens": 8, "temperature": 0}"#,
             Framing::Length,
-        ),
-        half_close: false,
-        head: false,
+        )
     };
     let reply = tokio::time::timeout(DEADLINE, exchange(&http.addr, &after)).await;
     let (status, body) = check(&after, reply, &mut outcomes);
