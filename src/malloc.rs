@@ -36,7 +36,7 @@ impl Tuning {
         arena_max: 0,
     };
 
-    /// Reads `LOCUS_MALLOC_MMAP_THRESHOLD` and `LOCUS_MALLOC_ARENA_MAX` (a unset one keeps its
+    /// Reads `LOCUS_MALLOC_MMAP_THRESHOLD` and `LOCUS_MALLOC_ARENA_MAX` (an unset one keeps its
     /// default), for benches that apply what `serve` would.
     pub fn from_env() -> Result<Tuning, Error> {
         let read = |setting: &'static str, var: &str, default: usize| {
@@ -60,12 +60,6 @@ impl Tuning {
             )?,
         })
     }
-
-    /// glibc's own behaviour: nothing is changed.
-    pub const GLIBC: Tuning = Tuning {
-        mmap_threshold: 0,
-        arena_max: 0,
-    };
 
     /// Applies the settings to this process's allocator; a no-op where the C library is not glibc.
     pub fn apply(&self) -> Result<(), Error> {
@@ -125,6 +119,10 @@ mod tests {
         };
         let e = over.apply().unwrap_err().to_string();
         assert!(e.starts_with("malloc-mmap-threshold: "), "{e}");
-        assert!(Tuning::GLIBC.apply().is_ok());
+        let glibc = Tuning {
+            mmap_threshold: 0,
+            arena_max: 0,
+        };
+        assert!(glibc.apply().is_ok());
     }
 }
