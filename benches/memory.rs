@@ -3,14 +3,15 @@
 //! `cargo bench --bench memory` prints one JSON object; `LOCUS_MEMORY_STEPS` sets the steps
 //! (default 12, three re-selections) and `LOCUS_KEEP_VERSIONS` the versions kept (default 4).
 //! A checkpoint into a temporary data directory ends the run, as `--data-dir` writes one every
-//! `--checkpoint-every` updates. Run it again under `MALLOC_ARENA_MAX=2` to see what glibc's
-//! per-thread arenas add.
+//! `--checkpoint-every` updates. It applies `serve`'s allocator settings, read from
+//! `LOCUS_MALLOC_MMAP_THRESHOLD` and `LOCUS_MALLOC_ARENA_MAX` as `serve` reads them (0: glibc's own).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use candle_core::Device;
 use locus::learn::{Doc, LearnConfig, Learner, Localization, Strategy};
+use locus::malloc::Tuning;
 use locus::memory::{peak_rss_mb, reset_peak, rss_mb};
 use locus::model::{load, Model};
 use locus::snapshot::{Snapshot, Snapshots};
@@ -94,6 +95,9 @@ impl Phases {
 fn main() -> anyhow::Result<()> {
     let steps: usize = std::env::var("LOCUS_MEMORY_STEPS").map_or(Ok(12), |s| s.parse())?;
     let keep: usize = std::env::var("LOCUS_KEEP_VERSIONS").map_or(Ok(4), |s| s.parse())?;
+    // The allocator settings `serve` applies, before anything is allocated.
+    let tuning = Tuning::from_env()?;
+    tuning.apply()?;
     let mut phases = Phases {
         rows: Vec::new(),
         last: 0.0,
@@ -164,6 +168,7 @@ fn main() -> anyhow::Result<()> {
         "{}",
         serde_json::to_string_pretty(&json!({
             "model": "default", "vocab": vocab, "keep_versions": keep, "malloc_arena_max": arena,
+            "malloc_mmap_threshold": tuning.mmap_threshold, "locus_malloc_arena_max": tuning.arena_max,
             "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
             "phases": phases.rows,
         }))?

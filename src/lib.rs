@@ -8,6 +8,7 @@ pub mod export;
 pub mod infer;
 pub mod learn;
 pub mod live;
+pub mod malloc;
 pub mod memory;
 pub mod model;
 pub mod plot;

@@ -10,6 +10,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(cli::exit_status(&e));
         }
     };
+    // Before any thread allocates, so that every arena is made under the settings.
+    if let Err(e) = args.tune_malloc() {
+        eprintln!("locus: error: {e:#}");
+        return std::process::ExitCode::from(cli::exit_status(&e));
+    }
     // Before any thread starts: a server's queries and learner must not share candle's pool.
     if args.serves() {
         locus::live::inline_elementwise_ops();

@@ -9,10 +9,11 @@
 mod common;
 mod serving;
 
+use serving::draw::{pick, text, SENTENCES};
+use serving::watch::{assert_quiet, watch_panics_and_errors};
 use serving::*;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,9 +38,6 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
-use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::Layer;
 
 const SEED: u64 = 0x10c5_f022;
 const CASES: usize = 3000;
@@ -192,10 +190,6 @@ const REFLECTION: Rpc = Rpc {
     },
 };
 
-fn pick<T: Copy>(r: &mut StdRng, pool: &[T]) -> T {
-    pool[r.random_range(0..pool.len())]
-}
-
 fn edge_u64(r: &mut StdRng) -> u64 {
     pick(
         r,
@@ -239,30 +233,6 @@ fn edge_f32(r: &mut StdRng) -> f32 {
         ],
     )
 }
-
-/// A text: an ordinary sentence half the time, else one from the edges (empty, blank, one token,
-/// control characters, mixed scripts, random scalars, or past every token limit).
-fn text(r: &mut StdRng) -> String {
-    match r.random_range(0..14) {
-        0..7 => pick(r, &SENTENCES).into(),
-        7 => String::new(),
-        8 => " \t\n ".into(),
-        9 => "a".into(),
-        10 => "\u{0}\u{7f}\u{feff}\u{fffd}\u{200d}".into(),
-        11 => "🦀 Ünïcödé 東京 ".repeat(r.random_range(1..40)),
-        12 => (0..r.random_range(1..64))
-            .map(|_| r.random::<char>())
-            .collect(),
-        _ => "word ".repeat(r.random_range(100..8000)),
-    }
-}
-
-const SENTENCES: [&str; 4] = [
-    "On 3 May 2021, Ada Lovelace opened a museum in London.",
-    " Ada Lovelace",
-    "The museum was opened by",
-    "Visitors queued for hours to see the engines of Charles Babbage.",
-];
 
 fn span(r: &mut StdRng) -> pb::Span {
     pb::Span {
@@ -603,48 +573,6 @@ fn check(
         assert!(!numbers.iter().any(|n| n.is_nan()), "{case}: {numbers:?}");
     }
     assert_quiet(case);
-}
-
-/// Panics anywhere in the process: server tasks, the blocking pool and the learner thread.
-static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
-/// Events the server logged at ERROR: its own faults, even where no client is told.
-static ERRORS: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-/// Records ERROR events in [`ERRORS`].
-struct RecordErrors;
-
-impl<S: tracing::Subscriber> Layer<S> for RecordErrors {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        let mut fields = Fields(event.metadata().target().to_string());
-        event.record(&mut fields);
-        ERRORS.lock().unwrap().push(fields.0);
-    }
-}
-
-struct Fields(String);
-
-impl tracing::field::Visit for Fields {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        let _ = write!(self.0, " {}={value:?}", field.name());
-    }
-}
-
-fn watch_panics_and_errors() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        PANICS.lock().unwrap().push(info.to_string());
-        default(info);
-    }));
-    let subscriber =
-        tracing_subscriber::registry().with(RecordErrors.with_filter(LevelFilter::ERROR));
-    tracing::subscriber::set_global_default(subscriber).unwrap();
-}
-
-fn assert_quiet(case: &str) {
-    let panics = PANICS.lock().unwrap();
-    assert!(panics.is_empty(), "{case}: panicked: {panics:?}");
-    let errors = ERRORS.lock().unwrap();
-    assert!(errors.is_empty(), "{case}: the server logged {errors:?}");
 }
 
 fn hex(bytes: &[u8]) -> String {

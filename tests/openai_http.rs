@@ -7,8 +7,6 @@ mod serving;
 
 use serving::*;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -18,20 +16,6 @@ use locus::server::{self, Auth, Config, Token};
 use locus::tokenize::TextTokenizer;
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
-
-/// A server with the OpenAI-style listener beside gRPC.
-struct Http {
-    grpc: Running,
-    addr: String,
-}
-
-async fn start_http(config: Config, install: bool) -> Http {
-    let grpc = start_with(config, install).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(server::serve_openai(listener, Arc::clone(&grpc.state)));
-    Http { grpc, addr }
-}
 
 /// What one request got: the status, the `x-locus-version` header and the JSON body.
 #[derive(Debug)]

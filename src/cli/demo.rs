@@ -32,6 +32,8 @@ pub struct DemoArgs {
     model: String,
     #[command(flatten)]
     device: super::DeviceArg,
+    #[command(flatten)]
+    pub(super) malloc: super::malloc::MallocArgs,
     /// How many `dev-` facts of data/drift/updates.jsonl to stream.
     #[arg(long, default_value_t = 4)]
     facts: usize,

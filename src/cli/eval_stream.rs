@@ -26,6 +26,8 @@ use super::serve::LearnArgs;
 pub struct StreamArgs {
     #[command(flatten)]
     drift: super::eval::DriftArgs,
+    #[command(flatten)]
+    pub(super) malloc: super::malloc::MallocArgs,
     /// Send each fact's salient strings with its documents (by default documents go raw, as most
     /// clients send them, and the server finds the spans).
     #[arg(long)]

@@ -6,6 +6,7 @@ mod eval;
 mod eval_stream;
 mod export;
 mod inproc;
+mod malloc;
 mod probes;
 mod progress;
 mod select;
@@ -105,6 +106,16 @@ impl Cli {
             self.command,
             Command::Serve(_) | Command::Demo(_) | Command::EvalStream(_)
         )
+    }
+
+    /// Applies the allocator flags of a long-running command (the others keep glibc's defaults).
+    pub fn tune_malloc(&self) -> anyhow::Result<()> {
+        match &self.command {
+            Command::Serve(a) => a.malloc.apply(),
+            Command::Demo(a) => a.malloc.apply(),
+            Command::EvalStream(a) => a.malloc.apply(),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -37,6 +37,8 @@ pub struct ServeArgs {
     model: String,
     #[command(flatten)]
     device: super::DeviceArg,
+    #[command(flatten)]
+    pub(super) malloc: super::malloc::MallocArgs,
     /// Address to serve gRPC on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:50051", env = "LOCUS_GRPC_ADDR")]
     grpc_addr: String,
@@ -320,7 +322,8 @@ struct LimitArgs {
     #[arg(long, default_value_t = 4, env = "LOCUS_QUEUE_DEPTH")]
     queue_depth: usize,
     /// Seconds an answer of a stream (a completion chunk, an ingest answer) waits for the client
-    /// to read it; then the stream ends with DEADLINE_EXCEEDED and frees its query slot.
+    /// to read it; then the stream ends with DEADLINE_EXCEEDED and frees its query slot. Over HTTP,
+    /// the time a client has to send a request's headers, and then its body (else 408).
     #[arg(long, default_value_t = 30.0, env = "LOCUS_SEND_TIMEOUT")]
     send_timeout: f64,
     /// Seconds an ingest stream may go without sending a batch (the first included) before it is

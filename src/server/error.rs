@@ -72,6 +72,9 @@ pub enum ServerError {
         "the client read no answer for {0:?} (the server's --send-timeout); the stream was ended"
     )]
     Stalled(std::time::Duration),
+    /// An HTTP request body that did not arrive whole within `--send-timeout`.
+    #[error("body: not whole after {0:?} (the server's --send-timeout); the request was ended")]
+    SlowBody(std::time::Duration),
     /// An ingest stream sent no batch for as long as the server waits (`--ingest-idle`).
     #[error("no batch for {0:?} (the server's --ingest-idle); the stream was ended")]
     Idle(std::time::Duration),
@@ -138,7 +141,9 @@ impl ServerError {
             ServerError::Unauthenticated(_) => Code::Unauthenticated,
             ServerError::Paused | ServerError::Reader { .. } => Code::FailedPrecondition,
             ServerError::NotLoaded | ServerError::ShuttingDown => Code::Unavailable,
-            ServerError::Stalled(_) | ServerError::Idle(_) => Code::DeadlineExceeded,
+            ServerError::Stalled(_) | ServerError::Idle(_) | ServerError::SlowBody(_) => {
+                Code::DeadlineExceeded
+            }
             ServerError::UnknownVersion { .. } | ServerError::UnknownModel { .. } => Code::NotFound,
             ServerError::Store(e) => match e {
                 StoreError::Io { .. } if e.is_full() => Code::ResourceExhausted,
@@ -164,6 +169,8 @@ impl ServerError {
             Code::PermissionDenied => 403,
             Code::NotFound => 404,
             Code::ResourceExhausted => 413,
+            // A client too slow to send or take its request: its fault, not the server's.
+            Code::DeadlineExceeded => 408,
             Code::Unavailable => 503,
             _ => 500,
         }
@@ -398,6 +405,8 @@ mod tests {
         assert_eq!(ServerError::invalid("top_p", "2").http_status(), 400);
         assert_eq!(ServerError::Unauthenticated("no").http_status(), 401);
         assert_eq!(ServerError::NotLoaded.http_status(), 503);
+        let slow = ServerError::SlowBody(std::time::Duration::from_secs(30));
+        assert_eq!(slow.http_status(), 408);
         assert_eq!(
             ServerError::Internal("a thread died".into()).http_status(),
             500

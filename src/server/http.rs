@@ -9,13 +9,18 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 /// Answers every request on `listener` with `respond` until the task is dropped; `what` names the
-/// listener in the log.
-pub(super) async fn serve<F, A>(listener: TcpListener, what: &'static str, respond: F)
-where
+/// listener in the log. A client that has not sent its request's headers after `patience` is
+/// disconnected.
+pub(super) async fn serve<F, A>(
+    listener: TcpListener,
+    what: &'static str,
+    patience: Duration,
+    respond: F,
+) where
     F: Fn(Request<Incoming>) -> A + Clone + Send + Sync + 'static,
     A: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
@@ -40,6 +45,8 @@ where
                 async move { Ok::<_, Infallible>(answer.await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(patience)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

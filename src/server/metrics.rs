@@ -282,7 +282,8 @@ impl Counters for Metrics {
 /// Serves `/metrics`, `/healthz`, `/readyz` and the status page `/` on `listener` until the task is dropped; it keeps
 /// answering while the gRPC server drains, so probes see `/readyz` fail during shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
-    super::http::serve(listener, "metrics", move |request| {
+    let patience = state.config.limits.send_timeout;
+    super::http::serve(listener, "metrics", patience, move |request| {
         let answer = respond(&state, &request);
         async move { answer }
     })

@@ -87,7 +87,8 @@ pub struct Limits {
     /// Batches waiting for the learner; a full queue makes ingest streams wait (flow control).
     pub queue_depth: usize,
     /// How long an answer of a stream (a completion's chunk, an ingest answer) waits for the client
-    /// to take it; then the stream ends with DEADLINE_EXCEEDED and frees what it holds.
+    /// to take it; then the stream ends with DEADLINE_EXCEEDED and frees what it holds. Over HTTP,
+    /// how long a client has to send a request's headers, and then its body.
     pub send_timeout: Duration,
     /// How long an ingest stream may go without a batch, the first included, before it is ended.
     pub ingest_idle: Duration,

@@ -23,7 +23,9 @@ use tonic::{Code, Status};
 
 use crate::common::fixture;
 
+pub mod draw;
 pub mod frames;
+pub mod watch;
 
 /// A running test server.
 pub struct Running {
@@ -151,6 +153,21 @@ pub async fn start_with(config: Config, install: bool) -> Running {
         stop: Some(stop),
         task: Some(task),
     }
+}
+
+/// A server with the OpenAI-style listener beside gRPC.
+pub struct Http {
+    pub grpc: Running,
+    pub addr: String,
+}
+
+/// Starts a server as [`start_with`] does, with the OpenAI-style listener on a port of its own.
+pub async fn start_http(config: Config, install: bool) -> Http {
+    let grpc = start_with(config, install).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(server::serve_openai(listener, Arc::clone(&grpc.state)));
+    Http { grpc, addr }
 }
 
 pub async fn start() -> Running {

@@ -31,7 +31,8 @@ pub const VERSION_HEADER: &str = "x-locus-version";
 /// Serves the API on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let bearer = Bearer::query(&state.config.auth);
-    super::http::serve(listener, "openai", move |request| {
+    let patience = state.config.limits.send_timeout;
+    super::http::serve(listener, "openai", patience, move |request| {
         let state = Arc::clone(&state);
         let bearer = bearer.clone();
         async move { respond(&state, &bearer, request).await }
@@ -154,10 +155,15 @@ fn admit(bearer: &Bearer, request: &Request<Incoming>) -> Result<(), ServerError
     )
 }
 
-/// The request body, at most `--max-message-bytes` of it.
+/// The request body, at most `--max-message-bytes` of it, whole within `--send-timeout`.
 async fn body(state: &State, request: Request<Incoming>) -> Result<Bytes, ServerError> {
-    let max = state.config.limits.max_message_bytes;
-    match Limited::new(request.into_body(), max).collect().await {
+    let limits = &state.config.limits;
+    let max = limits.max_message_bytes;
+    let collect = Limited::new(request.into_body(), max).collect();
+    let collected = tokio::time::timeout(limits.send_timeout, collect)
+        .await
+        .map_err(|_| ServerError::SlowBody(limits.send_timeout))?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ServerError::limit("body", format!("more than {max} bytes")))
