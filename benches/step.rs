@@ -22,10 +22,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn timed(
-    device: &Device,
-    mut f: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<(f64, f64)> {
+fn timed(device: &Device, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
     f()?;
     device.synchronize()?;
     reset_peak();

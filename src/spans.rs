@@ -540,7 +540,8 @@ mod tests {
 
     #[test]
     fn names_skip_openers_and_months_and_stop_at_punctuation() {
-        let text = "In May 2025 Leo XIV succeeded Francis. The Vatican's Dicastery met, Lip-Bu Tan \
+        let text =
+            "In May 2025 Leo XIV succeeded Francis. The Vatican's Dicastery met, Lip-Bu Tan \
             said. Luca de Meo met Ahmed al-Sharaa and the de facto leader.";
         let got: Vec<String> = names(text)
             .into_iter()

@@ -1,8 +1,8 @@
 //! The fused CPU kernels give the same values and gradients as the composed differentiable ops.
 
 use candle_core::{DType, Device, Tensor, Var};
-use locus::model::ops::{self, composed};
 use locus::model::fused_head;
+use locus::model::ops::{self, composed};
 
 fn randn(shape: &[usize], seed: u64) -> Var {
     // A deterministic spread of values; no RNG state shared between tests.

@@ -4,8 +4,8 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use locus::model::device;
 use common::{assert_trace_matches, expected, fixture, rel_err, span_texts, Expected, TINY};
+use locus::model::device;
 use locus::model::{load, Model};
 use locus::trace::{param_squared_norms, prepare, span_and_full_loss, trace};
 use std::collections::BTreeMap;

@@ -162,4 +162,3 @@ fn load_model(spec: &str, device: &Device) -> anyhow::Result<Model> {
     );
     Ok(model)
 }
-

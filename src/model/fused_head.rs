@@ -10,8 +10,8 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::tile::{matmul_threaded as matmul, View};
 use super::fused::{log_sum_exp, slice};
+use super::tile::{matmul_threaded as matmul, View};
 
 /// Logits per chunk (32 MiB of f32): large enough for full-speed matrix products, small enough
 /// to stay a fraction of a step's memory.
