@@ -9,7 +9,7 @@
 #                                        reference tests and benches (scripts/build_cuda.sh, about
 #                                        12 min cold on 2 cores), and packs them with the default
 #                                        model and the `gguf` wheel into gpu-check/part.NN
-#                                        (under 56 MiB each; about 3 parts)
+#                                        (48 MiB each, so a part and the working tree fit one call; about 3 parts)
 #   scripts/gpu_check.sh run PARTS_DIR   on the GPU machine, once every part is in PARTS_DIR:
 #                                        unpacks, then prints one table
 #
@@ -51,7 +51,7 @@ pack() {
   cp "$model" "$stage/"
   rm -rf "$pack_dir"
   mkdir -p "$pack_dir"
-  tar -C "$stage" -cJf - . | split -b 56m -d - "$pack_dir/part."
+  tar -C "$stage" -cJf - . | split -b 48m -d - "$pack_dir/part."
   rm -rf "$stage"
   ls -l "$pack_dir"
 }
@@ -102,7 +102,7 @@ print(f'{"":14}{"locus s":>10}{"torch s":>10}{"torch/locus":>13}')
 for k in ["forward_s", "fwd_bwd_s", "trace_step_s"]:
     print(f'{k:14}{l[k]:10.4f}{t[k]:10.4f}{t[k] / l[k]:13.2f}')
 for r in u["runs"]:
-    print(f'update_step {r["strategy"]} ({r["localization"]}, {r["groups_updated"]} groups): {r["seconds_per_batch"]:.4f} s')
+    print(f'update_step {r["strategy"]} ({r["localization"]["mode"]}, {r["groups_updated"]} groups): {r["seconds_per_batch"]:.4f} s')
 PY
   cp "$work"/*.json "${OUT:-$work}/" 2>/dev/null || true
   exit "$failed"
