@@ -268,8 +268,9 @@ pub fn trending_targets(nll: &[f32], names: &[Name]) -> (Vec<bool>, Vec<bool>) {
     let mut passed = vec![false; nll.len()];
     let best = names
         .iter()
+        .map(|n| n.surprise(nll))
         .enumerate()
-        .max_by(|a, b| a.1.surprise(nll).total_cmp(&b.1.surprise(nll)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(i, _)| i);
     for (i, n) in names.iter().enumerate() {
         match Some(i) == best {

@@ -133,22 +133,28 @@ impl Batch {
             rows.iter().map(|r| r.ids.len()).max().unwrap_or(0),
         );
         let mut ids = vec![0u32; b * t];
-        let mut valid = vec![0f32; b * (t - 1)];
         for (i, r) in rows.iter().enumerate() {
             ids[i * t..i * t + r.ids.len()].copy_from_slice(&r.ids);
-            valid[i * (t - 1)..i * (t - 1) + r.ids.len() - 1].copy_from_slice(&r.weights);
         }
+        let (valid, targets) = Self::weights(&rows, t, device)?;
         Ok(Batch {
             tokens: rows.iter().map(|r| r.ids.len()).sum(),
-            targets: valid
-                .iter()
-                .map(|&w| f64::from(w))
-                .sum::<f64>()
-                .max(f64::MIN_POSITIVE),
+            targets,
             ids: Tensor::from_vec(ids, (b, t), device)?,
-            valid: Tensor::from_vec(valid, (b, t - 1), device)?,
+            valid,
             rows,
         })
+    }
+
+    /// The rows' target weights padded to `t - 1` a row, and their sum.
+    fn weights(rows: &[Row], t: usize, device: &Device) -> Result<(Tensor, f64)> {
+        let mut valid = vec![0f32; rows.len() * (t - 1)];
+        for (i, r) in rows.iter().enumerate() {
+            valid[i * (t - 1)..i * (t - 1) + r.ids.len() - 1].copy_from_slice(&r.weights);
+        }
+        let sum = valid.iter().map(|&w| f64::from(w)).sum::<f64>();
+        let valid = Tensor::from_vec(valid, (rows.len(), t - 1), device)?;
+        Ok((valid, sum.max(f64::MIN_POSITIVE)))
     }
 
     /// The weighted mean over the real targets of per-target losses `(b, t - 1)` already
@@ -197,8 +203,7 @@ impl Batch {
             }
         }
         if reweighed {
-            let rows = std::mem::take(&mut self.rows);
-            *self = Batch::new(rows, self.valid.device())?;
+            (self.valid, self.targets) = Self::weights(&self.rows, t1 + 1, self.valid.device())?;
         }
         Ok(Tensor::from_vec(span, (b, t1), self.valid.device())?)
     }

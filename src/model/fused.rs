@@ -30,6 +30,17 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]>
     }
 }
 
+/// One target per row, each inside a vocabulary of `v`.
+pub(crate) fn check_targets(op: &str, targets: &[u32], n: usize, v: usize) -> Result<()> {
+    if targets.len() != n {
+        bail!("{op}: {} targets for {n} rows", targets.len());
+    }
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("{op}: target {bad} outside a vocabulary of {v}");
+    }
+    Ok(())
+}
+
 /// Rows of at least this many elements are processed in parallel.
 const PAR_ROW: usize = 4096;
 
@@ -68,12 +79,7 @@ impl CustomOp2 for CrossEntropy {
         let (n, v) = l1.shape().dims2()?;
         let x = slice(s1, l1, "logits")?;
         let t = u32_slice(s2, l2, "targets")?;
-        if t.len() != n {
-            bail!("cross-entropy: {} targets for {n} rows", t.len());
-        }
-        if let Some(bad) = t.iter().find(|&&t| t as usize >= v) {
-            bail!("cross-entropy: target {bad} outside a vocabulary of {v}");
-        }
+        check_targets("cross-entropy", t, n, v)?;
         let out: Vec<f32> = (0..n)
             .into_par_iter()
             .map(|i| {

@@ -10,7 +10,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{log_sum_exp, slice};
+use super::fused::{check_targets, log_sum_exp, slice};
 use super::tile::{matmul_threaded as matmul, View};
 
 /// Logits per chunk (32 MiB of f32): large enough for full-speed matrix products, small enough
@@ -38,12 +38,7 @@ impl HeadNll {
         if h != h2 {
             bail!("head nll: hidden width {h} does not match head width {h2}");
         }
-        if self.targets.len() != n {
-            bail!("head nll: {} targets for {n} rows", self.targets.len());
-        }
-        if let Some(bad) = self.targets.iter().find(|&&t| t as usize >= v) {
-            bail!("head nll: target {bad} outside a vocabulary of {v}");
-        }
+        check_targets("head nll", &self.targets, n, v)?;
         Ok((n, h, v))
     }
 }
