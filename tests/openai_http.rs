@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use locus::proto::v1 as pb;
-use locus::server::{self, Auth, Config, Token};
+use locus::server::{self, Auth, Config, Tls, Token};
 use locus::tokenize::TextTokenizer;
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
@@ -39,7 +39,22 @@ impl Http {
 /// Sends one request to `addr` over a fresh HTTP/1.1 connection.
 async fn send(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> Answer {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    send_over(stream, addr, method, path, token, body).await
+}
+
+/// Sends one request to `addr` over `io`, a fresh connection (plain or TLS).
+async fn send_over<I>(
+    io: I,
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Answer
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .unwrap();
     tokio::spawn(connection);
@@ -427,4 +442,54 @@ fn serve_http_addr_starts_the_listener() {
         (200, Some(0)),
         "{models:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_certificate_the_api_speaks_https_and_refuses_plaintext() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let tls = Tls {
+        cert_pem: cert.cert.pem().into_bytes(),
+        key_pem: cert.signing_key.serialize_pem().into_bytes(),
+    };
+    let http = start_http(
+        Config {
+            tls: Some(tls),
+            ..config()
+        },
+        true,
+    )
+    .await;
+
+    locus::tls::choose_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = tokio::net::TcpStream::connect(&http.addr).await.unwrap();
+    let io = connector.connect(name, tcp).await.unwrap();
+    let models = send_over(io, &http.addr, "GET", "/v1/models", None, "").await;
+    assert_eq!(models.status, 200, "{models:?}");
+    assert_eq!(models.body["data"][0]["id"], server::OPENAI_MODEL);
+    assert_eq!(models.version, Some(0));
+
+    // A plaintext request gets no HTTP answer from the TLS port.
+    let tcp = tokio::net::TcpStream::connect(&http.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/v1/models")
+        .header("host", &http.addr)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        sender.send_request(request),
+    )
+    .await
+    .expect("the TLS port closes a plaintext connection instead of waiting");
+    assert!(answer.is_err(), "{answer:?}");
 }

@@ -36,7 +36,7 @@ async fn the_openai_python_client_completes_and_scores() {
     .await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/v1", listener.local_addr().unwrap());
-    tokio::spawn(server::serve_openai(listener, Arc::clone(&grpc.state)));
+    tokio::spawn(server::serve_openai(listener, Arc::clone(&grpc.state)).unwrap());
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/openai_client.py");
     let out = tokio::task::spawn_blocking(move || {

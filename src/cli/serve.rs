@@ -47,10 +47,10 @@ pub struct ServeArgs {
     #[arg(long, env = "LOCUS_METRICS_ADDR")]
     metrics_addr: Option<String>,
     /// Address for the OpenAI-style HTTP API, `POST /v1/completions` and `GET /v1/models` (unset:
-    /// not served); plain HTTP, with the query token and limits of gRPC queries.
+    /// not served); HTTPS with --tls-cert, else plain HTTP; the query token and limits of gRPC queries.
     #[arg(long, env = "LOCUS_HTTP_ADDR")]
     http_addr: Option<String>,
-    /// PEM certificate chain: serve gRPC over TLS (rustls); needs --tls-key.
+    /// PEM certificate chain: serve gRPC and the OpenAI-style API (`--http-addr`) over TLS (rustls); needs --tls-key.
     #[arg(long, env = "LOCUS_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
@@ -551,12 +551,17 @@ async fn start_http_listeners(a: &ServeArgs, state: &Arc<State>) -> anyhow::Resu
         let http = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--http-addr {addr}"))?;
+        let scheme = if a.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         eprintln!(
-            "locus: OpenAI-style API on http://{}/v1 (model `{}`)",
+            "locus: OpenAI-style API on {scheme}://{}/v1 (model `{}`)",
             http.local_addr()?,
             server::OPENAI_MODEL
         );
-        tokio::spawn(server::serve_openai(http, Arc::clone(state)));
+        tokio::spawn(server::serve_openai(http, Arc::clone(state))?);
     }
     Ok(())
 }

@@ -283,7 +283,7 @@ impl Counters for Metrics {
 /// answering while the gRPC server drains, so probes see `/readyz` fail during shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let patience = state.config.limits.send_timeout;
-    super::http::serve(listener, "metrics", patience, move |request| {
+    super::http::serve(listener, "metrics", patience, None, move |request| {
         let answer = respond(&state, &request);
         async move { answer }
     })

@@ -166,7 +166,7 @@ pub async fn start_http(config: Config, install: bool) -> Http {
     let grpc = start_with(config, install).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(server::serve_openai(listener, Arc::clone(&grpc.state)));
+    tokio::spawn(server::serve_openai(listener, Arc::clone(&grpc.state)).unwrap());
     Http { grpc, addr }
 }
 

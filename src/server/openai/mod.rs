@@ -28,16 +28,31 @@ pub const MODEL: &str = "locus";
 /// The response header that names the model version an answer was computed on.
 pub const VERSION_HEADER: &str = "x-locus-version";
 
-/// Serves the API on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<State>) {
+/// The API on `listener`, over TLS when the server has `--tls-cert`: a future that serves until
+/// it is dropped, or the error of a certificate or key that rustls refuses.
+pub fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+) -> Result<impl std::future::Future<Output = ()>, ServerError> {
+    let tls = match &state.config.tls {
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::http_server_config(&tls.cert_pem, &tls.key_pem)?,
+        )),
+        None => None,
+    };
     let bearer = Bearer::query(&state.config.auth);
     let patience = state.config.limits.send_timeout;
-    super::http::serve(listener, "openai", patience, move |request| {
-        let state = Arc::clone(&state);
-        let bearer = bearer.clone();
-        async move { respond(&state, &bearer, request).await }
-    })
-    .await
+    Ok(super::http::serve(
+        listener,
+        "openai",
+        patience,
+        tls,
+        move |request| {
+            let state = Arc::clone(&state);
+            let bearer = bearer.clone();
+            async move { respond(&state, &bearer, request).await }
+        },
+    ))
 }
 
 /// Why a request got no answer: a domain error, or a path or method this API does not have.
