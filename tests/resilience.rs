@@ -183,6 +183,90 @@ async fn an_ingest_stream_that_sends_nothing_is_ended_after_the_idle_bound() {
     server.shutdown().await;
 }
 
+/// Sends `path` a gRPC request whose body begins a 100-byte message and then sends nothing
+/// more, without ending; the `grpc-status` the server answers with, and when.
+async fn unfinished_call(addr: &str, path: &str) -> (String, String, Duration) {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 100]))))
+        .await
+        .unwrap();
+    let request = hyper::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    let start = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
+        .await
+        .expect("the server answers an unfinished call")
+        .unwrap();
+    let header =
+        |h: &hyper::HeaderMap, name: &str| h.get(name).map(|v| v.to_str().unwrap().to_string());
+    let (parts, body) = response.into_parts();
+    let trailers = match header(&parts.headers, "grpc-status") {
+        Some(_) => parts.headers,
+        None => body.collect().await.unwrap().trailers().cloned().unwrap(),
+    };
+    drop(tx);
+    let message = header(&trailers, "grpc-message").unwrap_or_default();
+    (
+        header(&trailers, "grpc-status").unwrap(),
+        message,
+        start.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_request_never_ends_is_ended_after_the_send_timeout() {
+    let server = start_limited(|l| l.send_timeout = SEND_TIMEOUT).await;
+    for path in [
+        "/locus.v1.Query/Score",
+        "/locus.v1.Admin/Info",
+        "/locus.v1.Query/Complete",
+    ] {
+        let (status, message, took) = unfinished_call(&server.addr, path).await;
+        assert_eq!(
+            status,
+            (Code::DeadlineExceeded as i32).to_string(),
+            "{path}: {message}"
+        );
+        assert!(message.contains("--send-timeout"), "{path}: {message}");
+        assert!(
+            took >= SEND_TIMEOUT && took < SEND_TIMEOUT * 10,
+            "{path}: after {took:?}"
+        );
+    }
+    // An ingest stream streams its requests: a first batch later than the send timeout is learned.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        tokio::time::sleep(SEND_TIMEOUT * 2).await;
+        tx.send(batch("late", facts())).await.unwrap();
+    });
+    let mut client = server.client().await;
+    let stream = client
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let (answers, status) = drain(stream).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(answers.len(), 1);
+    score(&mut client).await;
+    assert_eq!(health(&server.addr).await, ServingStatus::Serving);
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_past_the_connection_limit_are_refused_and_silent_ones_ended() {
     let server = start_limited(|l| {

@@ -322,8 +322,9 @@ struct LimitArgs {
     #[arg(long, default_value_t = 4, env = "LOCUS_QUEUE_DEPTH")]
     queue_depth: usize,
     /// Seconds an answer of a stream (a completion chunk, an ingest answer) waits for the client
-    /// to read it; then the stream ends with DEADLINE_EXCEEDED and frees its query slot. Over HTTP,
-    /// the time a client has to send a request's headers, and then its body (else 408).
+    /// to read it; then the stream ends with DEADLINE_EXCEEDED and frees its query slot. Also the
+    /// time a gRPC call has to send its request message (Ingest excepted: --ingest-idle) and, over
+    /// HTTP, a request's headers and then its body (else 408).
     #[arg(long, default_value_t = 30.0, env = "LOCUS_SEND_TIMEOUT")]
     send_timeout: f64,
     /// Seconds an ingest stream may go without sending a batch (the first included) before it is

@@ -8,6 +8,7 @@
 mod admin;
 mod auth;
 mod convert;
+mod deadline;
 mod error;
 mod http;
 mod ingest;
@@ -453,6 +454,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let limits = &state.config.limits;
     let bytes = limits.max_message_bytes;
+    let send_timeout = limits.send_timeout;
     let health = tonic_health::pb::health_server::HealthServer::new(
         HealthService::from_health_reporter(state.health.clone()),
     );
@@ -505,6 +507,9 @@ pub async fn run(
         // One span per RPC, health and reflection included; handlers' spans nest inside it.
         .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
         .layer(tower::layer::layer_fn(error::CodecErrors::new))
+        .layer(tower::layer::layer_fn(move |s| {
+            deadline::MessageDeadline::new(s, send_timeout)
+        }))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
