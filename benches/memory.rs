@@ -155,7 +155,7 @@ fn main() -> anyhow::Result<()> {
     }
     let state = learner.export_state()?;
     let selection = learner.selection().unwrap_or_default();
-    let written = store.checkpoint(&snapshots.current(), selection, Some(&state))?;
+    let written = store.checkpoint(&snapshots.current(), selection, Some(&state), Vec::new())?;
     drop(state);
     phases.mark(
         "checkpoint written",

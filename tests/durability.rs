@@ -167,6 +167,8 @@ fn meta(version: u64, parent: Option<u64>) -> Meta {
         journal_seq: version * 2,
         created_unix: 0,
         learner: None,
+        step: None,
+        recent: Vec::new(),
     }
 }
 
@@ -322,7 +324,7 @@ fn store_restores_changed_groups_into_the_model_and_checks_the_base() {
     }]);
     store.applied(2);
     let snapshot = Snapshot::load(Arc::clone(&model), 2).unwrap();
-    let written = store.checkpoint(&snapshot, &[], None).unwrap();
+    let written = store.checkpoint(&snapshot, &[], None, Vec::new()).unwrap();
     assert_eq!(written.meta.journal_seq, 2);
     assert_eq!(written.meta.groups, ["1.mlp"]);
     let saved = checkpoint::load(&written.path, &Device::Cpu).unwrap();
@@ -682,6 +684,7 @@ fn learning_resumed_from_a_checkpoint_matches_learning_never_stopped() {
             &snapshot,
             learner.selection().unwrap_or_default(),
             Some(&state),
+            Vec::new(),
         )
         .unwrap();
     let saved = checkpoint::load(&written.path, &Device::Cpu).unwrap();

@@ -439,6 +439,8 @@ fn write_checkpoint(data: &Path, model: &Model, version: u64) -> BTreeMap<String
         journal_seq: version,
         created_unix: 0,
         learner: None,
+        step: None,
+        recent: Vec::new(),
     };
     Checkpoints::open(data.join("checkpoints"))
         .unwrap()

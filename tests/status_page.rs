@@ -100,6 +100,60 @@ async fn the_page_shows_the_version_and_each_new_update() {
     server.shutdown().await;
 }
 
+/// The update rows of `page` (their versions, newest first) and what each says.
+fn rows(page: &str) -> Vec<(u64, String)> {
+    let start = "<tr class=\"step\" data-version=\"";
+    page.match_indices(start)
+        .map(|(at, _)| {
+            let rest = &page[at + start.len()..];
+            let version = rest[..rest.find('"').unwrap()].parse().unwrap();
+            let row = &rest[..rest.find("</tr>").unwrap()];
+            // The time a row shows is when the writer finished the step: the same everywhere.
+            (version, row.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_and_a_restarted_writer_show_the_writers_updates() {
+    let store = tempfile::tempdir().unwrap();
+    let spec = format!("file://{}", store.path().display());
+    let data = tempfile::tempdir().unwrap();
+    // A checkpoint every second update, so a reader that starts late starts from one.
+    let writer = start_with(writer_config(data.path(), &spec, 2, 2), true).await;
+    let early = start_with(reader_config(&spec), true).await;
+    let mut w = writer.client().await;
+    for i in 0..3 {
+        ingest_one(&mut w, &format!("b{i}")).await;
+    }
+    wait_for_published(&mut w, 3).await;
+    let late = start_with(reader_config(&spec), true).await;
+    let written = rows(&http_get(&serve_metrics(&writer).await, "/").await.1);
+    assert_eq!(
+        written.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [3, 2, 1],
+        "{written:?}"
+    );
+    for reader in [&early, &late] {
+        wait_for_version(&mut reader.client().await, 3).await;
+        let page = http_get(&serve_metrics(reader).await, "/").await.1;
+        assert_eq!(rows(&page), written, "a reader's rows:\n{page}");
+    }
+    early.shutdown().await;
+    late.shutdown().await;
+
+    // The final checkpoint keeps the rows; the restarted writer shows them, then its new steps.
+    writer.shutdown().await;
+    let writer = start_with(writer_config(data.path(), &spec, 2, 2), true).await;
+    let metrics = serve_metrics(&writer).await;
+    assert_eq!(rows(&http_get(&metrics, "/").await.1), written);
+    ingest_one(&mut writer.client().await, "b3").await;
+    let after = rows(&http_get(&metrics, "/").await.1);
+    assert_eq!(after[0].0, 4);
+    assert_eq!(&after[1..], &written[..]);
+    writer.shutdown().await;
+}
+
 /// Where Chromium is, or why the test cannot run.
 fn chromium() -> Option<&'static str> {
     let found = Command::new("chromium")

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod engine;
+pub mod history;
 pub mod optimizer;
 pub mod rehearsal;
 pub mod strategy;

@@ -1,13 +1,11 @@
 //! What the learner and the publisher count, without knowing where the counts are exported.
 
-use super::guard::Check;
 use crate::learn::UpdateReport;
 
 /// Where learning steps, published files, store contact and a blocked learner are counted.
 pub(crate) trait Counters: Send + Sync {
-    /// Records one learning step, as the learner finishes it, with the forgetting guard's canary
-    /// check of its update (`None`: no guard, or no update to check).
-    fn stepped(&self, report: &UpdateReport, canary: Option<Check>);
+    /// Counts one learning step, as the learner finishes it.
+    fn stepped(&self, report: &UpdateReport);
     /// Records a file published to the store, with its size (`None`: it failed).
     fn published(&self, kind: &str, bytes: Option<u64>);
     /// Whether learning is blocked now.

@@ -93,7 +93,12 @@ impl Worker {
         let snapshot = self.setup.snapshots.current();
         let selection = self.learner.selection().unwrap_or_default();
         let state = self.learner.export_state()?;
-        let written = store.checkpoint(&snapshot, selection, Some(&state))?;
+        let written = store.checkpoint(
+            &snapshot,
+            selection,
+            Some(&state),
+            self.setup.history.steps(),
+        )?;
         tracing::info!(
             version = written.meta.version,
             parent = ?written.meta.parent,

@@ -15,6 +15,7 @@ use super::jobs::Job;
 use super::learner::{Handle, Worker};
 use super::store_health::StoreHealth;
 use super::{Error, Result};
+use crate::learn::history::History;
 use crate::model::{GroupId, Params};
 use crate::snapshot::Snapshots;
 use crate::store::checkpoint::Checkpoint;
@@ -33,6 +34,8 @@ pub(crate) struct Follower {
     pub published: Arc<AtomicU64>,
     /// Whether the store answers.
     pub health: Arc<StoreHealth>,
+    /// The recent learning steps: the writer's, as its files carry them.
+    pub history: Arc<History>,
 }
 
 impl Follower {
@@ -70,6 +73,7 @@ impl Follower {
             }
             let groups = meta.group_ids();
             let tensors = file.tensors;
+            let (step, recent) = (meta.step, meta.recent);
             self.learner
                 .ask(|reply| Job::Follow {
                     version: meta.version,
@@ -78,6 +82,12 @@ impl Follower {
                     reply,
                 })
                 .await?;
+            // A delta brings the step that made it; a checkpoint the writer's recent steps.
+            match step {
+                Some(step) => self.history.record(step),
+                None if !recent.is_empty() => self.history.restore(&recent),
+                None => {}
+            }
             tracing::info!(
                 version = meta.version,
                 from = current,

@@ -1,6 +1,8 @@
 //! The forgetting guard: an update that raises the perplexity of a canary set of texts by more
 //! than a configured ratio is undone before any query or reader sees it.
 
+pub(crate) use crate::learn::history::Check;
+
 use crate::infer;
 use crate::model::Model;
 use crate::snapshot::Snapshot;
@@ -14,29 +16,6 @@ pub struct Guard {
     pub canaries: Vec<String>,
     /// Largest allowed `perplexity after / perplexity before` of one update.
     pub max_ratio: f64,
-}
-
-/// The canary perplexity before and after one update.
-#[derive(Debug, Clone, Copy)]
-pub struct Check {
-    /// Before the update.
-    pub before: f64,
-    /// After it.
-    pub after: f64,
-}
-
-impl Check {
-    /// `after / before`.
-    pub fn ratio(&self) -> f64 {
-        self.after / self.before
-    }
-
-    /// Whether the update raised the canary perplexity past `max_ratio`, or made it not a
-    /// number at all (weights blown up to infinities).
-    pub fn fails(&self, max_ratio: f64) -> bool {
-        let ratio = self.ratio();
-        !ratio.is_finite() || ratio > max_ratio
-    }
 }
 
 impl Guard {

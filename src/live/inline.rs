@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use super::counters::Counters;
-use super::guard::Check;
 use super::learner::{Setup, Worker};
 use super::store_health::StoreHealth;
 use super::Result;
@@ -42,6 +41,7 @@ impl Inline {
             publish: None,
             published: Arc::default(),
             metrics: Arc::new(Uncounted),
+            history: Arc::default(),
             store_health: Arc::new(StoreHealth::new(Arc::new(Uncounted))),
             guard: None,
         };
@@ -78,7 +78,7 @@ impl Inline {
 struct Uncounted;
 
 impl Counters for Uncounted {
-    fn stepped(&self, _: &UpdateReport, _: Option<Check>) {}
+    fn stepped(&self, _: &UpdateReport) {}
     fn published(&self, _: &str, _: Option<u64>) {}
     fn set_learning_blocked(&self, _: bool) {}
     fn store_reached(&self, _: u64) {}

@@ -14,6 +14,7 @@ use super::publisher::Publisher;
 use super::repair::StoreWatch;
 use super::store_health::StoreHealth;
 use super::{priority, Error, Result};
+use crate::learn::history::History;
 use crate::learn::{LearnConfig, Learner};
 use crate::model::Model;
 use crate::snapshot::Snapshots;
@@ -41,6 +42,8 @@ pub(crate) struct Setup {
     pub published: Arc<AtomicU64>,
     /// Where learning steps and published files are counted.
     pub metrics: Arc<dyn Counters>,
+    /// The recent learning steps, for the status page and the checkpoints.
+    pub history: Arc<History>,
     /// Whether the publisher reaches the store.
     pub store_health: Arc<StoreHealth>,
     /// The forgetting guard's canaries, when configured.

@@ -26,7 +26,6 @@ pub(crate) use counters::Counters;
 pub(crate) use durable::open_store;
 pub use error::{Error, Result};
 pub(crate) use follow::Follower;
-pub(crate) use guard::Check;
 pub use guard::Guard;
 pub use inline::Inline;
 pub(crate) use jobs::Job;

@@ -1,13 +1,14 @@
 //! One batch from its journal record to the version served: steps, the guard, snapshots, the
 //! store's bookkeeping, publishing, and a checkpoint when one is due.
 
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 
 use super::guard::Check;
 use super::learner::Worker;
 use super::publisher::{Publish, Publisher};
 use super::Result;
 use crate::learn::engine::UpdatedGroup;
+use crate::learn::history::Step;
 use crate::learn::{Doc, UpdateReport};
 use crate::model::GroupId;
 use crate::snapshot::Snapshot;
@@ -36,12 +37,17 @@ impl Worker {
         let span = tracing::info_span!("update", documents = docs.len());
         let _entered = span.enter();
         let mut report = self.learner.step(docs)?;
-        let canary = if report.applied {
+        let (canary, served) = if report.applied {
             self.serve_update(&mut report)?
         } else {
-            None
+            (None, None)
         };
-        self.setup.metrics.stepped(&report, canary);
+        let step = Step::of(&report, canary);
+        if let Some((parent, snapshot)) = served {
+            self.publish_delta(parent, &snapshot, &step);
+        }
+        self.setup.history.record(step);
+        self.setup.metrics.stepped(&report);
         tracing::info!(
             version = report.version,
             applied = report.applied,
@@ -59,8 +65,12 @@ impl Worker {
     }
 
     /// Publishes the step's weights as the next snapshot, or, when the guard rejects them,
-    /// reverts the step before anything saw it. Answers the guard's canary check, when it made one.
-    fn serve_update(&mut self, report: &mut UpdateReport) -> Result<Option<Check>> {
+    /// reverts the step before anything saw it. Answers the guard's canary check, when it made
+    /// one, and the version served before with the snapshot now served, when the update is.
+    fn serve_update(
+        &mut self,
+        report: &mut UpdateReport,
+    ) -> Result<(Option<Check>, Option<(u64, Arc<Snapshot>)>)> {
         let changed: Vec<GroupId> = report.groups.iter().map(UpdatedGroup::id).collect();
         let weights = self.learner.current_params()?;
         let current = self.setup.snapshots.current();
@@ -90,7 +100,7 @@ impl Worker {
                 after = check.after,
                 "forgetting guard undid an update"
             );
-            return Ok(Some(check));
+            return Ok((Some(check), None));
         }
         if let Some(c) = check {
             self.canary = Some((next.version(), c.after));
@@ -99,8 +109,7 @@ impl Worker {
         if let Some(store) = self.setup.store.as_mut() {
             store.updated(changed);
         }
-        self.publish_delta(current.version(), &published);
-        Ok(check)
+        Ok((check, Some((current.version(), published))))
     }
 
     /// With a guard: the canary perplexity of `current` and of `next`; that of the version served
@@ -133,11 +142,11 @@ impl Worker {
         }
     }
 
-    /// Queues the update from version `parent` to `snapshot` as a delta for readers, or, where
-    /// an earlier file never reached the store, repairs the store instead (a delta would only
-    /// extend a chain readers cannot follow). Failures are the publisher's to log; the batch is
-    /// journaled and applied either way.
-    fn publish_delta(&mut self, parent: u64, snapshot: &Snapshot) {
+    /// Queues the update from version `parent` to `snapshot`, made by `step`, as a delta for
+    /// readers, or, where an earlier file never reached the store, repairs the store instead (a
+    /// delta would only extend a chain readers cannot follow). Failures are the publisher's to
+    /// log; the batch is journaled and applied either way.
+    fn publish_delta(&mut self, parent: u64, snapshot: &Snapshot, step: &Step) {
         if self.publisher.as_ref().is_some_and(Publisher::owes) {
             self.repair_store();
             return;
@@ -145,12 +154,13 @@ impl Worker {
         let (Some(publisher), Some(store)) = (&self.publisher, &self.setup.store) else {
             return;
         };
-        let meta = store.meta(
+        let mut meta = store.meta(
             snapshot.version(),
             Some(parent),
             snapshot.changed(),
             self.learner.selection().unwrap_or_default(),
         );
+        meta.step = Some(step.clone());
         publisher.send(Publish::Delta {
             meta: Box::new(meta),
             tensors: snapshot.tensors_of(snapshot.changed()),

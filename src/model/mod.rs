@@ -17,12 +17,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use candle_core::{Device, Tensor, Var};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// Which half of a transformer block a layer group covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Module {
     /// Every attention projection weight and bias of the layer.
@@ -41,7 +41,7 @@ impl fmt::Display for Module {
 }
 
 /// One layer group: the unit that tracing measures and strategies select.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct GroupId {
     /// 0-based layer index.
     pub layer: usize,

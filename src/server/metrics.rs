@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 
 use super::{page, State};
 use crate::learn::UpdateReport;
-use crate::live::{Check, Counters};
+use crate::live::Counters;
 
 /// The server's metrics, in a registry of its own so that several servers in one process (tests,
 /// the demo) do not mix their numbers.
@@ -41,7 +41,6 @@ pub(crate) struct Metrics {
     model_bytes: IntGauge,
     published_version: IntGauge,
     learning_blocked: IntGauge,
-    recent: page::Recent,
     store_reached: IntGauge,
 }
 
@@ -187,7 +186,6 @@ impl Metrics {
             model_bytes,
             published_version,
             learning_blocked,
-            recent: page::Recent::default(),
             store_reached,
         })
     }
@@ -205,11 +203,6 @@ impl Metrics {
         self.ingest_documents
             .with_label_values(&["rejected"])
             .inc_by(rejected as u64);
-    }
-
-    /// The recent learning steps.
-    pub(crate) fn recent(&self) -> &page::Recent {
-        &self.recent
     }
 
     /// Files that failed to publish, of every kind.
@@ -248,9 +241,8 @@ impl Metrics {
 }
 
 impl Counters for Metrics {
-    /// Records one learning step, as the learner finishes it, and keeps it for the status page.
-    fn stepped(&self, report: &UpdateReport, canary: Option<Check>) {
-        self.recent.record(report, canary);
+    /// Counts one learning step, as the learner finishes it.
+    fn stepped(&self, report: &UpdateReport) {
         self.ingest_tokens.inc_by(report.tokens as u64);
         self.update_seconds.observe(report.seconds);
         let outcome = if report.applied { "applied" } else { "skipped" };

@@ -29,6 +29,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
+use crate::learn::history::History;
 use crate::learn::LearnConfig;
 use crate::live;
 use crate::model::Model;
@@ -226,6 +227,8 @@ struct Loaded {
     published: Arc<AtomicU64>,
     /// Whether the store of published versions answers.
     store_health: Arc<live::StoreHealth>,
+    /// The recent learning steps, for the status page.
+    history: Arc<History>,
 }
 
 /// The state the services share; the model is installed once it has loaded.
@@ -285,6 +288,10 @@ impl State {
         let paused = Arc::new(AtomicBool::new(false));
         let published = Arc::new(AtomicU64::new(0));
         let store_health = Arc::new(live::StoreHealth::new(self.metrics.clone()));
+        let history = Arc::new(History::default());
+        if let Some(meta) = restored.as_ref().and_then(|r| r.checkpoint.as_ref()) {
+            history.restore(&meta.recent);
+        }
         let learner = Arc::new(live::Handle::spawn(live::Setup {
             model: Arc::clone(&model),
             snapshots: Arc::clone(&snapshots),
@@ -304,6 +311,7 @@ impl State {
                 .transpose()?,
             published: Arc::clone(&published),
             metrics: self.metrics.clone(),
+            history: Arc::clone(&history),
             store_health: Arc::clone(&store_health),
         })?);
         if let Some(restored) = restored {
@@ -319,6 +327,7 @@ impl State {
                 learner: Arc::clone(&learner),
                 published: Arc::clone(&published),
                 health: Arc::clone(&store_health),
+                history: Arc::clone(&history),
             };
             let version = follower.catch_up().await?;
             tracing::info!(version, "reader caught up with the store");
@@ -332,6 +341,7 @@ impl State {
             paused,
             published,
             store_health,
+            history,
         };
         if self.loaded.set(loaded).is_err() {
             return Err(ServerError::Internal("a model is already installed".into()));

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::{sync_dir, Result, StoreError};
 use crate::learn::engine::LearnerState;
+use crate::learn::history::{self, Step};
 use crate::learn::optimizer::Moments;
 use crate::learn::rehearsal::Entry;
 use crate::model::GroupId;
@@ -51,6 +52,13 @@ pub struct Meta {
     /// The learner's state, so that learning resumes as if never stopped (checkpoints only).
     #[serde(default)]
     pub learner: Option<LearnerMeta>,
+    /// The learning step that made this version (deltas only), for a reader's status page.
+    #[serde(default, deserialize_with = "history::lenient_step")]
+    pub step: Option<Step>,
+    /// The recent learning steps, oldest first (checkpoints only), for the status page after a
+    /// restart and on a reader that starts from this checkpoint.
+    #[serde(default, deserialize_with = "history::lenient_steps")]
+    pub recent: Vec<Step>,
 }
 
 impl Meta {

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::learn::engine::LearnerState;
+use crate::learn::history::Step;
 use crate::model::{GroupId, Model};
 use crate::snapshot::Snapshot;
 use checkpoint::{Checkpoint, Checkpoints, Meta};
@@ -363,6 +364,8 @@ impl Store {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             learner: None,
+            step: None,
+            recent: Vec::new(),
         }
     }
 
@@ -405,16 +408,19 @@ impl Store {
     }
 
     /// Writes `snapshot` (the served weights after every batch learned so far) as a checkpoint of
-    /// the groups changed since the base model, then prunes old checkpoints.
+    /// the groups changed since the base model, with the `recent` learning steps, then prunes old
+    /// checkpoints.
     pub fn checkpoint(
         &mut self,
         snapshot: &Snapshot,
         selection: &[GroupId],
         learner: Option<&LearnerState>,
+        recent: Vec<Step>,
     ) -> Result<Written> {
         let groups = self.dirty.iter().copied().collect::<Vec<_>>();
         let mut tensors = snapshot.tensors_of(&groups);
         let mut meta = self.meta(snapshot.version(), self.parent, &groups, selection);
+        meta.recent = recent;
         if let Some(state) = learner {
             let (learner_meta, moments) = checkpoint::learner_parts(state);
             meta.learner = Some(learner_meta);

@@ -27,7 +27,7 @@ pub(super) fn page(o: &Overview, now: SystemTime) -> String {
     let _ = write!(
         body,
         "<h2>Recent updates</h2>\n<p>The last {} learning steps, newest first; times in UTC.</p>\n",
-        super::recent::KEPT
+        crate::learn::history::KEPT
     );
     body += &updates(o, now);
     document(&title, &body)
@@ -225,7 +225,7 @@ mod tests {
             loss_before: 3.0,
             loss_after: None,
             groups: Vec::new(),
-            canary: Some(crate::live::Check { before, after }),
+            canary: Some(crate::learn::history::Check { before, after }),
             seconds: 0.1,
         }
     }

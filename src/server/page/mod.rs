@@ -5,7 +5,6 @@
 
 mod heatmap;
 mod html;
-mod recent;
 
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -13,7 +12,7 @@ use std::time::SystemTime;
 use super::{convert, Loaded, Role, State};
 use crate::model::GroupId;
 
-pub(crate) use recent::{Recent, Step};
+use crate::learn::history::Step;
 
 /// What the page shows, read from the live state when it is asked for.
 pub(crate) struct Overview {
@@ -81,6 +80,6 @@ fn overview(state: &State, loaded: &Loaded) -> Overview {
             .map(|g| g.max_ratio),
         groups: loaded.model.groups(),
         selection: progress.selection,
-        steps: state.metrics.recent().steps(),
+        steps: loaded.history.steps(),
     }
 }
