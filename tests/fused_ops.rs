@@ -264,3 +264,62 @@ fn head_nll_rejects_out_of_vocabulary_targets_mismatched_widths_and_empty_rows()
     let err = ops::head_nll(&empty, &w, &none).unwrap_err().to_string();
     assert!(err.contains("no positions"), "{err}");
 }
+
+/// `sum(out * probe)`'s gradient of `x`, and whether any gradient reached `w`, for an op of `x`
+/// and a frozen (detached) copy of `w`.
+fn frozen_grads(x: &Var, w: &Var, op: impl Fn(&Tensor, &Tensor) -> Tensor) -> (Tensor, bool) {
+    let frozen = w.as_detached_tensor();
+    let out = op(x.as_tensor(), &frozen);
+    let probe = randn(out.dims(), 9);
+    let grads = (out * probe.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let reached = grads.get(&frozen).is_some() || grads.get(w.as_tensor()).is_some();
+    (grads.get(x.as_tensor()).unwrap().clone(), reached)
+}
+
+#[test]
+fn a_frozen_weight_gets_no_gradient_and_the_input_the_composed_one() {
+    let x = randn(&[2, 7, 16], 21);
+    let cases: [(
+        &str,
+        Var,
+        fn(&Tensor, &Tensor) -> Tensor,
+        fn(&Tensor, &Tensor) -> Tensor,
+    ); 3] = [
+        (
+            "linear",
+            randn(&[8, 16], 22),
+            |x, w| ops::linear(x, w, None).unwrap(),
+            |x, w| composed::linear(x, w, None).unwrap(),
+        ),
+        (
+            "rms_norm",
+            randn(&[16], 23),
+            |x, w| ops::rms_norm(x, w, 1e-5).unwrap(),
+            |x, w| composed::rms_norm(x, w, 1e-5).unwrap(),
+        ),
+        (
+            "head_nll",
+            randn(&[11, 16], 24),
+            |x, w| ops::head_nll(x, w, &head_ids()).unwrap(),
+            |x, w| {
+                composed::next_token_nll(&composed::linear(x, w, None).unwrap(), &head_ids())
+                    .unwrap()
+            },
+        ),
+    ];
+    for (name, w, fused, reference) in cases {
+        let (fused_dx, reached) = frozen_grads(&x, &w, fused);
+        let (composed_dx, _) = frozen_grads(&x, &w, reference);
+        assert!(!reached, "{name}: the frozen weight got a gradient");
+        assert!(
+            max_diff(&fused_dx, &composed_dx) < 1e-5,
+            "{name}: input gradient differs by {}",
+            max_diff(&fused_dx, &composed_dx)
+        );
+    }
+}

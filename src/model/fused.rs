@@ -190,9 +190,17 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = grad.matmul(&w.detach())?;
-        let dw = grad.t()?.matmul(&x.detach())?;
-        Ok((Some(dx), Some(dw)))
+        // A frozen weight (or an input that depends on no variable) gets no gradient: the
+        // backward still visits this op for the other argument, and its product would be dropped.
+        let dx = match x.track_op() {
+            true => Some(grad.matmul(&w.detach())?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(grad.t()?.matmul(&x.detach())?),
+            false => None,
+        };
+        Ok((dx, dw))
     }
 }
 
@@ -242,8 +250,11 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormGradX { eps: self.eps })?;
-        let dw = x.apply_op2_no_bwd(&grad, &RmsNormGradW { eps: self.eps })?;
-        Ok((Some(dx), Some(dw)))
+        let dw = match w.track_op() {
+            true => Some(x.apply_op2_no_bwd(&grad, &RmsNormGradW { eps: self.eps })?),
+            false => None,
+        };
+        Ok((Some(dx), dw))
     }
 }
 

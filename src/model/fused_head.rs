@@ -88,28 +88,36 @@ impl CustomOp2 for HeadNll {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let nll_and_grad = Tensor::stack(&[nll, grad], 1)?;
+        // A frozen head (the tied embedding under layer-group strategies) gets no gradient: its
+        // product is the size of a forward through the head, and its buffer the size of the head.
+        let weight = w.track_op();
         let both = x.apply_op3_no_bwd(
             w,
             &nll_and_grad,
             &HeadNllGrad {
                 targets: &self.targets,
                 chunk: self.chunk,
+                weight,
             },
         )?;
         let n = x.dim(0)?;
-        Ok((
-            Some(both.narrow(0, 0, n)?),
-            Some(both.narrow(0, n, w.dim(0)?)?),
-        ))
+        let dw = match weight {
+            true => Some(both.narrow(0, n, w.dim(0)?)?),
+            false => None,
+        };
+        Ok((Some(both.narrow(0, 0, n)?), dw))
     }
 }
 
-/// The gradients of [`HeadNll`] for both inputs, stacked as `(n + vocab, h)`: `dx` rows first.
-/// With `p = softmax(x @ w^T)` and the logit gradient `d = g * (p - onehot(target))`,
-/// `dx = d @ w` and `dw = d^T @ x`; the log-sum-exp comes back from the loss.
+/// The gradients of [`HeadNll`] for both inputs, stacked as `(n + vocab, h)`: `dx` rows first
+/// (`(n, h)`, `dx` alone, without `weight`). With `p = softmax(x @ w^T)` and the logit gradient
+/// `d = g * (p - onehot(target))`, `dx = d @ w` and `dw = d^T @ x`; the log-sum-exp comes back
+/// from the loss.
 struct HeadNllGrad<'a> {
     targets: &'a [u32],
     chunk: usize,
+    /// Whether the head weight's gradient is wanted.
+    weight: bool,
 }
 
 impl CustomOp3 for HeadNllGrad<'_> {
@@ -132,7 +140,8 @@ impl CustomOp3 for HeadNllGrad<'_> {
         let w = View::rows(slice(s2, l2, "head weight")?, v, h, h);
         let ng = slice(s3, l3, "nll and grad")?;
         let live: Vec<usize> = (0..n).filter(|&i| ng[2 * i + 1] != 0.0).collect();
-        let mut out = vec![0f32; (n + v) * h];
+        let wanted = if self.weight { v } else { 0 };
+        let mut out = vec![0f32; (n + wanted) * h];
         let (dx, dw) = out.split_at_mut(n * h);
         let rows = self.chunk.max(1).min(live.len());
         let (mut logits, mut xs, mut dxs) = (
@@ -158,8 +167,10 @@ impl CustomOp3 for HeadNllGrad<'_> {
             for (src, &i) in dxs.chunks(h).zip(chunk) {
                 dx[i * h..(i + 1) * h].copy_from_slice(src);
             }
-            matmul(dw, d.t(), xs, k > 0);
+            if self.weight {
+                matmul(dw, d.t(), xs, k > 0);
+            }
         }
-        Ok((CpuStorage::F32(out), Shape::from((n + v, h))))
+        Ok((CpuStorage::F32(out), Shape::from((n + wanted, h))))
     }
 }
