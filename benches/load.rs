@@ -1,6 +1,7 @@
 //! Query latency of the live server: `Query.Score` p50/p99 over a fixed number of requests on the
-//! default model, first idle, then while an ingest stream keeps the learner busy. The goal is a
-//! p99 under ingest at most twice the idle p99. `cargo bench --bench load` prints one JSON object.
+//! default model, first idle, then while an ingest stream keeps the learner busy, and the rate of
+//! greedy generation (idle). The goal is a p99 under ingest at most twice the idle p99.
+//! `cargo bench --bench load` prints one JSON object.
 //!
 //! The server runs in-process on 127.0.0.1:0 and is spoken to over gRPC with the public client,
 //! one request at a time, so each latency is a full round trip.
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use locus::client::Client;
 use locus::model::load;
+use locus::proto::v1 as pb;
 use locus::server::{self, Config, State};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,6 +27,35 @@ const WARMUP: usize = 10;
 const STEPS: u64 = 3;
 /// Documents per ingest batch.
 const BATCH: usize = 8;
+
+/// The prompt of the generation measurement (scripts/reference/bench_torch.py uses the same).
+const GENERATE_PROMPT: &str = "The history of the city began";
+/// Tokens each greedy completion asks for.
+const GENERATE_TOKENS: u32 = 64;
+
+/// Tokens per second of three greedy completions, one at a time, after an unmeasured one.
+async fn generation(client: &mut Client) -> anyhow::Result<Vec<f64>> {
+    let request = pb::CompleteRequest {
+        prompt: GENERATE_PROMPT.into(),
+        max_tokens: GENERATE_TOKENS,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let mut rates = Vec::new();
+    for i in 0..4 {
+        let start = Instant::now();
+        let mut stream = client.complete(request.clone()).await?;
+        let mut tokens = 0;
+        while let Some(chunk) = stream.message().await? {
+            tokens = chunk.tokens;
+        }
+        if i > 0 {
+            rates.push(f64::from(tokens) / start.elapsed().as_secs_f64());
+        }
+    }
+    rates.sort_by(f64::total_cmp);
+    Ok(rates)
+}
 
 /// Latencies in milliseconds of `n` sequential Score calls after `warmup` unmeasured ones.
 async fn measure(
@@ -70,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         let probes = probes();
         let mut client = Client::connect(&addr, None).await?;
         let idle = measure(&mut client, &probes, WARMUP, REQUESTS).await?;
+        let generated = generation(&mut client).await?;
 
         // Keep the learner busy: batches go out as fast as flow control admits them.
         let (tx, rx) = mpsc::channel(1);
@@ -119,6 +151,12 @@ fn main() -> anyhow::Result<()> {
                 "measurement_seconds": busy_seconds,
                 "final_version": info.version,
                 "p99_ratio": ratio,
+                "generation": {
+                    "prompt": GENERATE_PROMPT,
+                    "max_tokens": GENERATE_TOKENS,
+                    "tokens_per_s": generated,
+                    "median_tokens_per_s": generated[generated.len() / 2],
+                },
                 "goal_p99_ratio_at_most_2": ratio <= 2.0,
             }))?
         );

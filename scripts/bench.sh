@@ -1,20 +1,40 @@
 #!/usr/bin/env bash
-# Trace-step and training-step benchmark of locus against PyTorch on this machine, one after the
-# other (never concurrently), 4 x 128 tokens on SmolLM2-135M, 2 threads each. Prints both JSON
-# objects and the ratios. Needs torch, transformers and gguf for python3 (see scripts/reference/).
+# locus against PyTorch on this machine, one benchmark after the other (never concurrently), 2
+# threads each, SmolLM2-135M f32: the training steps on 4 x 128 tokens (forward, forward +
+# backward, trace step, the per-batch TGL step against PyTorch's naive trace-then-train loop),
+# scoring and greedy generation (locus through gRPC, PyTorch through transformers), query p99
+# under ingest against idle, and peak memory. Prints one table with the machine, and keeps every
+# JSON object in OUT (default target/bench). About 20 minutes on 2 cores. Needs torch,
+# transformers and gguf for python3 (see scripts/reference/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/bench}
 mkdir -p "$out"
 cargo bench --bench step > "$out/locus.json"
+cargo bench --bench update_step > "$out/update_step.json"
+cargo bench --bench load > "$out/load.json"
 gguf=$(python3 -c 'import os; print(os.path.join(os.environ.get("LOCUS_HOME", os.path.expanduser("~/.cache/locus")), "models/SmolLM2-135M-Instruct.Q4_1.gguf"))')
 python3 scripts/reference/bench_torch.py --gguf "$gguf" --threads 2 --json-out "$out/torch.json" > /dev/null
-python3 - "$out/locus.json" "$out/torch.json" <<'PY'
-import json, sys
-l, t = (json.load(open(p)) for p in sys.argv[1:3])
-print("machine:", t["machine"]["cpu"], f'{t["machine"]["logical_cpus"]} logical CPUs; torch', t["torch"])
-print(f'{"":14}{"locus s":>10}{"torch s":>10}{"torch/locus":>13}')
-for k in ["forward_s", "fwd_bwd_s", "trace_step_s"]:
-    print(f'{k:14}{l[k]:10.3f}{t[k]:10.3f}{t[k] / l[k]:13.2f}')
-print("peak RSS MB: locus", {k: round(v) for k, v in l["peak_rss_mb"].items()}, "torch", t["peak_rss_mb"])
+python3 - "$out" <<'PY'
+import datetime, json, sys
+out = sys.argv[1]
+l, u, q, t = (json.load(open(f"{out}/{n}.json")) for n in ["locus", "update_step", "load", "torch"])
+per_batch = next(r for r in u["runs"] if r["localization"]["mode"] == "per-batch")
+print(f'machine: {t["machine"]["cpu"]}, {t["machine"]["logical_cpus"]} logical CPUs; torch {t["torch"]}; '
+      f'{datetime.date.today()}')
+print("| operation | locus | PyTorch | PyTorch time / locus time |")
+print("| --- | --- | --- | --- |")
+def row(name, mine, theirs, unit, faster_is_lower=True):
+    ratio = theirs / mine if faster_is_lower else mine / theirs
+    print(f"| {name} | {mine:.3g} {unit} | {theirs:.3g} {unit} | {ratio:.2f} |")
+row("forward", l["forward_s"], t["forward_s"], "s")
+row("forward + backward", l["fwd_bwd_s"], t["fwd_bwd_s"], "s")
+row("trace step", l["trace_step_s"], t["trace_step_s"], "s")
+row("per-batch TGL step (PyTorch: trace step + train step)", per_batch["seconds_per_batch"], t["tgl_step_s"], "s")
+row("score 2 candidates (locus p50 through gRPC)", q["idle"]["p50_ms"], t["score_ms"], "ms")
+row("greedy generation (locus through gRPC)", q["generation"]["median_tokens_per_s"], t["generate_tok_s"], "tok/s", False)
+print(f'query p99 under ingest / idle p99 (locus): {q["p99_ratio"]:.2f} '
+      f'({q["during_ingest"]["p99_ms"]:.0f} ms / {q["idle"]["p99_ms"]:.0f} ms)')
+print("peak RSS MB, training steps: locus", {k: round(v) for k, v in l["peak_rss_mb"].items()},
+      "PyTorch", t["peak_rss_mb"], f'(with AdamW state: {t["peak_rss_with_adamw_mb"]})')
 PY

