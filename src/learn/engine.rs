@@ -696,6 +696,7 @@ impl Learner {
         }
         self.applied += 1;
         self.version += 1;
+        self.opt.end_step();
         self.undo = self.revertible.then_some(undo);
         let rel: BTreeMap<GroupId, f64> = self
             .stats()

@@ -1,4 +1,7 @@
-//! AdamW with decoupled weight decay, holding state only for parameters that have been trained.
+//! AdamW with decoupled weight decay, holding state only for parameters trained lately: a
+//! parameter not updated for [`STALE_AFTER`] steps (a group that left a per-batch selection) loses
+//! its moments and starts afresh if it is trained again, so the state is bounded by the groups
+//! trained in that window rather than growing towards every group a stream ever selected.
 //!
 //! On the CPU a step is two fused in-place passes (moments, then weight) instead of a dozen
 //! allocating tensor ops over every trainable element.
@@ -16,6 +19,8 @@ pub struct Moments {
     pub state: Tensor,
     /// Updates taken (for the bias corrections).
     pub steps: i32,
+    /// Optimizer steps ended since the last update.
+    pub idle: u64,
 }
 
 /// What one update changed, kept so that it can be reverted: each parameter's weights and
@@ -33,6 +38,9 @@ struct Saved {
     /// `None`: the update created the parameter's state.
     moments: Option<Moments>,
 }
+
+/// Optimizer steps a parameter's state outlives its last update.
+pub const STALE_AFTER: u64 = 64;
 
 /// AdamW state, created lazily per parameter on its first update.
 pub struct AdamW {
@@ -123,6 +131,17 @@ impl AdamW {
         }
     }
 
+    /// Ends an optimizer step: the state of parameters not updated in the last [`STALE_AFTER`]
+    /// steps is dropped. Answers how many parameters lost theirs.
+    pub fn end_step(&mut self) -> usize {
+        let before = self.state.len();
+        self.state.retain(|_, m| {
+            m.idle += 1;
+            m.idle <= STALE_AFTER
+        });
+        before - self.state.len()
+    }
+
     /// One update of `var` with gradient `grad` at learning rate `lr`, as torch.optim.AdamW.
     pub fn update(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64) -> Result<()> {
         let (b1, b2) = self.betas;
@@ -131,12 +150,15 @@ impl AdamW {
             Some(s) => s,
             None => {
                 let state = Tensor::zeros((2, n), grad.dtype(), grad.device())?;
-                self.state
-                    .entry(name.to_string())
-                    .or_insert(Moments { state, steps: 0 })
+                self.state.entry(name.to_string()).or_insert(Moments {
+                    state,
+                    steps: 0,
+                    idle: 0,
+                })
             }
         };
         st.steps += 1;
+        st.idle = 0;
         let c1 = 1.0 - b1.powi(st.steps);
         let c2 = 1.0 - b2.powi(st.steps);
         let decay = 1.0 - lr * self.weight_decay;
@@ -179,6 +201,7 @@ impl AdamW {
                     Moments {
                         state: m.state.copy()?,
                         steps: m.steps,
+                        idle: m.idle,
                     },
                 ))
             })
@@ -192,6 +215,7 @@ impl AdamW {
             Some(m) => Some(Moments {
                 state: m.state.copy()?,
                 steps: m.steps,
+                idle: m.idle,
             }),
             None => None,
         };
@@ -229,5 +253,40 @@ impl AdamW {
     /// Elements of optimizer state held.
     pub fn state_elements(&self) -> usize {
         self.state.values().map(|s| s.state.elem_count()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn state_of_a_parameter_left_untrained_is_dropped_after_the_window() {
+        let mut opt = AdamW::new((0.9, 0.999), 1e-8, 0.0);
+        let var = |v: f32| Var::from_tensor(&Tensor::full(v, 4, &Device::Cpu).unwrap()).unwrap();
+        let (a, b) = (var(1.0), var(2.0));
+        let grad = Tensor::full(0.5f32, 4, &Device::Cpu).unwrap();
+        opt.update("a", &a, &grad, 1e-3).unwrap();
+        opt.update("b", &b, &grad, 1e-3).unwrap();
+        assert_eq!(opt.end_step(), 0);
+        for _ in 1..STALE_AFTER {
+            opt.update("a", &a, &grad, 1e-3).unwrap();
+            assert_eq!(opt.end_step(), 0);
+            assert_eq!(opt.tracked(), 2);
+        }
+        opt.update("a", &a, &grad, 1e-3).unwrap();
+        assert_eq!(
+            opt.end_step(),
+            1,
+            "b was last updated {} steps ago",
+            STALE_AFTER + 1
+        );
+        assert_eq!(opt.tracked(), 1);
+        // Trained again, it starts afresh: its first update is AdamW's first step (lr * sign).
+        let before = b.as_tensor().to_vec1::<f32>().unwrap()[0];
+        opt.update("b", &b, &grad, 1e-3).unwrap();
+        let after = b.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((before - after - 1e-3).abs() < 1e-6, "{before} -> {after}");
     }
 }

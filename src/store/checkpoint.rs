@@ -80,6 +80,9 @@ pub struct LearnerMeta {
     pub applied: u64,
     /// AdamW steps per parameter; the moments are the tensors `optimizer/<name>`.
     pub steps: BTreeMap<String, i32>,
+    /// Optimizer steps since each parameter's last update (absent in older versions: 0).
+    #[serde(default)]
+    pub idle: BTreeMap<String, u64>,
     /// `(group, span norm, full norm)`: the localization statistics.
     pub norms: Option<Vec<(String, f64, f64)>>,
     /// The groups selected.
@@ -105,6 +108,11 @@ pub fn learner_parts(state: &LearnerState) -> (LearnerMeta, BTreeMap<String, Ten
             .moments
             .iter()
             .map(|(n, m)| (n.clone(), m.steps))
+            .collect(),
+        idle: state
+            .moments
+            .iter()
+            .map(|(n, m)| (n.clone(), m.idle))
             .collect(),
         norms: state.norms.as_ref().map(|norms| {
             norms
@@ -151,7 +159,8 @@ fn learner_state(
                 format!("optimizer state of `{name}` without its steps"),
             )
         })?;
-        out.insert(name, Moments { state, steps });
+        let idle = meta.idle.get(&name).copied().unwrap_or(0);
+        out.insert(name, Moments { state, steps, idle });
     }
     Ok(Some(LearnerState {
         moments: out,
