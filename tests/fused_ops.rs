@@ -265,6 +265,9 @@ fn head_nll_rejects_out_of_vocabulary_targets_mismatched_widths_and_empty_rows()
     assert!(err.contains("no positions"), "{err}");
 }
 
+/// An op of an input and a weight.
+type Op = fn(&Tensor, &Tensor) -> Tensor;
+
 /// `sum(out * probe)`'s gradient of `x`, and whether any gradient reached `w`, for an op of `x`
 /// and a frozen (detached) copy of `w`.
 fn frozen_grads(x: &Var, w: &Var, op: impl Fn(&Tensor, &Tensor) -> Tensor) -> (Tensor, bool) {
@@ -284,12 +287,7 @@ fn frozen_grads(x: &Var, w: &Var, op: impl Fn(&Tensor, &Tensor) -> Tensor) -> (T
 #[test]
 fn a_frozen_weight_gets_no_gradient_and_the_input_the_composed_one() {
     let x = randn(&[2, 7, 16], 21);
-    let cases: [(
-        &str,
-        Var,
-        fn(&Tensor, &Tensor) -> Tensor,
-        fn(&Tensor, &Tensor) -> Tensor,
-    ); 3] = [
+    let cases: [(&str, Var, Op, Op); 3] = [
         (
             "linear",
             randn(&[8, 16], 22),

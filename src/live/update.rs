@@ -13,6 +13,12 @@ use crate::learn::{Doc, UpdateReport};
 use crate::model::GroupId;
 use crate::snapshot::Snapshot;
 
+/// An update now served: the version it was made from and the snapshot it became.
+struct Served {
+    parent: u64,
+    published: Arc<Snapshot>,
+}
+
 impl Worker {
     /// Learns `docs` in steps of at most `batch_size`, serving each update the guard lets
     /// through, then records journal record `seq` (when the server is durable) as applied, and
@@ -43,8 +49,8 @@ impl Worker {
             (None, None)
         };
         let step = Step::of(&report, canary);
-        if let Some((parent, snapshot)) = served {
-            self.publish_delta(parent, &snapshot, &step);
+        if let Some(s) = served {
+            self.publish_delta(s.parent, &s.published, &step);
         }
         self.setup.history.record(step);
         self.setup.metrics.stepped(&report);
@@ -70,7 +76,7 @@ impl Worker {
     fn serve_update(
         &mut self,
         report: &mut UpdateReport,
-    ) -> Result<(Option<Check>, Option<(u64, Arc<Snapshot>)>)> {
+    ) -> Result<(Option<Check>, Option<Served>)> {
         let changed: Vec<GroupId> = report.groups.iter().map(UpdatedGroup::id).collect();
         let weights = self.learner.current_params()?;
         let current = self.setup.snapshots.current();
@@ -109,7 +115,8 @@ impl Worker {
         if let Some(store) = self.setup.store.as_mut() {
             store.updated(changed);
         }
-        Ok((check, Some((current.version(), published))))
+        let parent = current.version();
+        Ok((check, Some(Served { parent, published })))
     }
 
     /// With a guard: the canary perplexity of `current` and of `next`; that of the version served
