@@ -37,6 +37,9 @@ impl Worker {
     /// fails (or panics) fails as it did when it first arrived, and the rest go on, so one bad
     /// record cannot keep the server from starting.
     pub(super) fn replay(&mut self, mut restored: Box<Restored>) -> Result<usize> {
+        if let Some(meta) = &restored.checkpoint {
+            self.setup.history.restore(&meta.recent);
+        }
         if let Some(state) = restored.learner.take() {
             // Moments that do not fit (another strategy's parameters) only cost a fresh start.
             if let Err(e) = self.learner.import_state(state) {

@@ -192,14 +192,11 @@ impl CustomOp2 for Linear {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // A frozen weight (or an input that depends on no variable) gets no gradient: the
         // backward still visits this op for the other argument, and its product would be dropped.
-        let dx = match x.track_op() {
-            true => Some(grad.matmul(&w.detach())?),
-            false => None,
-        };
-        let dw = match w.track_op() {
-            true => Some(grad.t()?.matmul(&x.detach())?),
-            false => None,
-        };
+        let dx = x.track_op().then(|| grad.matmul(&w.detach())).transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| grad.t()?.matmul(&x.detach()))
+            .transpose()?;
         Ok((dx, dw))
     }
 }
@@ -250,10 +247,10 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormGradX { eps: self.eps })?;
-        let dw = match w.track_op() {
-            true => Some(x.apply_op2_no_bwd(&grad, &RmsNormGradW { eps: self.eps })?),
-            false => None,
-        };
+        let dw = w
+            .track_op()
+            .then(|| x.apply_op2_no_bwd(&grad, &RmsNormGradW { eps: self.eps }))
+            .transpose()?;
         Ok((Some(dx), dw))
     }
 }

@@ -101,10 +101,7 @@ impl CustomOp2 for HeadNll {
             },
         )?;
         let n = x.dim(0)?;
-        let dw = match weight {
-            true => Some(both.narrow(0, n, w.dim(0)?)?),
-            false => None,
-        };
+        let dw = weight.then(|| both.narrow(0, n, w.dim(0)?)).transpose()?;
         Ok((Some(both.narrow(0, 0, n)?), dw))
     }
 }

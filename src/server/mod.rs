@@ -289,9 +289,6 @@ impl State {
         let published = Arc::new(AtomicU64::new(0));
         let store_health = Arc::new(live::StoreHealth::new(self.metrics.clone()));
         let history = Arc::new(History::default());
-        if let Some(meta) = restored.as_ref().and_then(|r| r.checkpoint.as_ref()) {
-            history.restore(&meta.recent);
-        }
         let learner = Arc::new(live::Handle::spawn(live::Setup {
             model: Arc::clone(&model),
             snapshots: Arc::clone(&snapshots),
