@@ -152,6 +152,15 @@ fn main() -> anyhow::Result<()> {
             &format!("version {} kept", report.version),
             json!({"kept_versions": snapshots.retained().len(), "kept_mb": kept_mb(&model, &snapshots)}),
         );
+        // What the server's learner does when no batch waits.
+        if tuning.trim {
+            let started = std::time::Instant::now();
+            locus::malloc::trim_when_idle();
+            phases.mark(
+                "trimmed",
+                json!({"seconds": started.elapsed().as_secs_f64()}),
+            );
+        }
     }
     let state = learner.export_state()?;
     let selection = learner.selection().unwrap_or_default();
@@ -169,6 +178,7 @@ fn main() -> anyhow::Result<()> {
         serde_json::to_string_pretty(&json!({
             "model": "default", "vocab": vocab, "keep_versions": keep, "malloc_arena_max": arena,
             "malloc_mmap_threshold": tuning.mmap_threshold, "locus_malloc_arena_max": tuning.arena_max,
+            "malloc_trim": tuning.trim,
             "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
             "phases": phases.rows,
         }))?

@@ -2,7 +2,13 @@
 //!
 //! glibc raises its mmap threshold to the largest block freed (up to 32 MiB), after which tensor
 //! buffers come from the heap and stay resident when freed; a fixed threshold keeps each large
-//! buffer in a mapping of its own that is returned on free (docs/memory.md measures both).
+//! buffer in a mapping of its own that is returned on free, and a trim once the learner is idle
+//! returns what a step freed without a fault on every allocation (docs/memory.md measures all).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether [`trim_when_idle`] returns free heap memory; set by [`Tuning::apply`].
+static TRIM: AtomicBool = AtomicBool::new(false);
 
 /// The largest mmap threshold glibc accepts on a 64-bit target (`HEAP_MAX_SIZE / 2`).
 pub const MAX_MMAP_THRESHOLD: usize = 32 << 20;
@@ -14,6 +20,8 @@ pub struct Tuning {
     pub mmap_threshold: usize,
     /// The most malloc arenas, each of which keeps the memory its threads freed.
     pub arena_max: usize,
+    /// Return the heap's free memory to the system whenever the learner has been idle a while.
+    pub trim: bool,
 }
 
 /// A setting glibc refused.
@@ -36,30 +44,24 @@ impl Tuning {
     pub const DEFAULT: Tuning = Tuning {
         mmap_threshold: 0,
         arena_max: 0,
+        trim: true,
     };
 
-    /// Reads `LOCUS_MALLOC_MMAP_THRESHOLD` and `LOCUS_MALLOC_ARENA_MAX` (an unset one keeps its
-    /// default), for benches that apply what `serve` would.
+    /// Reads `LOCUS_MALLOC_MMAP_THRESHOLD`, `LOCUS_MALLOC_ARENA_MAX` and `LOCUS_MALLOC_TRIM`
+    /// (an unset one keeps its default), for benches that apply what `serve` would.
     pub fn from_env() -> Result<Tuning, Error> {
-        let read = |setting: &'static str, var: &str, default: usize| {
-            std::env::var(var).map_or(Ok(default), |v| {
-                v.parse().map_err(|e| Error::Refused {
-                    setting,
-                    reason: format!("{var}={v}: {e}"),
-                })
-            })
-        };
         Ok(Tuning {
-            mmap_threshold: read(
+            mmap_threshold: read_env(
                 "malloc-mmap-threshold",
                 "LOCUS_MALLOC_MMAP_THRESHOLD",
                 Self::DEFAULT.mmap_threshold,
             )?,
-            arena_max: read(
+            arena_max: read_env(
                 "malloc-arena-max",
                 "LOCUS_MALLOC_ARENA_MAX",
                 Self::DEFAULT.arena_max,
             )?,
+            trim: read_env("malloc-trim", "LOCUS_MALLOC_TRIM", Self::DEFAULT.trim)?,
         })
     }
 
@@ -89,8 +91,37 @@ impl Tuning {
             )?;
             set("malloc-arena-max", libc::M_ARENA_MAX, self.arena_max)?;
         }
+        TRIM.store(self.trim, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Returns the free memory of every malloc arena to the system (`malloc_trim`) when the settings
+/// ask for it; called by the learner once it has been idle a while, so the buffers of finished
+/// steps and queries stop counting as resident. A no-op where the C library is not glibc.
+pub fn trim_when_idle() {
+    if !TRIM.load(Ordering::Relaxed) {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of the allocator's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Parses environment variable `var`, or answers `default` when it is unset.
+fn read_env<T>(setting: &'static str, var: &str, default: T) -> Result<T, Error>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    std::env::var(var).map_or(Ok(default), |v| {
+        v.parse().map_err(|e| Error::Refused {
+            setting,
+            reason: format!("{var}={v}: {e}"),
+        })
+    })
 }
 
 /// Sets one `mallopt` parameter unless `value` is 0.
@@ -118,12 +149,14 @@ mod tests {
         let over = Tuning {
             mmap_threshold: MAX_MMAP_THRESHOLD + 1,
             arena_max: 0,
+            trim: false,
         };
         let e = over.apply().unwrap_err().to_string();
         assert!(e.starts_with("malloc-mmap-threshold: "), "{e}");
         let glibc = Tuning {
             mmap_threshold: 0,
             arena_max: 0,
+            trim: false,
         };
         assert!(glibc.apply().is_ok());
     }

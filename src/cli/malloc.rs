@@ -1,4 +1,4 @@
-//! `--malloc-mmap-threshold` and `--malloc-arena-max`, flattened into the long-running commands.
+//! `--malloc-mmap-threshold`, `--malloc-arena-max` and `--malloc-trim`, flattened into the long-running commands.
 
 use anyhow::Context;
 use clap::Args;
@@ -17,6 +17,11 @@ pub struct MallocArgs {
     #[arg(long, default_value_t = Tuning::DEFAULT.arena_max as u32, env = "LOCUS_MALLOC_ARENA_MAX",
           value_parser = clap::value_parser!(u32).range(0..=1024))]
     malloc_arena_max: u32,
+    /// Return free heap memory to the system once the learner has been idle for a second
+    /// (glibc's `malloc_trim`; false keeps what steps and queries freed resident).
+    #[arg(long, default_value_t = Tuning::DEFAULT.trim, env = "LOCUS_MALLOC_TRIM",
+          action = clap::ArgAction::Set)]
+    malloc_trim: bool,
 }
 
 impl MallocArgs {
@@ -25,6 +30,7 @@ impl MallocArgs {
         Tuning {
             mmap_threshold: self.malloc_mmap_threshold as usize,
             arena_max: self.malloc_arena_max as usize,
+            trim: self.malloc_trim,
         }
         .apply()
         .context("allocator settings")
