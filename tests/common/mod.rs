@@ -27,6 +27,16 @@ pub fn spawn_serving(command: &mut Command) -> (Child, String) {
 /// once that line has come and, when `loaded`, once the model is loaded too. Its stderr is drained
 /// from then on.
 pub fn spawn_announcing(command: &mut Command, announce: &str, loaded: bool) -> (Child, String) {
+    let (child, mut addrs) = spawn_announcing_all(command, &[announce], loaded);
+    (child, addrs.remove(0))
+}
+
+/// As [`spawn_announcing`], for several listeners: one address per prefix in `announce`, in order.
+pub fn spawn_announcing_all(
+    command: &mut Command,
+    announce: &[&str],
+    loaded: bool,
+) -> (Child, Vec<String>) {
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -34,24 +44,28 @@ pub fn spawn_announcing(command: &mut Command, announce: &str, loaded: bool) -> 
         .expect("running locus serve");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let announce = announce.to_string();
+    let announce: Vec<String> = announce.iter().map(|a| a.to_string()).collect();
     std::thread::spawn(move || {
-        let mut addr = None;
+        let mut addrs: Vec<Option<String>> = vec![None; announce.len()];
+        let mut ready = !loaded;
+        let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(&announce) {
-                let after = rest.split(" on ").nth(1).unwrap_or_default();
-                let after = after.trim_start_matches("http://");
-                addr = after.split([' ', '/']).next().map(String::from);
+            for (prefix, addr) in announce.iter().zip(addrs.iter_mut()) {
+                if let Some(rest) = line.strip_prefix(prefix.as_str()) {
+                    let after = rest.split(" on ").nth(1).unwrap_or_default();
+                    let after = after.trim_start_matches("http://");
+                    *addr = after.split([' ', '/']).next().map(String::from);
+                }
             }
-            let ready = !loaded || line.contains("model loaded");
-            if let Some(a) = addr.as_ref().filter(|_| ready) {
-                let _ = tx.send(a.clone());
-                addr = None;
+            ready |= line.contains("model loaded");
+            if ready && !sent && addrs.iter().all(Option::is_some) {
+                let _ = tx.send(addrs.iter().flatten().cloned().collect::<Vec<_>>());
+                sent = true;
             }
         }
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(addr) => (child, addr),
+        Ok(addrs) => (child, addrs),
         Err(_) => {
             let _ = child.kill();
             panic!(
