@@ -13,7 +13,12 @@ use serde_json::Value;
 
 /// The repository root: the task file names its probes relative to it.
 fn repo() -> PathBuf {
-    common::fixture("").parent().unwrap().parent().unwrap().to_path_buf()
+    common::fixture("")
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Every `results_*.json` under `dir`, at any depth.
@@ -41,7 +46,12 @@ fn accuracy(http: &str, out: &Path) -> f64 {
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_DATASETS_OFFLINE", "1")
         .args(["--model", "local-completions", "--model_args", &args])
-        .args(["--include_path", "tests/fixtures/lm_eval", "--tasks", "locus_drift"])
+        .args([
+            "--include_path",
+            "tests/fixtures/lm_eval",
+            "--tasks",
+            "locus_drift",
+        ])
         .arg("--output_path")
         .arg(out)
         .output()
