@@ -310,3 +310,35 @@ impl Worker {
         Ok((version, trace(&self.setup.model, &prepared)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_that_come_after_the_idle_trim_are_still_taken_in_order() {
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(TRIM_AFTER_IDLE * 2);
+            let replies: Vec<_> = (0..2)
+                .map(|_| {
+                    let (reply, answer) = oneshot::channel();
+                    tx.blocking_send(Job::Checkpoint { reply }).unwrap();
+                    answer
+                })
+                .collect();
+            replies
+        });
+        for _ in 0..2 {
+            let job = next_job(&mut rx, Some(&clock));
+            assert!(matches!(job, Some(Job::Checkpoint { .. })));
+        }
+        drop(sender.join().unwrap());
+        assert!(next_job(&mut rx, Some(&clock)).is_none(), "closed queue");
+        assert!(next_job(&mut rx, None).is_none(), "without a timer too");
+    }
+}
