@@ -161,13 +161,8 @@ fn chromium() -> Option<&'static str> {
         .stdin(Stdio::null())
         .output()
         .is_ok_and(|o| o.status.success());
-    if found {
-        return Some("chromium");
-    }
     let note = "chromium is not installed (apt-get install -y chromium)";
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{note}");
-    eprintln!("note: skipping the headless Chromium test: {note}");
-    None
+    common::have(found, "headless Chromium test", note).then_some("chromium")
 }
 
 /// Runs headless Chromium with `args` and a profile in `profile`, killed after a minute.

@@ -48,7 +48,8 @@ pub fn spawn_announcing_all(
     std::thread::spawn(move || {
         let mut addrs: Vec<Option<String>> = vec![None; announce.len()];
         let mut ready = !loaded;
-        let mut sent = false;
+        // Taken when the addresses are sent; the loop goes on draining stderr.
+        let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             for (prefix, addr) in announce.iter().zip(addrs.iter_mut()) {
                 if let Some(rest) = line.strip_prefix(prefix.as_str()) {
@@ -58,9 +59,10 @@ pub fn spawn_announcing_all(
                 }
             }
             ready |= line.contains("model loaded");
-            if ready && !sent && addrs.iter().all(Option::is_some) {
-                let _ = tx.send(addrs.iter().flatten().cloned().collect::<Vec<_>>());
-                sent = true;
+            if ready && addrs.iter().all(Option::is_some) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addrs.iter().flatten().cloned().collect::<Vec<_>>());
+                }
             }
         }
     });
@@ -157,12 +159,32 @@ pub fn fails_with(status: i32, args: &[&str], needles: &[&str]) -> String {
 
 /// The directory of a committed fixture.
 pub fn fixture(name: &str) -> PathBuf {
-    // A test binary built on one machine and run on another (scripts/gpu_check.sh) is told
-    // where the checkout is.
+    repo().join("tests/fixtures").join(name)
+}
+
+/// The checkout's root. A test binary built on one machine and run on another
+/// (scripts/gpu_check.sh) is told where the checkout is.
+pub fn repo() -> PathBuf {
     std::env::var_os("LOCUS_REPO")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
-        .join("tests/fixtures")
-        .join(name)
+}
+
+/// Whether a tool the calling test needs is here (`found`). When it is not, the test fails under
+/// `CI=true`, where .ci/run installs it, and elsewhere prints why `test` is skipped.
+pub fn have(found: bool, test: &str, note: &str) -> bool {
+    if !found {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{note}");
+        eprintln!("note: skipping the {test}: {note}");
+    }
+    found
+}
+
+/// Whether `python3` can import `module`.
+pub fn python_module(module: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// The tiny random HF models built by `scripts/reference/make_fixtures.py`.
