@@ -163,6 +163,10 @@ pub struct LearnArgs {
     /// Documents per learning step; larger client batches are learned in consecutive steps.
     #[arg(long, default_value_t = 2, env = "LOCUS_BATCH_SIZE")]
     pub batch_size: usize,
+    /// AdamW's first-moment decay: how long a step's gradient keeps moving the weights in later
+    /// steps (0.9: for about ten steps; 0: only in its own step).
+    #[arg(long, default_value_t = 0.9, env = "LOCUS_BETA1")]
+    pub beta1: f64,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 0, env = "LOCUS_WARMUP")]
     pub warmup: usize,
@@ -203,6 +207,10 @@ pub struct LearnArgs {
     /// often) or `surprisal` (the highest-loss tokens).
     #[arg(long, default_value = "trending", env = "LOCUS_AUTO_SPANS")]
     pub auto_spans: String,
+    /// Learn each document sent without spans as one row a sentence, so each mention of a name
+    /// is predicted from its own sentence instead of copied from an earlier mention.
+    #[arg(long, env = "LOCUS_SENTENCE_ROWS")]
+    pub sentence_rows: bool,
     /// Measure each batch's loss again after its update (one more forward pass per step).
     #[arg(long, env = "LOCUS_MEASURE_AFTER")]
     pub measure_after: bool,
@@ -234,6 +242,9 @@ impl LearnArgs {
                 self.minor_name_weight
             );
         }
+        if !(0.0..1.0).contains(&self.beta1) {
+            anyhow::bail!("--beta1 {}: must be >= 0 and < 1", self.beta1);
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             anyhow::bail!("--lr {}: must be a finite number > 0", self.lr);
         }
@@ -250,6 +261,7 @@ impl LearnArgs {
             strategy: Strategy::parse(&self.strategy)?,
             localization,
             lr: self.lr,
+            betas: (self.beta1, LearnConfig::default().betas.1),
             warmup: self.warmup,
             weight_decay: self.weight_decay,
             clip: self.clip,
@@ -259,6 +271,7 @@ impl LearnArgs {
             rehearsal_window: self.rehearsal_window,
             span_weight: self.span_weight,
             minor_name_weight: self.minor_name_weight,
+            sentence_rows: self.sentence_rows,
             measure_after: self.measure_after,
             auto_spans: match self.auto_spans.as_str() {
                 "entity" => SpanRule::Entity,
