@@ -180,14 +180,12 @@ pub struct Choice {
 /// span on the first token alone) the automatic rule's. `entity` marks names now, falling back to
 /// `surprisal` where it finds none; `novel` and `trending` leave the choice among their names to
 /// the forward pass (`trending` offers only the names `mentions` counts most often);
-/// `surprisal` picks the highest-loss tokens there. `top` marks `text` as a sentence of a longer
-/// document: `trending` then offers the names the document's most mentioned entity reaches, and a
-/// sentence without one has no target rather than surprisal's.
+/// `surprisal` picks the highest-loss tokens there.
 pub fn choose_targets(
     enc: &Encoded,
     text: &str,
     given: Option<&[(usize, usize)]>,
-    (auto, mentions, top): (SpanRule, &Mentions, Option<usize>),
+    (auto, mentions): (SpanRule, &Mentions),
 ) -> Choice {
     let given_targets = given
         .map(|s| span_targets(enc, s))
@@ -221,20 +219,13 @@ pub fn choose_targets(
                         .collect();
                     (names, Vec::new())
                 }
-                _ => mentions.split(text, top),
+                _ => mentions.split(text),
             };
             let names: Vec<Name> = spans.iter().filter_map(|s| Name::of(enc, s)).collect();
-            let minor = span_targets(enc, &minor);
             if !names.is_empty() {
                 return Choice {
-                    minor,
+                    minor: span_targets(enc, &minor),
                     ..choice(None, auto, names)
-                };
-            }
-            if top.is_some() && auto == SpanRule::Trending {
-                return Choice {
-                    minor,
-                    ..choice(Some(vec![false; enc.ids.len() - 1]), auto, Vec::new())
                 };
             }
         }
@@ -429,10 +420,12 @@ impl Mentions {
         Mentions(counts)
     }
 
-    /// The names of `text` (see [`names`]) with the count of their most frequent word.
-    fn scored(&self, text: &str) -> Vec<((usize, usize), usize)> {
+    /// The names of `text` (see [`names`]) whose most frequent word is mentioned most often,
+    /// grouped by the entity they name (occurrences that end in the same word: "Sheinbaum" and
+    /// "Claudia Sheinbaum"), in order of first mention; and the other names.
+    pub fn split(&self, text: &str) -> (Vec<Spans>, Spans) {
         let words = words(text);
-        names(text)
+        let scored: Vec<((usize, usize), usize)> = names(text)
             .into_iter()
             .map(|(s, e)| {
                 let count = words
@@ -443,23 +436,8 @@ impl Mentions {
                     .unwrap_or(0);
                 ((s, e), count)
             })
-            .collect()
-    }
-
-    /// The count of the most mentioned name of `text`: what a sentence of it must reach for
-    /// [`Mentions::split`] to count its names among the most mentioned.
-    pub fn top(&self, text: &str) -> usize {
-        self.scored(text).iter().map(|&(_, c)| c).max().unwrap_or(0)
-    }
-
-    /// The names of `text` (see [`names`]) whose most frequent word is mentioned most often
-    /// (as often as `top`, where `text` is a sentence of a longer document), grouped by the
-    /// entity they name (occurrences that end in the same word: "Sheinbaum" and "Claudia
-    /// Sheinbaum"), in order of first mention; and the other names.
-    pub fn split(&self, text: &str, top: Option<usize>) -> (Vec<Spans>, Spans) {
-        let words = words(text);
-        let scored = self.scored(text);
-        let top = top.unwrap_or_else(|| scored.iter().map(|&(_, c)| c).max().unwrap_or(0));
+            .collect();
+        let top = scored.iter().map(|&(_, c)| c).max().unwrap_or(0);
         let (most, rest): (Vec<_>, Vec<_>) = scored.into_iter().partition(|&(_, c)| c == top);
         let rest = rest.into_iter().map(|(s, _)| s).collect();
         // A name's last word identifies its entity: a surname or a numeral ("Leo XIV" against
@@ -597,7 +575,7 @@ mod tests {
                 .map(|&(s, e)| text.chars().skip(s).take(e - s).collect())
                 .collect()
         };
-        let (most, minor) = mentions.split(text, None);
+        let (most, minor) = mentions.split(text);
         // Occurrences ending in the same word are one entity, a shared title is not.
         let most: Vec<Vec<String>> = most.iter().map(|e| said(e)).collect();
         assert_eq!(

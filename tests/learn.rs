@@ -382,7 +382,6 @@ fn trending_weighs_down_the_names_the_step_mentions_less() {
             auto: SpanRule::Trending,
             mentions: &mentions,
             minor_weight,
-            top: None,
         };
         let doc = Doc {
             text: docs[0].into(),
@@ -405,77 +404,6 @@ fn trending_weighs_down_the_names_the_step_mentions_less() {
         .collect();
     assert!(expected.contains(&0.25) && expected.contains(&1.0));
     assert_eq!(row(0.25).weights, expected);
-}
-
-#[test]
-fn sentence_rows_keep_the_documents_most_mentioned_name_as_the_candidate() {
-    use locus::learn::batch::{Kind, Row, RowRules};
-    use locus::spans::{Mentions, SpanRule};
-    let model = tiny();
-    let text = "Leo XIV succeeded Pope Francis in Rome. The Church has a new leader. \
-                As Leo XIV he thanked Francis.";
-    let mentions = Mentions::of([text]);
-    let rules = RowRules {
-        max_tokens: 256,
-        auto: SpanRule::Trending,
-        mentions: &mentions,
-        minor_weight: 0.0,
-        top: None,
-    };
-    let doc = Doc {
-        text: text.into(),
-        spans: None,
-    };
-    let rows = Row::sentences(&model.tokenizer, &doc, &rules, Kind::Fresh, 0).unwrap();
-    assert_eq!(rows.iter().map(|r| r.part).collect::<Vec<_>>(), [0, 1, 2]);
-    let said = |r: &Row| -> Vec<String> {
-        r.names
-            .iter()
-            .map(|n| {
-                let ids: Vec<u32> = (1..r.ids.len())
-                    .filter(|&j| n.targets[j - 1])
-                    .map(|j| r.ids[j])
-                    .collect();
-                model.tokenizer.decode(&ids).unwrap().trim().to_string()
-            })
-            .collect()
-    };
-    // "Leo XIV" and "Francis" are mentioned twice each; "Rome" and "Church" once, so they are
-    // passed over even where they are a sentence's most mentioned name.
-    let first = said(&rows[0]);
-    assert_eq!(first.len(), 2, "{first:?}");
-    // The row's first token has no target, so the name is learned from its second.
-    assert!(
-        first[0].ends_with("XIV") && !first[0].starts_with("Leo"),
-        "{first:?}"
-    );
-    assert_eq!(first[1], "Pope Francis");
-    assert!(rows[0].weights.contains(&0.0), "Rome is passed over");
-    assert!(rows[1].names.is_empty());
-    let any_target = |r: &Row| r.targets.as_ref().map(|t| t.iter().any(|&b| b));
-    assert_eq!(
-        any_target(&rows[1]),
-        Some(false),
-        "no target, not surprisal's"
-    );
-    assert_eq!(said(&rows[2]), ["Leo XIV", "Francis"]);
-
-    // Through a learner: one document reported, learned from its three sentences.
-    let whole = model.tokenizer.encode(text).unwrap().ids.len();
-    let cfg = LearnConfig {
-        auto_spans: SpanRule::Trending,
-        sentence_rows: true,
-        ..config("tgl-fp")
-    };
-    let mut l = Learner::new(model, cfg, vec![], 0).unwrap();
-    let r = l.step(std::slice::from_ref(&doc)).unwrap();
-    assert!(r.applied, "{r:?}");
-    assert_eq!((r.documents, r.span_rules.len()), (1, 1));
-    assert!(
-        r.tokens.abs_diff(whole) <= 3,
-        "{} against {whole}",
-        r.tokens
-    );
 }
 
 /// The tiny Llama's head width, query heads and key/value heads, from its configuration.

@@ -129,7 +129,6 @@ pub fn run(a: StreamArgs) -> anyhow::Result<()> {
         ("auto_spans", l.auto_spans.clone()),
         ("minor_name_weight", l.minor_name_weight.to_string()),
         ("replay_per_batch", l.replay_per_batch.to_string()),
-        ("sentence_rows", l.sentence_rows.to_string()),
         ("seed", l.seed.to_string()),
         ("order", a.order.clone()),
         ("salient", a.salient.to_string()),

@@ -207,10 +207,6 @@ pub struct LearnArgs {
     /// often) or `surprisal` (the highest-loss tokens).
     #[arg(long, default_value = "trending", env = "LOCUS_AUTO_SPANS")]
     pub auto_spans: String,
-    /// Learn each document sent without spans as one row a sentence, so each mention of a name
-    /// is predicted from its own sentence instead of copied from an earlier mention.
-    #[arg(long, env = "LOCUS_SENTENCE_ROWS")]
-    pub sentence_rows: bool,
     /// Measure each batch's loss again after its update (one more forward pass per step).
     #[arg(long, env = "LOCUS_MEASURE_AFTER")]
     pub measure_after: bool,
@@ -271,7 +267,6 @@ impl LearnArgs {
             rehearsal_window: self.rehearsal_window,
             span_weight: self.span_weight,
             minor_name_weight: self.minor_name_weight,
-            sentence_rows: self.sentence_rows,
             measure_after: self.measure_after,
             auto_spans: match self.auto_spans.as_str() {
                 "entity" => SpanRule::Entity,

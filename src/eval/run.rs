@@ -100,7 +100,6 @@ fn diagnostic_set(
         auto: SpanRule::Entity,
         mentions: &Mentions::default(),
         minor_weight: 1.0,
-        top: None,
     };
     for (i, d) in docs.iter().enumerate() {
         let row = Row::document(&model.tokenizer, d, &rules, Kind::Fresh, i)?;

@@ -3,7 +3,6 @@
 use candle_core::{Device, Tensor};
 
 use super::engine::Doc;
-use super::rehearsal::sentences;
 use crate::error::{Error, Result};
 use crate::spans::{
     choose_targets, novel_targets, surprisal_targets, trending_targets, Mentions, Name, SpanRule,
@@ -40,12 +39,9 @@ pub struct Row {
     minor_weight: f32,
     /// Fresh, rehearsed or replay.
     pub kind: Kind,
-    /// Which sentence of its document the row holds (0 for a whole document).
-    pub part: usize,
 }
 
 /// How a step makes rows of documents.
-#[derive(Clone, Copy)]
 pub struct RowRules<'a> {
     /// Tokens kept of each document.
     pub max_tokens: usize,
@@ -55,9 +51,6 @@ pub struct RowRules<'a> {
     pub mentions: &'a Mentions,
     /// Weight in the full loss of the targets of the names `trending` passed over.
     pub minor_weight: f32,
-    /// For a sentence row, the count of its document's most mentioned name (see
-    /// [`Mentions::top`]).
-    pub top: Option<usize>,
 }
 
 impl Row {
@@ -81,7 +74,7 @@ impl Row {
                 reason: format!("{} token(s); at least 2 are needed", enc.ids.len()),
             });
         }
-        let auto = (rules.auto, rules.mentions, rules.top);
+        let auto = (rules.auto, rules.mentions);
         let c = choose_targets(&enc, &doc.text, doc.spans.as_deref(), auto);
         let mut weights = vec![1.0; enc.ids.len() - 1];
         for (w, &minor) in weights.iter_mut().zip(&c.minor) {
@@ -98,49 +91,7 @@ impl Row {
             weights,
             minor_weight: rules.minor_weight,
             kind,
-            part: 0,
         })
-    }
-
-    /// A document's rows, one a sentence, so that each mention of a name is predicted from its
-    /// own sentence instead of being copied from an earlier mention in the context: what a
-    /// probe, a short prompt, asks of the weights. Under `trending` the names the whole document
-    /// mentions most stay the candidates. A document with client spans, of one sentence, or
-    /// whose sentences are all under two tokens stays one row.
-    pub fn sentences(
-        tok: &TextTokenizer,
-        doc: &Doc,
-        rules: &RowRules,
-        kind: Kind,
-        index: usize,
-    ) -> Result<Vec<Row>> {
-        let chars: Vec<char> = doc.text.chars().collect();
-        let ranges = sentences(&chars);
-        let whole = || Ok(vec![Row::document(tok, doc, rules, kind, index)?]);
-        if doc.spans.is_some() || ranges.len() < 2 {
-            return whole();
-        }
-        let rules = RowRules {
-            top: Some(rules.mentions.top(&doc.text)),
-            ..*rules
-        };
-        let mut rows = Vec::with_capacity(ranges.len());
-        for (a, b) in ranges {
-            let piece = Doc {
-                text: chars[a..b].iter().collect(),
-                spans: None,
-            };
-            if tok.encode(&piece.text)?.ids.len() < 2 {
-                continue;
-            }
-            let mut row = Row::document(tok, &piece, &rules, kind, index)?;
-            row.part = rows.len();
-            rows.push(row);
-        }
-        match rows.is_empty() {
-            true => whole(),
-            false => Ok(rows),
-        }
     }
 
     /// A replay paragraph's row, or `None` when it is shorter than two tokens.
@@ -156,7 +107,6 @@ impl Row {
             names: Vec::new(),
             minor_weight: 1.0,
             kind: Kind::Replay,
-            part: 0,
         }))
     }
 }

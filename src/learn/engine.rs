@@ -470,14 +470,10 @@ impl Learner {
             auto: self.cfg.auto_spans,
             mentions: &mentions,
             minor_weight: self.cfg.minor_name_weight as f32,
-            top: None,
         };
         let mut rows = Vec::with_capacity(docs.len() + due.len());
         for (i, d) in docs.iter().enumerate() {
-            match self.cfg.sentence_rows {
-                true => rows.extend(Row::sentences(tok, d, &rules, Kind::Fresh, i)?),
-                false => rows.push(Row::document(tok, d, &rules, Kind::Fresh, i)?),
-            }
+            rows.push(Row::document(tok, d, &rules, Kind::Fresh, i)?);
         }
         for d in &due {
             // A document that was learnable when it arrived stays so; a reorder cannot shorten it.
@@ -532,14 +528,14 @@ impl Learner {
             version: self.version,
             applied: outcome.applied,
             skipped: outcome.skipped,
-            documents: docs.len(),
+            documents: batch.count(Kind::Fresh),
             replay: batch.count(Kind::Replay),
             rehearsed: batch.count(Kind::Rehearsed),
             tokens: batch.tokens,
             span_rules: batch
                 .rows
                 .iter()
-                .filter(|r| r.kind == Kind::Fresh && r.part == 0)
+                .filter(|r| r.kind == Kind::Fresh)
                 .map(|r| r.rule)
                 .collect(),
             span_fallbacks: batch.rows.iter().filter(|r| r.fell_back).count(),

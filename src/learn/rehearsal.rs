@@ -139,7 +139,7 @@ pub fn reorder(doc: &Doc, rng: &mut impl rand::Rng) -> Doc {
 
 /// Character ranges of the sentences of `chars`: a sentence ends at `.`, `!` or `?` followed by
 /// whitespace and an upper-case letter or digit; whitespace between sentences is left out.
-pub(super) fn sentences(chars: &[char]) -> Vec<(usize, usize)> {
+fn sentences(chars: &[char]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut i = 0;

@@ -188,9 +188,6 @@ pub struct LearnConfig {
     pub span_weight: f64,
     /// Weight in the full loss of the names `trending` passes over (1: as any other token).
     pub minor_name_weight: f64,
-    /// Learn each fresh document sent without spans as one row a sentence (see
-    /// [`crate::learn::batch::Row::sentences`]).
-    pub sentence_rows: bool,
     /// Measure the batch's loss again after the update (one more forward pass).
     pub measure_after: bool,
 }
@@ -217,7 +214,6 @@ impl Default for LearnConfig {
             rehearsal_window: 1024,
             span_weight: 0.0,
             minor_name_weight: 1.0,
-            sentence_rows: false,
             measure_after: true,
         }
     }

@@ -309,4 +309,11 @@ fn bad_store_urls_and_follow_intervals_are_refused_at_start() {
         ],
         &["--canary-max-ratio 0.5"],
     );
+    for (flag, value) in [("--beta1", "1"), ("--span-weight", "-1"), ("--lr", "0")] {
+        let flag_value = format!("{flag}={value}");
+        fails(
+            &["serve", "--model", model, &flag_value],
+            &[&format!("{flag} {value}"), "must be"],
+        );
+    }
 }
