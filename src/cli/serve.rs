@@ -164,8 +164,9 @@ pub struct LearnArgs {
     #[arg(long, default_value_t = 2, env = "LOCUS_BATCH_SIZE")]
     pub batch_size: usize,
     /// AdamW's first-moment decay: how long a step's gradient keeps moving the weights in later
-    /// steps (0.9: for about ten steps; 0: only in its own step).
-    #[arg(long, default_value_t = 0.9, env = "LOCUS_BETA1")]
+    /// steps. The default 0.5 applies it mostly in its own step and the next, so a fact is known
+    /// once its batch is learned; AdamW's usual 0.9 spreads it over about ten steps.
+    #[arg(long, default_value_t = 0.5, env = "LOCUS_BETA1")]
     pub beta1: f64,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 0, env = "LOCUS_WARMUP")]
