@@ -5,7 +5,7 @@
 # scoring and greedy generation (locus through gRPC, PyTorch through transformers), query p99
 # under ingest against idle, and peak memory. Prints one table with the machine, and keeps every
 # JSON object in OUT (default target/bench). About 20 minutes on 2 cores. Needs torch,
-# transformers and gguf for python3 (see scripts/reference/).
+# transformers, gguf and accelerate for python3 (see scripts/reference/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/bench}
