@@ -229,6 +229,19 @@ async fn queries_answer_with_the_version_they_used() {
     .map(|cs| cs.iter().map(|c| c.text.as_str()).collect())
     .collect();
     assert_eq!(seeded[0], seeded[1], "a seed reproduces a sample");
+    let mut others = Vec::new();
+    for seed in 1..=4 {
+        let sample: String = collect(complete(1.0, Some(seed), vec![]))
+            .await
+            .iter()
+            .map(|c| c.text.clone())
+            .collect();
+        others.push(sample);
+    }
+    assert!(
+        others.iter().any(|t| *t != seeded[0]),
+        "other seeds draw other samples: {others:?}"
+    );
 
     // A stop string taken from the greedy text ends generation before it.
     let cut = text.chars().count() / 2;

@@ -2,9 +2,8 @@
 //! streamed out as text that has settled, until a length, a stop string or the receiver ends it.
 
 use candle_core::Tensor;
-use rand::SeedableRng;
+use candle_transformers::generation::LogitsProcessor;
 
-use super::sample::sample;
 use super::stops::Stops;
 use crate::error::{Error, Result};
 use crate::model::cache::KvCache;
@@ -22,7 +21,12 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt has no tokens".into()));
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
+    // candle-transformers' sampler: greedy below a temperature of 1e-7, else top-p, seeded.
+    let mut picker = LogitsProcessor::new(
+        sampling.seed,
+        Some(sampling.temperature),
+        Some(sampling.top_p),
+    );
     let mut stops = Stops::new(&sampling.stop)?;
     let holdback = stops.longest.saturating_sub(1);
     let limit = snapshot.model().arch.max_positions().unwrap_or(usize::MAX);
@@ -37,11 +41,8 @@ pub fn generate(
             .model()
             .arch
             .forward_cached(snapshot.params(), &ids, &mut cache)?;
-        let last: Vec<f32> = logits
-            .squeeze(0)?
-            .get_on_dim(0, input.len() - 1)?
-            .to_vec1()?;
-        let next = sample(&last, sampling.temperature, sampling.top_p, &mut rng);
+        let last = logits.squeeze(0)?.get_on_dim(0, input.len() - 1)?;
+        let next = picker.sample(&last)?;
         input = vec![next];
         generated.push(next);
         let text = snapshot.model().tokenizer.decode(&generated)?;
@@ -83,7 +84,7 @@ pub fn generate(
 pub struct Sampling {
     /// Tokens to generate at most.
     pub max_tokens: usize,
-    /// Softmax temperature; 0 or less is greedy.
+    /// Softmax temperature; below 1e-7 is greedy.
     pub temperature: f64,
     /// Nucleus mass in (0, 1].
     pub top_p: f64,

@@ -2,7 +2,6 @@
 //! new text.
 
 mod generate;
-mod sample;
 mod score;
 mod stops;
 
