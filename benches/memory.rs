@@ -162,10 +162,10 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let state = learner.export_state()?;
     let selection = learner.selection().unwrap_or_default();
-    let written = store.checkpoint(&snapshots.current(), selection, Some(&state), Vec::new())?;
-    drop(state);
+    let written = learner.with_state(|state| {
+        store.checkpoint(&snapshots.current(), selection, Some(state), Vec::new())
+    })??;
     phases.mark(
         "checkpoint written",
         json!({"checkpoint_mb": written.bytes as f64 / MIB, "groups": written.meta.groups.len()}),

@@ -225,6 +225,45 @@ fn checkpoint_round_trip_and_retention() {
 }
 
 #[test]
+fn a_checkpoint_written_tensor_by_tensor_is_the_encoded_file_with_a_standard_safetensors_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Checkpoints::open(dir.path().join("checkpoints")).unwrap();
+    let mut mixed = tensors(1.5);
+    mixed.insert(
+        "steps".into(),
+        Tensor::new(&[3u32, 1, 4], &Device::Cpu).unwrap(),
+    );
+    mixed.insert(
+        "0.mlp.state".into(),
+        Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 6))
+            .unwrap(),
+    );
+    let m = meta(7, Some(6));
+    let (path, bytes) = c.write(&m, &mixed).unwrap();
+    let file = fs::read(&path).unwrap();
+    assert_eq!(bytes, file.len() as u64);
+    assert_eq!(file, checkpoint::encode(&m, &mixed).unwrap());
+    // The tensors section is what the safetensors library writes, so files stay readable by
+    // any safetensors reader and by servers that wrote them whole.
+    let standard = safetensors::serialize(mixed.iter(), None).unwrap();
+    assert!(file
+        .windows(standard.len())
+        .any(|w| w == standard.as_slice()));
+    let back = checkpoint::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(back.meta, m);
+    assert_eq!(
+        values(&back.tensors["0.mlp.state"]),
+        (0..12).map(|i| i as f32).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        back.tensors["steps"].to_vec1::<u32>().unwrap(),
+        vec![3, 1, 4]
+    );
+}
+
+#[test]
 fn readers_read_published_checkpoints_only_when_newer_than_what_they_serve() {
     let data = tempfile::tempdir().unwrap();
     let store = tempfile::tempdir().unwrap();

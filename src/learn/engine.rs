@@ -225,15 +225,26 @@ impl Learner {
     /// A copy of the state that learning resumes from (LoRA adapters are not part of it: their
     /// product is in the served weights, and new adapters start from there).
     pub fn export_state(&self) -> Result<LearnerState> {
-        Ok(LearnerState {
-            moments: self.opt.export()?,
+        Ok(self.state(self.opt.export()?))
+    }
+
+    /// Runs `f` on the state learning resumes from without copying the optimizer's moments (for
+    /// a checkpoint, written before the next step): no step can run while `f` borrows the
+    /// learner, and `f` must not keep the moments, which the next step changes in place.
+    pub fn with_state<T>(&self, f: impl FnOnce(&LearnerState) -> T) -> Result<T> {
+        Ok(f(&self.state(self.opt.shared()?)))
+    }
+
+    fn state(&self, moments: BTreeMap<String, Moments>) -> LearnerState {
+        LearnerState {
+            moments,
             batches: self.batches,
             applied: self.applied,
             norms: self.norms.clone(),
             selection: self.selection.clone(),
             unit_norms: self.units.as_ref().and_then(|u| u.norms().cloned()),
             rehearsal: self.rehearsal.export(),
-        })
+        }
     }
 
     /// Resumes from an exported state. Moments of parameters this model lacks, or of another

@@ -191,15 +191,27 @@ impl AdamW {
         Ok(())
     }
 
-    /// A copy of every parameter's state, by name: for a checkpoint.
+    /// A copy of every parameter's state, by name: for a state that outlives the next step.
     pub fn export(&self) -> Result<BTreeMap<String, Moments>> {
+        self.moments(|t| Ok(t.copy()?))
+    }
+
+    /// Every parameter's state, by name, sharing the tensors that the next step updates in place.
+    pub fn shared(&self) -> Result<BTreeMap<String, Moments>> {
+        self.moments(|t| Ok(t.clone()))
+    }
+
+    fn moments(
+        &self,
+        take: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<BTreeMap<String, Moments>> {
         self.state
             .iter()
             .map(|(name, m)| {
                 Ok((
                     name.clone(),
                     Moments {
-                        state: m.state.copy()?,
+                        state: take(&m.state)?,
                         steps: m.steps,
                         idle: m.idle,
                     },

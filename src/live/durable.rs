@@ -95,13 +95,10 @@ impl Worker {
         };
         let snapshot = self.setup.snapshots.current();
         let selection = self.learner.selection().unwrap_or_default();
-        let state = self.learner.export_state()?;
-        let written = store.checkpoint(
-            &snapshot,
-            selection,
-            Some(&state),
-            self.setup.history.steps(),
-        )?;
+        let recent = self.setup.history.steps();
+        let written = self
+            .learner
+            .with_state(|state| store.checkpoint(&snapshot, selection, Some(state), recent))??;
         tracing::info!(
             version = written.meta.version,
             parent = ?written.meta.parent,

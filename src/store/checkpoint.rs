@@ -193,24 +193,126 @@ pub struct Checkpoint {
     pub learner: Option<LearnerState>,
 }
 
-/// Encodes a checkpoint file.
+/// Encodes a checkpoint file in memory (a delta to publish: only the groups one update changed).
 pub fn encode(meta: &Meta, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
-    let meta_json = serde_json::to_vec(meta).expect("metadata always serializes");
-    let payload = safetensors::serialize(tensors.iter(), None)
-        .map_err(|e| StoreError::Mismatch(format!("serializing checkpoint tensors: {e}")))?;
-    let mut head = Vec::with_capacity(8 + 16 + meta_json.len());
-    head.extend_from_slice(MAGIC);
-    head.extend_from_slice(&(meta_json.len() as u64).to_le_bytes());
-    head.extend_from_slice(&meta_json);
-    head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    // The header goes in front of the payload in its own buffer: a second buffer of the whole
-    // file would double the checkpoint's transient memory (weights and moments, hundreds of MB).
-    let mut out = payload;
-    out.reserve_exact(head.len() + DIGEST);
-    out.splice(0..0, head);
-    let digest = Sha256::digest(&out);
-    out.extend_from_slice(&digest);
+    let layout = Layout::of(tensors)?;
+    let mut out = Vec::with_capacity(layout.file_len(meta) as usize);
+    layout
+        .write(meta, tensors, &mut out)
+        .expect("writing to a Vec cannot fail");
     Ok(out)
+}
+
+/// Where each tensor goes in a checkpoint's safetensors section, worked out before any tensor's
+/// bytes are written, so a file is written one tensor at a time and never held whole in memory.
+struct Layout {
+    /// The safetensors header: its length (u64 LE) and JSON.
+    header: Vec<u8>,
+    /// Tensor names in the order of their bytes.
+    order: Vec<String>,
+    /// Length of the safetensors section.
+    payload: u64,
+}
+
+/// A tensor as the safetensors header sees it: dtype and shape, no bytes.
+struct Described<'a>(&'a Tensor);
+
+impl safetensors::View for Described<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::View::dtype(&self.0)
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.dims()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&[])
+    }
+    fn data_len(&self) -> usize {
+        safetensors::View::data_len(&self.0)
+    }
+}
+
+impl Layout {
+    fn of(tensors: &BTreeMap<String, Tensor>) -> Result<Layout> {
+        let failed = |e: &dyn std::fmt::Display| {
+            StoreError::Mismatch(format!("serializing checkpoint tensors: {e}"))
+        };
+        // Serializing tensors without bytes gives exactly the header the library would write.
+        let header = safetensors::serialize(tensors.iter().map(|(n, t)| (n, Described(t))), None)
+            .map_err(|e| failed(&e))?;
+        let json: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header[8..]).map_err(|e| failed(&e))?;
+        let mut placed: Vec<(u64, String)> = json
+            .iter()
+            .filter_map(|(name, info)| Some((info["data_offsets"][0].as_u64()?, name.clone())))
+            .collect();
+        placed.sort();
+        let order: Vec<String> = placed.into_iter().map(|(_, name)| name).collect();
+        if order.len() != tensors.len() {
+            return Err(failed(&"the header does not place every tensor"));
+        }
+        let bytes: usize = tensors
+            .values()
+            .map(|t| safetensors::View::data_len(&t))
+            .sum();
+        let payload = (header.len() + bytes) as u64;
+        Ok(Layout {
+            header,
+            order,
+            payload,
+        })
+    }
+
+    /// The whole file's length.
+    fn file_len(&self, meta: &Meta) -> u64 {
+        let meta_len = serde_json::to_vec(meta).map_or(0, |m| m.len());
+        (MAGIC.len() + 8 + meta_len + 8 + DIGEST) as u64 + self.payload
+    }
+
+    /// Writes the file to `out`, hashing as it goes; returns its length.
+    fn write(
+        &self,
+        meta: &Meta,
+        tensors: &BTreeMap<String, Tensor>,
+        out: &mut impl Write,
+    ) -> std::io::Result<u64> {
+        let meta_json = serde_json::to_vec(meta).expect("metadata always serializes");
+        let mut hashed = Hashed {
+            out,
+            hash: Sha256::new(),
+            len: 0,
+        };
+        hashed.write_all(MAGIC)?;
+        hashed.write_all(&(meta_json.len() as u64).to_le_bytes())?;
+        hashed.write_all(&meta_json)?;
+        hashed.write_all(&self.payload.to_le_bytes())?;
+        hashed.write_all(&self.header)?;
+        for name in &self.order {
+            hashed.write_all(&safetensors::View::data(&&tensors[name]))?;
+        }
+        let digest = hashed.hash.finalize();
+        hashed.out.write_all(&digest)?;
+        Ok(hashed.len + DIGEST as u64)
+    }
+}
+
+/// A writer that hashes and counts what passes through it.
+struct Hashed<'a, W: Write> {
+    out: &'a mut W,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashed<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// Verifies and decodes a checkpoint file's bytes.
@@ -285,15 +387,33 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
 /// Writes `bytes` to `path` so that a crash leaves the old file or the new one: a temporary
 /// sibling, synced, renamed into place, and the directory synced.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] with the content written by `fill`, so it need not be in memory at once.
+fn write_atomic_with<T>(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<T>,
+) -> Result<T> {
     let tmp = path.with_extension("tmp");
-    let written = File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(StoreError::io(path, e));
+    let written = File::create(&tmp).and_then(|f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        let value = fill(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        Ok(value)
+    });
+    match written {
+        Ok(value) => {
+            sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(StoreError::io(path, e))
+        }
     }
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// The newest checkpoint that verifies, with its path, and the errors of newer ones.
@@ -395,10 +515,10 @@ impl Checkpoints {
 
     /// Writes a checkpoint atomically; returns its path and size.
     pub fn write(&self, meta: &Meta, tensors: &BTreeMap<String, Tensor>) -> Result<(PathBuf, u64)> {
-        let bytes = encode(meta, tensors)?;
+        let layout = Layout::of(tensors)?;
         let path = self.path_of(meta.version);
-        write_atomic(&path, &bytes)?;
-        Ok((path, bytes.len() as u64))
+        let bytes = write_atomic_with(&path, |w| layout.write(meta, tensors, w))?;
+        Ok((path, bytes))
     }
 
     /// Removes all but the newest `keep` checkpoints; returns the removed paths.
