@@ -1,8 +1,10 @@
 //! Immutable snapshots of the weights that queries compute on, and the versions a server retains.
 //!
 //! The learner updates the model's variables in place, and a variable's detached tensor shares its
-//! storage, so a snapshot holds *copies*: the first snapshot copies every weight, each later one
-//! copies only the groups an update changed and shares every other tensor with its predecessor.
+//! storage, so a snapshot holds *copies* of what learning writes: the first snapshot copies every
+//! layer group's weights and shares the rest (embeddings, norms, an untied head), which nothing
+//! writes after loading; each later one copies only the groups an update changed and shares every
+//! other tensor with its predecessor.
 //! A query takes the current snapshot once and computes entirely on it, so its answer belongs to
 //! exactly one version, whatever the learner does meanwhile.
 
@@ -57,12 +59,20 @@ impl Snapshot {
         }
     }
 
-    /// Copies every weight of `model` as version `version`.
+    /// The weights of `model` as version `version`: layer groups copied, the rest shared.
     pub fn load(model: Arc<Model>, version: u64) -> Result<Self> {
         let tensors = model
             .vars
             .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_detached_tensor().copy()?)))
+            .map(|(name, var)| {
+                let t = var.as_detached_tensor();
+                let t = if model.never_written(name) {
+                    t
+                } else {
+                    t.copy()?
+                };
+                Ok((name.clone(), t))
+            })
             .collect::<Result<_>>()?;
         Ok(Self::build(
             version,
@@ -110,7 +120,10 @@ impl Snapshot {
     /// replaced, to name the groups that differ. Call it from the thread that updates the variables.
     pub fn restore(&self, current: &Snapshot, version: u64) -> Result<Self> {
         for (name, var) in &self.model.vars {
-            var.set(&self.tensors[name])?;
+            // A tensor never written is the variable's own storage in every version.
+            if !self.model.never_written(name) {
+                var.set(&self.tensors[name])?;
+            }
         }
         // Shared tensors are identical; a tensor that is not shared belongs to a changed group.
         let changed: BTreeSet<GroupId> = self

@@ -126,6 +126,7 @@ pub fn run(
     let initial: BTreeMap<String, Tensor> = model
         .vars
         .iter()
+        .filter(|(n, _)| !model.never_written(n))
         .map(|(n, v)| Ok((n.clone(), v.as_detached_tensor().copy()?)))
         .collect::<Result<_>>()?;
     let start = score(&model, set, max_tokens)?;
@@ -175,10 +176,10 @@ pub fn run(
     })
 }
 
-/// Puts the starting weights back.
+/// Puts the starting weights of the layer groups back (nothing else is ever written).
 fn restore(model: &Model, initial: &BTreeMap<String, Tensor>) -> Result<()> {
-    for (n, v) in &model.vars {
-        v.set(&initial[n])?;
+    for (n, t) in initial {
+        model.vars[n].set(t)?;
     }
     Ok(())
 }

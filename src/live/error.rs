@@ -59,8 +59,10 @@ pub enum Error {
         /// This reader's base hash.
         ours: String,
     },
-    /// A published version holds a tensor the model lacks.
-    #[error("version {version} holds `{name}`, which the model lacks")]
+    /// A published version holds a tensor that is not a layer group's parameter of the model.
+    #[error(
+        "version {version} holds `{name}`, which is not a layer group's parameter of the model"
+    )]
     UnknownTensor {
         /// The version at fault.
         version: u64,

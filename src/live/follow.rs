@@ -174,11 +174,11 @@ impl Worker {
         tensors: BTreeMap<String, Tensor>,
     ) -> Result<()> {
         for (name, t) in &tensors {
-            let var = self
-                .setup
-                .model
-                .vars
-                .get(name)
+            let model = &self.setup.model;
+            // Served snapshots share the never-written tensors with the variables.
+            let var = (!model.never_written(name))
+                .then(|| model.vars.get(name))
+                .flatten()
                 .ok_or_else(|| Error::UnknownTensor {
                     version,
                     name: name.clone(),

@@ -202,6 +202,16 @@ pub struct ModelSource {
 }
 
 impl Model {
+    /// Whether learning never writes the parameter `name` (it is in no layer group: embeddings,
+    /// norms, an untied head), so snapshots may share the variable's own storage. Only layer
+    /// groups are trained, restored, followed and rolled back.
+    pub fn never_written(&self, name: &str) -> bool {
+        matches!(
+            self.arch.kind_of(name),
+            Some(ParamKind::Embedding | ParamKind::Norm | ParamKind::Head)
+        )
+    }
+
     /// Builds a model after checking that every weight the architecture reads is present.
     pub fn new(
         arch: Box<dyn Architecture>,
