@@ -9,13 +9,14 @@ use serving::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use common::fixture;
 use locus::client::{Client, ClientError};
 use locus::learn::Strategy;
 use locus::model::load;
 use locus::proto::v1 as pb;
 use locus::server::{self, Auth, Config, State, Token};
+use locus::store::publish::Published;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -758,6 +759,58 @@ async fn readers_follow_the_writer_through_a_file_url() {
     let url = format!("file://{}", store.path().display());
     writer_and_two_readers(&url).await;
     large_file_round_trips(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_refuses_a_published_version_that_writes_outside_the_layer_groups() {
+    let data = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let spec = store.path().display().to_string();
+    let writer = start_with(writer_config(data.path(), &spec, 100, 2), true).await;
+    let mut w = writer.client().await;
+    ingest(&mut w, vec![batch("b0", facts())]).await.unwrap();
+    wait_for_published(&mut w, 1).await;
+    let following = start_with(reader_config(&spec), true).await;
+    let mut r = following.client().await;
+    let first = score_bits(&mut r).await;
+    assert_eq!(first, score_bits(&mut w).await);
+
+    // A version 2 that also carries the embeddings, which nothing learns and which served
+    // versions share with the variables: applying it would rewrite every kept version.
+    let at = spec.clone();
+    tokio::task::spawn_blocking(move || {
+        let published = Published::open(&at).unwrap();
+        let mut delta = published.delta_to(1, &Device::Cpu).unwrap();
+        (delta.meta.version, delta.meta.parent) = (2, Some(1));
+        let embeddings = Tensor::zeros((320, 32), DType::F32, &Device::Cpu).unwrap();
+        delta
+            .tensors
+            .insert("model.embed_tokens.weight".into(), embeddings);
+        published.delta(&delta.meta, &delta.tensors).unwrap();
+    })
+    .await
+    .unwrap();
+
+    // A following reader keeps serving version 1, untouched, and says it is behind.
+    wait_for_info(&mut r, "version 2 in the store", |i| {
+        i.published_version >= 2
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let info = r.info().await.unwrap();
+    assert_eq!((info.version, info.behind), (1, 1));
+    assert_eq!(score_bits(&mut r).await, first);
+
+    // A reader starting on that store refuses to start, naming the version and the tensor.
+    let starting = State::new(reader_config(&spec)).await;
+    let model = load::load(fixture("llama").to_str().unwrap(), &Device::Cpu).unwrap();
+    let message = starting.install(model).await.unwrap_err().to_string();
+    assert!(
+        message.contains("version 2") && message.contains("model.embed_tokens.weight"),
+        "{message}"
+    );
+    following.shutdown().await;
+    writer.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -173,16 +173,24 @@ impl Worker {
         groups: &[GroupId],
         tensors: BTreeMap<String, Tensor>,
     ) -> Result<()> {
-        for (name, t) in &tensors {
-            let model = &self.setup.model;
-            // Served snapshots share the never-written tensors with the variables.
-            let var = (!model.never_written(name))
-                .then(|| model.vars.get(name))
-                .flatten()
-                .ok_or_else(|| Error::UnknownTensor {
-                    version,
-                    name: name.clone(),
-                })?;
+        let model = &self.setup.model;
+        // Every name is checked before any variable is written, so a refused version leaves
+        // nothing of itself behind. Served snapshots share the never-written tensors with the
+        // variables, so those are refused too.
+        let vars = tensors
+            .iter()
+            .map(|(name, t)| {
+                (!model.never_written(name))
+                    .then(|| model.vars.get(name))
+                    .flatten()
+                    .map(|var| (var, t))
+                    .ok_or_else(|| Error::UnknownTensor {
+                        version,
+                        name: name.clone(),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (var, t) in vars {
             var.set(t).map_err(crate::Error::from)?;
         }
         let next = self.setup.snapshots.current().after_update(
