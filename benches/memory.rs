@@ -155,7 +155,7 @@ fn main() -> anyhow::Result<()> {
         // What the server's learner does when no batch waits.
         if tuning.trim {
             let started = std::time::Instant::now();
-            locus::malloc::trim_when_idle();
+            locus::malloc::trim();
             phases.mark(
                 "trimmed",
                 json!({"seconds": started.elapsed().as_secs_f64()}),

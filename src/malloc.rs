@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether [`trim_when_idle`] returns free heap memory; set by [`Tuning::apply`].
+/// Whether [`trim`] returns free heap memory; set by [`Tuning::apply`].
 static TRIM: AtomicBool = AtomicBool::new(false);
 
 /// The largest mmap threshold glibc accepts on a 64-bit target (`HEAP_MAX_SIZE / 2`).
@@ -20,7 +20,8 @@ pub struct Tuning {
     pub mmap_threshold: usize,
     /// The most malloc arenas, each of which keeps the memory its threads freed.
     pub arena_max: usize,
-    /// Return the heap's free memory to the system whenever the learner has been idle a while.
+    /// Return the heap's free memory to the system when the learner has been idle a while, and
+    /// every 30 s while it learns.
     pub trim: bool,
 }
 
@@ -97,9 +98,10 @@ impl Tuning {
 }
 
 /// Returns the free memory of every malloc arena to the system (`malloc_trim`) when the settings
-/// ask for it; called by the learner once it has been idle a while, so the buffers of finished
-/// steps and queries stop counting as resident. A no-op where the C library is not glibc.
-pub fn trim_when_idle() {
+/// ask for it; called by the learner once it has been idle a while, and every so often while it
+/// is not, so the buffers of finished steps and queries stop counting as resident. A no-op where
+/// the C library is not glibc.
+pub fn trim() {
     if !TRIM.load(Ordering::Relaxed) {
         return;
     }

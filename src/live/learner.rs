@@ -4,6 +4,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -213,17 +214,36 @@ pub(super) struct Worker {
 /// How long the learner waits for a job before it returns freed memory to the system: longer
 /// than the gap between the batches of a stream, so a busy learner's steps keep reusing their
 /// pages (a trim before every step makes each step fault them in again, about 15% slower).
-const TRIM_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
 
-/// The next job; when none comes within [`TRIM_AFTER_IDLE`], trims the heap and waits on.
-fn next_job(rx: &mut mpsc::Receiver<Job>, clock: Option<&tokio::runtime::Runtime>) -> Option<Job> {
+/// How often a learner that is never idle still returns freed memory: without it an endless
+/// stream keeps every arena's freed step and query buffers resident, while a trim this rarely
+/// costs a step's page faults about once in ten steps.
+const TRIM_WHILE_BUSY: Duration = Duration::from_secs(30);
+
+/// The next job; when none comes within [`TRIM_AFTER_IDLE`], or [`TRIM_WHILE_BUSY`] has passed
+/// since `trimmed`, trims the heap first.
+fn next_job(
+    rx: &mut mpsc::Receiver<Job>,
+    clock: Option<&tokio::runtime::Runtime>,
+    trimmed: &mut Instant,
+) -> Option<Job> {
     // The timer is made inside `block_on`, where the clock's reactor is current.
     let waited =
         clock.map(|c| c.block_on(async { tokio::time::timeout(TRIM_AFTER_IDLE, rx.recv()).await }));
+    let trim = |trimmed: &mut Instant| {
+        crate::malloc::trim();
+        *trimmed = Instant::now();
+    };
     match waited {
-        Some(Ok(job)) => job,
+        Some(Ok(job)) => {
+            if trimmed.elapsed() >= TRIM_WHILE_BUSY {
+                trim(trimmed);
+            }
+            job
+        }
         Some(Err(_idle)) => {
-            crate::malloc::trim_when_idle();
+            trim(trimmed);
             rx.blocking_recv()
         }
         None => rx.blocking_recv(),
@@ -239,7 +259,8 @@ impl Worker {
             .build()
             .inspect_err(|e| tracing::warn!("learner idle timer: {e}; freed memory stays resident"))
             .ok();
-        while let Some(job) = next_job(&mut rx, clock.as_ref()) {
+        let mut trimmed = Instant::now();
+        while let Some(job) = next_job(&mut rx, clock.as_ref(), &mut trimmed) {
             pool.install(|| self.serve(job));
         }
         if self.setup.store.as_ref().is_some_and(Store::pending) {
@@ -316,12 +337,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_learner_that_is_never_idle_still_trims_now_and_then() {
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let long_ago = Instant::now().checked_sub(TRIM_WHILE_BUSY).unwrap();
+        let mut trimmed = long_ago;
+        let (reply, _answer) = oneshot::channel();
+        tx.blocking_send(Job::Checkpoint { reply }).unwrap();
+        assert!(next_job(&mut rx, Some(&clock), &mut trimmed).is_some());
+        assert!(
+            trimmed > long_ago,
+            "a busy learner trims once the interval has passed"
+        );
+        let last = trimmed;
+        let (reply, _answer) = oneshot::channel();
+        tx.blocking_send(Job::Checkpoint { reply }).unwrap();
+        assert!(next_job(&mut rx, Some(&clock), &mut trimmed).is_some());
+        assert_eq!(trimmed, last, "and not again before the next interval");
+    }
+
+    #[test]
     fn jobs_that_come_after_the_idle_trim_are_still_taken_in_order() {
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .unwrap();
         let (tx, mut rx) = mpsc::channel(4);
+        let start = Instant::now();
+        let mut trimmed = start;
         let sender = std::thread::spawn(move || {
             std::thread::sleep(TRIM_AFTER_IDLE * 2);
             let replies: Vec<_> = (0..2)
@@ -334,11 +380,18 @@ mod tests {
             replies
         });
         for _ in 0..2 {
-            let job = next_job(&mut rx, Some(&clock));
+            let job = next_job(&mut rx, Some(&clock), &mut trimmed);
             assert!(matches!(job, Some(Job::Checkpoint { .. })));
         }
+        assert!(trimmed > start, "the idle wait trimmed");
         drop(sender.join().unwrap());
-        assert!(next_job(&mut rx, Some(&clock)).is_none(), "closed queue");
-        assert!(next_job(&mut rx, None).is_none(), "without a timer too");
+        assert!(
+            next_job(&mut rx, Some(&clock), &mut trimmed).is_none(),
+            "closed queue"
+        );
+        assert!(
+            next_job(&mut rx, None, &mut trimmed).is_none(),
+            "without a timer too"
+        );
     }
 }
