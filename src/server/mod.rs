@@ -231,6 +231,18 @@ struct Loaded {
     history: Arc<History>,
 }
 
+/// What [`State::open`] makes before the learner starts.
+struct Opened {
+    /// The first served version: the base model, or the data directory's newest checkpoint.
+    snapshot: Snapshot,
+    /// The data directory, when there is one.
+    store: Option<crate::store::Store>,
+    /// What the learner replays from it.
+    restored: Option<crate::store::Restored>,
+    /// The base model's hash (readers only).
+    base_hash: Option<String>,
+}
+
 /// The state the services share; the model is installed once it has loaded.
 pub struct State {
     config: Config,
@@ -266,25 +278,14 @@ impl State {
     pub async fn install(&self, model: Model) -> Result<(), ServerError> {
         let publish = self.store()?;
         let model = Arc::new(model);
-        let m = Arc::clone(&model);
-        let keep = self.config.keep_versions;
-        let durability = self.config.durability.clone();
-        let strategy = self.config.learn.strategy.name.clone();
         let reader = self.config.role == Role::Reader;
-        // The data directory's checkpoint goes into the weights before the first snapshot.
-        let (snapshots, store, restored, base_hash) = tokio::task::spawn_blocking(move || {
-            let (store, restored) = live::open_store(&m, durability, &strategy)?;
-            let base_hash = if reader {
-                Some(crate::store::model_hash(&m)?)
-            } else {
-                None
-            };
-            let version = restored.as_ref().map_or(0, |r| r.version);
-            Ok::<_, ServerError>((Snapshot::load(m, version)?, store, restored, base_hash))
-        })
-        .await
-        .map_err(|e| ServerError::Internal(format!("loading the snapshot: {e}")))??;
-        let snapshots = Arc::new(Snapshots::new(snapshots, keep));
+        let Opened {
+            snapshot,
+            store,
+            restored,
+            base_hash,
+        } = self.open(Arc::clone(&model), reader).await?;
+        let snapshots = Arc::new(Snapshots::new(snapshot, self.config.keep_versions));
         let paused = Arc::new(AtomicBool::new(false));
         let published = Arc::new(AtomicU64::new(0));
         let store_health = Arc::new(live::StoreHealth::new(self.metrics.clone()));
@@ -348,6 +349,31 @@ impl State {
         }
         tracing::info!(role = self.config.role.name(), "model installed; serving");
         Ok(())
+    }
+
+    /// Opens the data directory and makes the first snapshot, off the async threads: the data
+    /// directory's checkpoint goes into the weights before the snapshot is taken, and a reader
+    /// hashes the base model to check the store's versions against it.
+    async fn open(&self, model: Arc<Model>, reader: bool) -> Result<Opened, ServerError> {
+        let durability = self.config.durability.clone();
+        let strategy = self.config.learn.strategy.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let (store, restored) = live::open_store(&model, durability, &strategy)?;
+            let base_hash = if reader {
+                Some(crate::store::model_hash(&model)?)
+            } else {
+                None
+            };
+            let version = restored.as_ref().map_or(0, |r| r.version);
+            Ok(Opened {
+                snapshot: Snapshot::load(model, version)?,
+                store,
+                restored,
+                base_hash,
+            })
+        })
+        .await
+        .map_err(|e| ServerError::Internal(format!("loading the snapshot: {e}")))?
     }
 
     /// The store of published versions, checked against the role: a writer publishes only what
