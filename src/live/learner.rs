@@ -336,13 +336,23 @@ impl Worker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_learner_that_is_never_idle_still_trims_now_and_then() {
+    /// The learner's idle timer and a job queue of four.
+    fn timer_and_queue() -> (
+        tokio::runtime::Runtime,
+        mpsc::Sender<Job>,
+        mpsc::Receiver<Job>,
+    ) {
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .unwrap();
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(4);
+        (clock, tx, rx)
+    }
+
+    #[test]
+    fn a_learner_that_is_never_idle_still_trims_now_and_then() {
+        let (clock, tx, mut rx) = timer_and_queue();
         let long_ago = Instant::now().checked_sub(TRIM_WHILE_BUSY).unwrap();
         let mut trimmed = long_ago;
         let (reply, _answer) = oneshot::channel();
@@ -361,11 +371,7 @@ mod tests {
 
     #[test]
     fn jobs_that_come_after_the_idle_trim_are_still_taken_in_order() {
-        let clock = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let (tx, mut rx) = mpsc::channel(4);
+        let (clock, tx, mut rx) = timer_and_queue();
         let start = Instant::now();
         let mut trimmed = start;
         let sender = std::thread::spawn(move || {
