@@ -21,7 +21,7 @@ pub struct Tuning {
     /// The most malloc arenas, each of which keeps the memory its threads freed.
     pub arena_max: usize,
     /// Return the heap's free memory to the system when the learner has been idle a while, and
-    /// every 30 s while it learns.
+    /// every 10 s while it learns.
     pub trim: bool,
 }
 
