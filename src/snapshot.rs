@@ -119,11 +119,9 @@ impl Snapshot {
     /// that serves them as `version`, sharing this one's tensors. `current` is the snapshot being
     /// replaced, to name the groups that differ. Call it from the thread that updates the variables.
     pub fn restore(&self, current: &Snapshot, version: u64) -> Result<Self> {
-        for (name, var) in &self.model.vars {
-            // A tensor never written is the variable's own storage in every version.
-            if !self.model.never_written(name) {
-                var.set(&self.tensors[name])?;
-            }
+        // A tensor never written is the variable's own storage in every version.
+        for (name, var) in self.model.written_vars() {
+            var.set(&self.tensors[name])?;
         }
         // Shared tensors are identical; a tensor that is not shared belongs to a changed group.
         let changed: BTreeSet<GroupId> = self

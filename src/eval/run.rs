@@ -124,9 +124,7 @@ pub fn run(
 ) -> live::Result<EvalReport> {
     let max_tokens = opts.learn.max_tokens;
     let initial: BTreeMap<String, Tensor> = model
-        .vars
-        .iter()
-        .filter(|(n, _)| !model.never_written(n))
+        .written_vars()
         .map(|(n, v)| Ok((n.clone(), v.as_detached_tensor().copy()?)))
         .collect::<Result<_>>()?;
     let start = score(&model, set, max_tokens)?;

@@ -180,9 +180,8 @@ impl Worker {
         let vars = tensors
             .iter()
             .map(|(name, t)| {
-                (!model.never_written(name))
-                    .then(|| model.vars.get(name))
-                    .flatten()
+                model
+                    .written_var(name)
                     .map(|var| (var, t))
                     .ok_or_else(|| Error::UnknownTensor {
                         version,

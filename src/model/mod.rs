@@ -212,6 +212,18 @@ impl Model {
         )
     }
 
+    /// The variables learning writes (every layer group's parameters), by name.
+    pub fn written_vars(&self) -> impl Iterator<Item = (&String, &Var)> {
+        self.vars
+            .iter()
+            .filter(|(name, _)| !self.never_written(name))
+    }
+
+    /// The variable `name` if learning writes it; `None` for a never-written or unknown name.
+    pub fn written_var(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name).filter(|_| !self.never_written(name))
+    }
+
     /// Builds a model after checking that every weight the architecture reads is present.
     pub fn new(
         arch: Box<dyn Architecture>,
