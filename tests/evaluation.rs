@@ -110,6 +110,25 @@ fn eval_stream_measures_along_the_stream_through_a_real_server() {
         assert!(report["after"][key].is_number(), "{key}: {}", r.stdout);
     }
     assert_eq!(report["before"]["general_ppl_ratio"], 1.0);
+    // Every probe with its margins, in the data set's order, adding up to the reported shares.
+    let probes = report["probes"].as_array().unwrap();
+    let facts: Vec<&str> = probes.iter().map(|p| p["fact"].as_str().unwrap()).collect();
+    assert_eq!(facts, ["dev-euro", "dev-euro", "test-pope", "test-pope"]);
+    assert_eq!(probes[2]["new"], " Leo XIV");
+    for (when, key) in [
+        ("before", "new_pref_accuracy"),
+        ("after", "new_pref_accuracy"),
+    ] {
+        let won = probes
+            .iter()
+            .filter(|p| p[when].as_f64().unwrap() > 0.0)
+            .count();
+        assert_eq!(
+            won as f64 / 4.0,
+            report[when][key].as_f64().unwrap(),
+            "{when}"
+        );
+    }
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<polyline"));
 }
 

@@ -103,6 +103,25 @@ pub struct StreamReport {
     pub wall_seconds: f64,
     /// The model version at the end.
     pub version: u64,
+    /// Every update probe's margin before and after, so a reader can see which facts stuck.
+    pub probes: Vec<ProbeOutcome>,
+}
+
+/// One update probe's new-minus-old log-probability margin before and after the stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeOutcome {
+    /// The fact's id.
+    pub fact: String,
+    /// The probe's prompt.
+    pub prompt: String,
+    /// The new answer.
+    pub new: String,
+    /// The outdated answer.
+    pub old: String,
+    /// Margin before the stream (positive: the new answer wins).
+    pub before: f64,
+    /// Margin after it.
+    pub after: f64,
 }
 
 /// Runs `locus eval-stream`.
@@ -296,7 +315,25 @@ async fn evaluate(
         documents_per_s: stream.len() as f64 / t.learn_seconds.max(1e-9),
         wall_seconds: streamed.wall_seconds,
         version,
+        probes: outcomes(facts, &start_scores.updates, &end_scores.updates),
     })
+}
+
+/// Each probe of `facts` with its margins in `before` and `after` (scored in the same order).
+fn outcomes(facts: &[Update], before: &[ProbeScore], after: &[ProbeScore]) -> Vec<ProbeOutcome> {
+    facts
+        .iter()
+        .flat_map(|u| u.probes.iter().map(move |p| (u, p)))
+        .zip(before.iter().zip(after))
+        .map(|((u, p), (b, a))| ProbeOutcome {
+            fact: u.id.clone(),
+            prompt: p.prompt.clone(),
+            new: p.new.clone(),
+            old: p.old.clone(),
+            before: b.0 - b.2,
+            after: a.0 - a.2,
+        })
+        .collect()
 }
 
 /// What the learner's step reports add up to.
@@ -482,5 +519,25 @@ fn markdown(r: &StreamReport) -> String {
         r.wall_seconds,
         r.version
     );
+    let missed: Vec<&ProbeOutcome> = r.probes.iter().filter(|p| p.after <= 0.0).collect();
+    if !missed.is_empty() {
+        s += &format!(
+            "\n{} probes still prefer the old answer after the stream (margin = new minus old \
+             log-probability):\n\n| fact | prompt | new | old | margin before | margin after |\n\
+             |---|---|---|---|---|---|\n",
+            missed.len()
+        );
+        for p in missed {
+            s += &format!(
+                "| {} | {} | {} | {} | {:.2} | {:.2} |\n",
+                p.fact,
+                p.prompt,
+                p.new.trim(),
+                p.old.trim(),
+                p.before,
+                p.after
+            );
+        }
+    }
     s
 }
