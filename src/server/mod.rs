@@ -476,6 +476,31 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// The HTTP/2 transport with the configured TLS, stream limit, keep-alive and flow-control
+/// windows, before any layer or service.
+fn transport(state: &State) -> Result<tonic::transport::Server, ServerError> {
+    let limits = &state.config.limits;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &state.config.tls {
+        crate::tls::choose_provider();
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        ))?;
+    }
+    Ok(builder
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // A peer that is gone without closing (a dead host, a dropped route) answers no ping; its
+        // connection and every stream on it are dropped.
+        .http2_keepalive_interval(limits.keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        // HTTP/2 flow control is per connection as well as per stream: an ingest stream waiting
+        // for the learner leaves up to one stream window unread, and with equal windows that
+        // would stall every query sharing its connection. The connection window has room for
+        // many stalled streams.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(STREAM_WINDOW * 16))
+}
+
 /// Serves every service on `listener` until `shutdown` completes, then shuts down gracefully:
 /// health NOT_SERVING first, no new connections, ingest streams finish the batches they already
 /// read, and after `Config::shutdown_grace` whatever is left is dropped. The learner thread is
@@ -518,25 +543,7 @@ pub async fn run(
         signal_state.begin_shutdown().await;
         let _ = fired.send(());
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &state.config.tls {
-        crate::tls::choose_provider();
-        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
-        ))?;
-    }
-    let serve = builder
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        // A peer that is gone without closing (a dead host, a dropped route) answers no ping; its
-        // connection and every stream on it are dropped.
-        .http2_keepalive_interval(limits.keepalive_interval)
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        // HTTP/2 flow control is per connection as well as per stream: an ingest stream waiting
-        // for the learner leaves up to one stream window unread, and with equal windows that
-        // would stall every query sharing its connection. The connection window has room for
-        // many stalled streams.
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(STREAM_WINDOW * 16)
+    let serve = transport(&state)?
         // One span per RPC, health and reflection included; handlers' spans nest inside it.
         .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
         .layer(tower::layer::layer_fn(error::CodecErrors::new))
