@@ -129,6 +129,13 @@ fn eval_stream_measures_along_the_stream_through_a_real_server() {
             "{when}"
         );
     }
+    // What each streamed document's update leaned on, in stream order: the held-out fact's
+    // salient string, sent with `--salient`.
+    let spans = report["spans"].as_array().unwrap();
+    let facts: Vec<&str> = spans.iter().map(|d| d["fact"].as_str().unwrap()).collect();
+    assert_eq!(facts, ["dev-euro", "dev-euro", "test-pope", "test-pope"]);
+    assert_eq!(spans[2]["texts"], serde_json::json!(["Leo XIV"]));
+    assert_eq!(spans[3]["texts"], serde_json::json!(["Leo XIV"]));
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<polyline"));
 }
 

@@ -58,6 +58,12 @@ async fn ingest_changes_the_model_and_the_version() {
     assert!(
         [pb::SpanRule::Entity as i32, pb::SpanRule::Surprisal as i32].contains(&step.span_rules[2])
     );
+    // What the span loss leaned on: the salient strings, then the automatic rule's pick.
+    let texts: Vec<&[String]> = step.spans.iter().map(|d| &d.texts[..]).collect();
+    assert_eq!(texts.len(), 3, "{step:?}");
+    assert_eq!(texts[0], ["Ada Lovelace"]);
+    assert_eq!(texts[1], ["Ada Lovelace"]);
+    assert!(!texts[2].is_empty(), "{step:?}");
 
     let after = score(&mut client).await;
     assert_eq!(after.version, 1);

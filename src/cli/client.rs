@@ -455,6 +455,15 @@ pub fn steps_summary(steps: &[pb::UpdateReport]) -> String {
     if fallbacks > 0 {
         out += &format!(", {fallbacks} without a span target (automatic spans)");
     }
+    let spans: Vec<String> = steps
+        .iter()
+        .flat_map(|s| &s.spans)
+        .map(|d| d.texts.join(", "))
+        .filter(|t| !t.is_empty())
+        .collect();
+    if !spans.is_empty() {
+        out += &format!(", spans: {}", spans.join("; "));
+    }
     out
 }
 

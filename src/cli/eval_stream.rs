@@ -105,6 +105,17 @@ pub struct StreamReport {
     pub version: u64,
     /// Every update probe's margin before and after, so a reader can see which facts stuck.
     pub probes: Vec<ProbeOutcome>,
+    /// Each streamed document's fact and the text its span loss leaned on, in stream order.
+    pub spans: Vec<DocumentSpans>,
+}
+
+/// What the update leaned on in one streamed document.
+#[derive(Debug, Clone, Serialize)]
+pub struct DocumentSpans {
+    /// The document's fact.
+    pub fact: String,
+    /// The text of its span targets (the server's [`pb::DocumentSpans`]).
+    pub texts: Vec<String>,
 }
 
 /// One update probe's new-minus-old log-probability margin before and after the stream.
@@ -316,6 +327,14 @@ async fn evaluate(
         wall_seconds: streamed.wall_seconds,
         version,
         probes: outcomes(facts, &start_scores.updates, &end_scores.updates),
+        spans: stream
+            .iter()
+            .zip(&t.spans)
+            .map(|((k, _), texts)| DocumentSpans {
+                fact: facts[*k].id.clone(),
+                texts: texts.clone(),
+            })
+            .collect(),
     })
 }
 
@@ -345,6 +364,8 @@ struct Tally {
     replayed: usize,
     fallbacks: usize,
     learn_seconds: f64,
+    /// Each learned document's span texts, in order.
+    spans: Vec<Vec<String>>,
 }
 
 impl Tally {
@@ -356,6 +377,7 @@ impl Tally {
             self.replayed += s.replay as usize;
             self.fallbacks += s.span_fallbacks as usize;
             self.learn_seconds += s.seconds;
+            self.spans.extend(s.spans.iter().map(|d| d.texts.clone()));
         }
     }
 }
@@ -523,19 +545,32 @@ fn markdown(r: &StreamReport) -> String {
     if !missed.is_empty() {
         s += &format!(
             "\n{} probes still prefer the old answer after the stream (margin = new minus old \
-             log-probability):\n\n| fact | prompt | new | old | margin before | margin after |\n\
-             |---|---|---|---|---|---|\n",
+             log-probability; spans: what the updates leaned on in the fact's documents):\n\n\
+             | fact | prompt | new | old | margin before | margin after | spans |\n\
+             |---|---|---|---|---|---|---|\n",
             missed.len()
         );
         for p in missed {
+            let mut learned: Vec<&str> = Vec::new();
+            for t in r
+                .spans
+                .iter()
+                .filter(|d| d.fact == p.fact)
+                .flat_map(|d| &d.texts)
+            {
+                if !learned.contains(&t.as_str()) {
+                    learned.push(t);
+                }
+            }
             s += &format!(
-                "| {} | {} | {} | {} | {:.2} | {:.2} |\n",
+                "| {} | {} | {} | {} | {:.2} | {:.2} | {} |\n",
                 p.fact,
                 p.prompt,
                 p.new.trim(),
                 p.old.trim(),
                 p.before,
-                p.after
+                p.after,
+                learned.join(", ")
             );
         }
     }

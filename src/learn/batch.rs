@@ -94,6 +94,32 @@ impl Row {
         })
     }
 
+    /// The text of each run of span targets, each distinct run once, in order (empty before the
+    /// forward pass has chosen automatic targets).
+    pub fn span_texts(&self, tok: &TextTokenizer) -> Result<Vec<String>> {
+        let mut out: Vec<String> = Vec::new();
+        // Target `j` is token `j + 1`.
+        let mut at = 1;
+        for run in self
+            .targets
+            .as_deref()
+            .unwrap_or_default()
+            .chunk_by(|a, b| a == b)
+        {
+            if run[0] {
+                let text = tok
+                    .decode(&self.ids[at..at + run.len()])?
+                    .trim()
+                    .to_string();
+                if !text.is_empty() && !out.contains(&text) {
+                    out.push(text);
+                }
+            }
+            at += run.len();
+        }
+        Ok(out)
+    }
+
     /// A replay paragraph's row, or `None` when it is shorter than two tokens.
     pub fn replay(tok: &TextTokenizer, text: &str, max_tokens: usize) -> Result<Option<Row>> {
         let mut ids = tok.encode(text)?.ids;

@@ -77,6 +77,8 @@ pub struct UpdateReport {
     pub span_rules: Vec<SpanRule>,
     /// Documents whose given spans marked no target token, so an automatic rule found them.
     pub span_fallbacks: usize,
+    /// For each document, the text its span loss leaned on (see [`Row::span_texts`]).
+    pub spans: Vec<Vec<String>>,
     /// Mean NLL over all targets before the update.
     pub loss_before: f64,
     /// Mean NLL over span targets before the update.
@@ -534,6 +536,7 @@ impl Learner {
             false => None,
         };
         self.rehearsal.add(docs, self.batches);
+        let fresh = || batch.rows.iter().filter(|r| r.kind == Kind::Fresh);
         let report = UpdateReport {
             batch: self.batches,
             version: self.version,
@@ -543,13 +546,11 @@ impl Learner {
             replay: batch.count(Kind::Replay),
             rehearsed: batch.count(Kind::Rehearsed),
             tokens: batch.tokens,
-            span_rules: batch
-                .rows
-                .iter()
-                .filter(|r| r.kind == Kind::Fresh)
-                .map(|r| r.rule)
-                .collect(),
+            span_rules: fresh().map(|r| r.rule).collect(),
             span_fallbacks: batch.rows.iter().filter(|r| r.fell_back).count(),
+            spans: fresh()
+                .map(|r| r.span_texts(&self.model.tokenizer))
+                .collect::<Result<_>>()?,
             loss_before,
             span_loss: span_value,
             loss_after,

@@ -71,6 +71,13 @@ pub fn report(r: &DomainReport) -> pb::UpdateReport {
         span_fallbacks: r.span_fallbacks as u32,
         units_selected: r.units.map(|(selected, _)| selected as u32),
         units_total: r.units.map(|(_, total)| total as u32),
+        spans: r
+            .spans
+            .iter()
+            .map(|texts| pb::DocumentSpans {
+                texts: texts.clone(),
+            })
+            .collect(),
     }
 }
 
