@@ -158,6 +158,7 @@ pub fn run(a: StreamArgs) -> anyhow::Result<()> {
         ("span_weight", l.span_weight.to_string()),
         ("auto_spans", l.auto_spans.clone()),
         ("minor_name_weight", l.minor_name_weight.to_string()),
+        ("trending_window", l.trending_window.to_string()),
         ("replay_per_batch", l.replay_per_batch.to_string()),
         ("seed", l.seed.to_string()),
         ("order", a.order.clone()),

@@ -202,6 +202,11 @@ pub struct LearnArgs {
     /// once); 0 leaves them out, 1 learns them as any other token.
     #[arg(long, default_value_t = 0.0, env = "LOCUS_MINOR_NAME_WEIGHT")]
     pub minor_name_weight: f64,
+    /// Under `--auto-spans trending`, documents learned before a step whose words are counted
+    /// with the step's own, so a fact whose documents fall into two steps is counted as one burst
+    /// (0: the step's documents only). They are saved in checkpoints.
+    #[arg(long, default_value_t = 0, env = "LOCUS_TRENDING_WINDOW")]
+    pub trending_window: usize,
     /// How spans are found in documents sent without any: `entity` (capitalised names, numbers and
     /// dates; the highest-loss tokens where there are none), `novel` (the names the model finds
     /// most surprising in context), `trending` (the names the step's documents mention most
@@ -268,6 +273,7 @@ impl LearnArgs {
             rehearsal_window: self.rehearsal_window,
             span_weight: self.span_weight,
             minor_name_weight: self.minor_name_weight,
+            trending_window: self.trending_window,
             measure_after: self.measure_after,
             auto_spans: match self.auto_spans.as_str() {
                 "entity" => SpanRule::Entity,

@@ -115,6 +115,8 @@ pub struct Learner {
     adapters: BTreeMap<String, Adapter>,
     /// Recent documents waiting to be learned again.
     rehearsal: Rehearsal,
+    /// The last [`LearnConfig::trending_window`] documents learned, oldest first.
+    recent: std::collections::VecDeque<String>,
     /// Unit norms and masks, when the strategy selects units.
     units: Option<Units>,
     /// Whether each update keeps what it overwrote, for [`Learner::revert`].
@@ -140,6 +142,8 @@ pub struct LearnerState {
     pub unit_norms: Option<BTreeMap<GroupId, Vec<(f64, f64)>>>,
     /// Recent documents waiting for rehearsal.
     pub rehearsal: Vec<Entry>,
+    /// The last documents learned, oldest first, for `trending`'s counts.
+    pub recent: Vec<String>,
 }
 
 /// A LoRA adapter `W + scale * B @ A` on one weight matrix; `B` starts at zero.
@@ -197,6 +201,7 @@ impl Learner {
             selection: None,
             adapters,
             rehearsal: Rehearsal::new(cfg.rehearse, cfg.rehearsal_window),
+            recent: Default::default(),
             units,
             cfg,
             revertible: false,
@@ -246,6 +251,7 @@ impl Learner {
             selection: self.selection.clone(),
             unit_norms: self.units.as_ref().and_then(|u| u.norms().cloned()),
             rehearsal: self.rehearsal.export(),
+            recent: self.recent.iter().cloned().collect(),
         }
     }
 
@@ -269,6 +275,8 @@ impl Learner {
         self.norms = state.norms;
         self.selection = state.selection;
         self.rehearsal.import(state.rehearsal);
+        self.recent = state.recent.into();
+        self.keep_recent();
         Ok(())
     }
 
@@ -443,6 +451,13 @@ impl Learner {
         Ok(())
     }
 
+    /// Drops the oldest remembered documents beyond [`LearnConfig::trending_window`] (also when
+    /// a restart brings a smaller window).
+    fn keep_recent(&mut self) {
+        let excess = self.recent.len().saturating_sub(self.cfg.trending_window);
+        self.recent.drain(..excess);
+    }
+
     /// Whether this step measures norms: when group norms are due, and until units are measured.
     fn needs_trace(&self) -> bool {
         self.norms_due() || self.units.as_ref().is_some_and(|u| !u.measured())
@@ -475,7 +490,12 @@ impl Learner {
             .map(|d| reorder(&d, &mut self.rng))
             .collect();
         let mentions = match self.cfg.auto_spans {
-            SpanRule::Trending => Mentions::of(docs.iter().chain(&due).map(|d| d.text.as_str())),
+            SpanRule::Trending => Mentions::of(
+                self.recent
+                    .iter()
+                    .map(String::as_str)
+                    .chain(docs.iter().chain(&due).map(|d| d.text.as_str())),
+            ),
             _ => Mentions::default(),
         };
         let rules = RowRules {
@@ -536,6 +556,8 @@ impl Learner {
             false => None,
         };
         self.rehearsal.add(docs, self.batches);
+        self.recent.extend(docs.iter().map(|d| d.text.clone()));
+        self.keep_recent();
         let fresh = || batch.rows.iter().filter(|r| r.kind == Kind::Fresh);
         let report = UpdateReport {
             batch: self.batches,

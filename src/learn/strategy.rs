@@ -188,6 +188,9 @@ pub struct LearnConfig {
     pub span_weight: f64,
     /// Weight in the full loss of the names `trending` passes over (1: as any other token).
     pub minor_name_weight: f64,
+    /// Documents learned before the step whose words `trending` counts with the step's own, so a
+    /// fact whose documents fall into two steps is counted as one burst (0: the step's only).
+    pub trending_window: usize,
     /// Measure the batch's loss again after the update (one more forward pass).
     pub measure_after: bool,
 }
@@ -214,6 +217,7 @@ impl Default for LearnConfig {
             rehearsal_window: 1024,
             span_weight: 0.0,
             minor_name_weight: 1.0,
+            trending_window: 0,
             measure_after: true,
         }
     }

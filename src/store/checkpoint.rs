@@ -93,6 +93,9 @@ pub struct LearnerMeta {
     /// Recent documents waiting for rehearsal (absent in checkpoints of older versions).
     #[serde(default)]
     pub rehearsal: Vec<Entry>,
+    /// The last documents learned, for `trending`'s counts (absent in older versions).
+    #[serde(default)]
+    pub recent: Vec<String>,
 }
 
 /// Name prefix of optimizer moments among a checkpoint's tensors.
@@ -128,6 +131,7 @@ pub fn learner_parts(state: &LearnerState) -> (LearnerMeta, BTreeMap<String, Ten
                 .collect()
         }),
         rehearsal: state.rehearsal.clone(),
+        recent: state.recent.clone(),
     };
     let tensors = state
         .moments
@@ -180,6 +184,7 @@ fn learner_state(
                 .collect()
         }),
         rehearsal: meta.rehearsal.clone(),
+        recent: meta.recent.clone(),
     }))
 }
 
