@@ -556,7 +556,10 @@ impl Learner {
             false => None,
         };
         self.rehearsal.add(docs, self.batches);
-        self.recent.extend(docs.iter().map(|d| d.text.clone()));
+        // Only the documents the window can hold are copied (none when it is off).
+        let kept = docs.len().saturating_sub(self.cfg.trending_window);
+        self.recent
+            .extend(docs[kept..].iter().map(|d| d.text.clone()));
         self.keep_recent();
         let fresh = || batch.rows.iter().filter(|r| r.kind == Kind::Fresh);
         let report = UpdateReport {
