@@ -123,13 +123,13 @@ pub fn span_targets(enc: &Encoded, spans: &[(usize, usize)]) -> Vec<bool> {
         .collect()
 }
 
-/// A name the forward pass may choose as a document's span targets.
+/// A name a span rule may choose as a document's span targets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Name {
     /// The targets of every mention.
     pub targets: Vec<bool>,
-    /// The targets of its first mention with any: what its surprise is measured on (later
-    /// mentions are predictable from the first).
+    /// The targets of its first mention with any: what `novel` measures its surprise on (later
+    /// mentions are predictable from the first) and `trending` orders names by.
     pub first: Vec<bool>,
 }
 
@@ -168,19 +168,19 @@ pub struct Choice {
     pub rule: SpanRule,
     /// Whether given spans marked no target token and a rule stood in.
     pub fell_back: bool,
-    /// Under `novel` and `trending`: the names in the text for [`novel_targets`] or
-    /// [`trending_targets`] to choose from.
+    /// Under `novel`: the names in the text for [`novel_targets`] to choose from.
     pub names: Vec<Name>,
-    /// Under `trending`: the targets of the names the step mentions less often (an outgoing
-    /// office holder named once), which the update may weigh down; empty otherwise.
+    /// Under `trending`: the targets of the names it passed over (those the step mentions less
+    /// often, such as an outgoing office holder named once, and the other names tied for most
+    /// mentions), which the update may weigh down; empty otherwise.
     pub minor: Vec<bool>,
 }
 
 /// A document's span targets: its given spans where they mark a target token, else (absent, or a
 /// span on the first token alone) the automatic rule's. `entity` marks names now, falling back to
-/// `surprisal` where it finds none; `novel` and `trending` leave the choice among their names to
-/// the forward pass (`trending` offers only the names `mentions` counts most often);
-/// `surprisal` picks the highest-loss tokens there.
+/// `surprisal` where it finds none; `trending` marks the first mentioned of the names `mentions`
+/// counts most often ([`trending_targets`]); `novel` leaves the choice among its names to the
+/// forward pass, and `surprisal` picks the highest-loss tokens there.
 pub fn choose_targets(
     enc: &Encoded,
     text: &str,
@@ -208,24 +208,26 @@ pub fn choose_targets(
                 return choice(Some(t), SpanRule::Entity, Vec::new());
             }
         }
-        SpanRule::Novel | SpanRule::Trending => {
-            let (spans, minor) = match auto {
-                SpanRule::Novel => {
-                    let chars: Vec<char> = text.chars().collect();
-                    let names = entity_spans(text)
-                        .into_iter()
-                        .filter(|&(s, _)| chars[s].is_alphabetic())
-                        .map(|span| vec![span])
-                        .collect();
-                    (names, Vec::new())
-                }
-                _ => mentions.split(text),
-            };
-            let names: Vec<Name> = spans.iter().filter_map(|s| Name::of(enc, s)).collect();
+        SpanRule::Novel => {
+            let chars: Vec<char> = text.chars().collect();
+            let names: Vec<Name> = entity_spans(text)
+                .into_iter()
+                .filter(|&(s, _)| chars[s].is_alphabetic())
+                .filter_map(|span| Name::of(enc, &[span]))
+                .collect();
             if !names.is_empty() {
+                return choice(None, SpanRule::Novel, names);
+            }
+        }
+        SpanRule::Trending => {
+            let (entities, less) = mentions.split(text);
+            let names: Vec<Name> = entities.iter().filter_map(|s| Name::of(enc, s)).collect();
+            if let Some((chosen, passed)) = trending_targets(&names) {
+                let mut minor = span_targets(enc, &less);
+                union(&mut minor, &passed);
                 return Choice {
-                    minor: span_targets(enc, &minor),
-                    ..choice(None, auto, names)
+                    minor,
+                    ..choice(Some(chosen), SpanRule::Trending, Vec::new())
                 };
             }
         }
@@ -258,22 +260,22 @@ fn union(into: &mut [bool], targets: &[bool]) {
     }
 }
 
-/// The `trending` rule's choice among the names a step mentions most: the one the model finds
-/// most surprising at its first mention. Where the successor and the predecessor are both named
-/// throughout, the one the model does not expect yet is the news. Returns the chosen targets and
-/// those of the names passed over, which the update may weigh down as it does the names
-/// mentioned less often. `nll[j - 1]` is target `j`'s loss.
-pub fn trending_targets(nll: &[f32], names: &[Name]) -> (Vec<bool>, Vec<bool>) {
-    let mut chosen = vec![false; nll.len()];
-    let mut passed = vec![false; nll.len()];
-    let best = names
-        .iter()
-        .map(|n| n.surprise(nll))
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(i, _)| i);
+/// The `trending` rule's choice among the names a step mentions most: the one the document
+/// mentions first. News leads with what is new ("Sanae Takaichi became prime minister ...,
+/// succeeding Shigeru Ishiba"); where the successor and the predecessor are both named
+/// throughout, the predecessor comes later, often in a clause about the past. (The model's
+/// surprise at a name chose worse on dev facts: a name it has not learned yet may be the
+/// outgoing one, and any name opening a document looks surprising; docs/learning.md point 29.)
+/// Returns the chosen targets and those of the names passed over, which the update may weigh
+/// down as it does the names mentioned less often; `None` without names.
+pub fn trending_targets(names: &[Name]) -> Option<(Vec<bool>, Vec<bool>)> {
+    let first = |n: &Name| n.first.iter().position(|&on| on);
+    let best = (0..names.len()).min_by_key(|&i| first(&names[i]))?;
+    let len = names[best].targets.len();
+    let mut chosen = vec![false; len];
+    let mut passed = vec![false; len];
     for (i, n) in names.iter().enumerate() {
-        match Some(i) == best {
+        match i == best {
             true => union(&mut chosen, &n.targets),
             false => union(&mut passed, &n.targets),
         }
@@ -282,7 +284,7 @@ pub fn trending_targets(nll: &[f32], names: &[Name]) -> (Vec<bool>, Vec<bool>) {
     for (p, &c) in passed.iter_mut().zip(&chosen) {
         *p &= !c;
     }
-    (chosen, passed)
+    Some((chosen, passed))
 }
 
 /// How salient spans are found for a document that brings none.
@@ -298,7 +300,7 @@ pub enum SpanRule {
     /// The names the current model finds most surprising in context.
     Novel,
     /// Of a document's names, those the step's documents mention most often (news repeats what
-    /// is new); where several entities tie, the one the model finds most surprising.
+    /// is new); where several entities tie, the one the document mentions first.
     Trending,
 }
 
@@ -360,7 +362,8 @@ const PARTICLES: [&str; 14] = [
 pub fn names(text: &str) -> Vec<(usize, usize)> {
     let words = words(text);
     let chars: Vec<char> = text.chars().collect();
-    let capital = |w: &str| w.chars().next().is_some_and(char::is_uppercase);
+    // A capital anywhere marks a name: "iPhone" and "iOS" as well as "Apple".
+    let capital = |w: &str| w.chars().any(char::is_uppercase);
     let plain = |w: &str| !OPENERS.contains(&w) && !MONTHS.contains(&w);
     // "al-Sharaa": a lower-case prefix, a hyphen, then a capital.
     let prefixed = |w: &str| {
@@ -521,22 +524,22 @@ mod tests {
     }
 
     #[test]
-    fn trending_chooses_the_name_most_surprising_at_its_first_mention() {
-        // Name A: first mention targets 0-1 (mean 1), again at 6; name B: first at 3 (mean 4),
-        // again at 5, where A's second mention and B's share target 6.
-        let nll = [1.0, 1.0, 9.0, 4.0, 9.0, 0.1, 0.1];
-        let name = |on: &[usize]| (0..nll.len()).map(|j| on.contains(&j)).collect::<Vec<_>>();
+    fn trending_chooses_the_name_mentioned_first() {
+        // Name A: first mentioned at target 3, again at 6; name B: first at 1, again at 5 and 6,
+        // where A's second mention and B's share target 6.
+        let name = |on: &[usize]| (0..7).map(|j| on.contains(&j)).collect::<Vec<_>>();
         let a = Name {
-            targets: name(&[0, 1, 6]),
-            first: name(&[0, 1]),
-        };
-        let b = Name {
-            targets: name(&[3, 5, 6]),
+            targets: name(&[3, 6]),
             first: name(&[3]),
         };
-        let (chosen, passed) = trending_targets(&nll, &[a, b]);
-        assert_eq!(chosen, name(&[3, 5, 6]));
-        assert_eq!(passed, name(&[0, 1]));
+        let b = Name {
+            targets: name(&[1, 5, 6]),
+            first: name(&[1]),
+        };
+        let (chosen, passed) = trending_targets(&[a, b]).unwrap();
+        assert_eq!(chosen, name(&[1, 5, 6]));
+        assert_eq!(passed, name(&[3]));
+        assert_eq!(trending_targets(&[]), None);
     }
 
     #[test]

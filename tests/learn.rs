@@ -347,7 +347,7 @@ fn trending_counts_the_documents_before_the_step_and_resumes_with_them() {
         ..config("tgl-fp")
     };
     let earlier = raw("Quentin Varga spoke at noon. Quentin Varga left by train.");
-    let later = raw("Marta Lind met Quentin Varga in Oslo.");
+    let later = raw("At noon Marta Lind met Quentin Varga in Oslo.");
     // Counted with the earlier document, Quentin Varga is the name the stream repeats.
     let (a, b) = (tiny(), tiny());
     let mut first = Learner::new(a.clone(), cfg(1), vec![], 0).unwrap();
@@ -367,13 +367,13 @@ fn trending_counts_the_documents_before_the_step_and_resumes_with_them() {
     assert_eq!(y.spans, x.spans);
     assert_eq!(snapshot(&a), snapshot(&b), "the same step on both");
     assert_eq!(first.export_state().unwrap().recent, [later.text.as_str()]);
-    // Without the window every name of the later document is mentioned once: a tie that the
-    // forward pass settles, and a different choice on this model.
+    // Without the window every name of the later document is mentioned once: a tie that goes
+    // to the name the document mentions first.
     let mut alone = Learner::new(tiny(), cfg(0), vec![], 0).unwrap();
     alone.step(std::slice::from_ref(&earlier)).unwrap();
     assert!(alone.export_state().unwrap().recent.is_empty());
     let z = alone.step(std::slice::from_ref(&later)).unwrap();
-    assert_ne!(z.spans, x.spans, "{z:?}");
+    assert_eq!(z.spans, [["Marta Lind"]]);
 }
 
 #[test]
@@ -409,13 +409,15 @@ fn span_weight_changes_the_update() {
 }
 
 #[test]
-fn trending_weighs_down_the_names_the_step_mentions_less() {
+fn trending_weighs_down_the_names_it_passes_over() {
     use locus::learn::batch::{Kind, Row, RowRules};
     use locus::spans::{Mentions, SpanRule};
     let model = tiny();
+    // Leo XIV and Francis are both mentioned twice: Leo XIV, named first, is the target and
+    // Pope Francis is passed over like Rome, which the step mentions once.
     let docs = [
-        "Leo XIV succeeded Pope Francis in Rome.",
-        "As Leo XIV he leads the Church.",
+        "In 2025 Leo XIV succeeded Pope Francis in Rome.",
+        "As Leo XIV he succeeded Francis.",
     ];
     let mentions = Mentions::of(docs);
     let row = |minor_weight: f32| {
@@ -445,7 +447,9 @@ fn trending_weighs_down_the_names_the_step_mentions_less() {
         })
         .collect();
     assert!(expected.contains(&0.25) && expected.contains(&1.0));
-    assert_eq!(row(0.25).weights, expected);
+    let weighed = row(0.25);
+    assert_eq!(weighed.weights, expected);
+    assert_eq!(weighed.span_texts(&model.tokenizer).unwrap(), ["Leo XIV"]);
 }
 
 /// The tiny Llama's head width, query heads and key/value heads, from its configuration.

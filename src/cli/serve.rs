@@ -205,12 +205,12 @@ pub struct LearnArgs {
     /// Under `--auto-spans trending`, documents learned before a step whose words are counted
     /// with the step's own, so a fact whose documents fall into two steps is counted as one burst
     /// (0: the step's documents only). They are saved in checkpoints.
-    #[arg(long, default_value_t = 0, env = "LOCUS_TRENDING_WINDOW")]
+    #[arg(long, default_value_t = 2, env = "LOCUS_TRENDING_WINDOW")]
     pub trending_window: usize,
     /// How spans are found in documents sent without any: `entity` (capitalised names, numbers and
     /// dates; the highest-loss tokens where there are none), `novel` (the names the model finds
-    /// most surprising in context), `trending` (the names the step's documents mention most
-    /// often) or `surprisal` (the highest-loss tokens).
+    /// most surprising in context), `trending` (the name the step's documents mention most
+    /// often, the first mentioned where several tie) or `surprisal` (the highest-loss tokens).
     #[arg(long, default_value = "trending", env = "LOCUS_AUTO_SPANS")]
     pub auto_spans: String,
     /// Measure each batch's loss again after its update (one more forward pass per step).

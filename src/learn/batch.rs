@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use super::engine::Doc;
 use crate::error::{Error, Result};
 use crate::spans::{
-    choose_targets, novel_targets, surprisal_targets, trending_targets, Mentions, Name, SpanRule,
+    choose_targets, novel_targets, surprisal_targets, Mentions, Name, SpanRule,
 };
 use crate::tokenize::TextTokenizer;
 
@@ -24,19 +24,18 @@ pub enum Kind {
 pub struct Row {
     /// Token ids.
     pub ids: Vec<u32>,
-    /// Span targets, or `None` for the surprisal rule to fill from this step's losses.
+    /// Span targets, or `None` for the `surprisal` or `novel` rule to fill from this step's
+    /// losses.
     pub targets: Option<Vec<bool>>,
     /// How the spans were found.
     pub rule: SpanRule,
     /// Whether given spans had no target token and an automatic rule stood in.
     pub fell_back: bool,
-    /// Under `novel` and `trending`, the names to choose from at the forward pass.
+    /// Under `novel`, the names to choose from at the forward pass.
     pub names: Vec<Name>,
     /// Each target's weight in the full loss: 1, or [`RowRules::minor_weight`] on the names
     /// `trending` passed over.
     pub weights: Vec<f32>,
-    /// The weight the names `trending` passes over at the forward pass get in the full loss.
-    minor_weight: f32,
     /// Fresh, rehearsed or replay.
     pub kind: Kind,
 }
@@ -89,7 +88,6 @@ impl Row {
             fell_back: c.fell_back,
             names: c.names,
             weights,
-            minor_weight: rules.minor_weight,
             kind,
         })
     }
@@ -131,7 +129,6 @@ impl Row {
             rule: SpanRule::Given,
             fell_back: false,
             names: Vec::new(),
-            minor_weight: 1.0,
             kind: Kind::Replay,
         }))
     }
@@ -201,35 +198,22 @@ impl Batch {
             .any(|r| r.targets.as_ref().is_none_or(|t| t.iter().any(|&b| b)))
     }
 
-    /// The span mask `(b, t - 1)`, filling `surprisal`, `novel` and `trending` rows from this
-    /// step's per-target losses; the names `trending` passes over take the minor weight in
-    /// [`Batch::valid`].
+    /// The span mask `(b, t - 1)`, filling `surprisal` and `novel` rows from this step's
+    /// per-target losses.
     pub fn span_mask(&mut self, nll_rows: &[Vec<f32>], fraction: f64) -> Result<Tensor> {
         let (b, t1) = self.valid.dims2()?;
         let mut span = vec![0f32; b * t1];
-        let mut reweighed = false;
         for (i, r) in self.rows.iter_mut().enumerate() {
             let nll = &nll_rows[i][..r.ids.len() - 1];
             if r.targets.is_none() {
-                r.targets = Some(match (r.rule, r.names.is_empty()) {
-                    (_, true) => surprisal_targets(nll, fraction),
-                    (SpanRule::Trending, false) => {
-                        let (chosen, passed) = trending_targets(nll, &r.names);
-                        for (w, _) in r.weights.iter_mut().zip(&passed).filter(|(_, &p)| p) {
-                            reweighed |= *w != r.minor_weight;
-                            *w = r.minor_weight;
-                        }
-                        chosen
-                    }
-                    (_, false) => novel_targets(nll, &r.names),
+                r.targets = Some(match r.names.is_empty() {
+                    true => surprisal_targets(nll, fraction),
+                    false => novel_targets(nll, &r.names),
                 });
             }
             for (j, &on) in r.targets.iter().flatten().enumerate() {
                 span[i * t1 + j] = f32::from(u8::from(on));
             }
-        }
-        if reweighed {
-            (self.valid, self.targets) = Self::weights(&self.rows, t1 + 1, self.valid.device())?;
         }
         Ok(Tensor::from_vec(span, (b, t1), self.valid.device())?)
     }
