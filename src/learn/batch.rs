@@ -4,9 +4,7 @@ use candle_core::{Device, Tensor};
 
 use super::engine::Doc;
 use crate::error::{Error, Result};
-use crate::spans::{
-    choose_targets, novel_targets, surprisal_targets, Mentions, Name, SpanRule,
-};
+use crate::spans::{choose_targets, novel_targets, surprisal_targets, Mentions, Name, SpanRule};
 use crate::tokenize::TextTokenizer;
 
 /// What a row of the batch is.
