@@ -20,6 +20,9 @@ import random
 import re
 from pathlib import Path
 
+# What counts as a pick naming an answer is stream_picks.py's rule, shared so the two agree.
+from stream_picks import words as answer_words
+
 ROOT = Path(__file__).resolve().parent.parent
 OPENERS = set("The A An In On At Since After Before He She It They Its His Her This That As By "
               "For From With When While".split())
@@ -115,7 +118,6 @@ def main():
                 logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
             nll = (-logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)).tolist()
             tokens[d] = (nll, enc["offset_mapping"])
-    wset = lambda t: {w.lower() for w in re.findall(r"[\w\-]+", t) if len(w) >= 3}
     for rule in ("surprise", "first"):
         new_hits = old_hits = 0
         for seed in range(args.orders):
@@ -124,9 +126,9 @@ def main():
             stream = [(f, d) for f in order for d in f["docs"]]
             for i, (f, d) in enumerate(stream):
                 step = [x[1] for x in stream[i - i % 2:i - i % 2 + 2]]
-                picked = set().union(*(wset(t) for t in pick(d, step, tokens[d], rule)))
-                new = set().union(*(wset(p["new"]) for p in f["probes"]))
-                old = set().union(*(wset(p["old"]) for p in f["probes"])) - new
+                picked = set().union(*(answer_words(t) for t in pick(d, step, tokens[d], rule)))
+                new = set().union(*(answer_words(p["new"]) for p in f["probes"]))
+                old = set().union(*(answer_words(p["old"]) for p in f["probes"])) - new
                 new_hits += bool(picked & new)
                 old_hits += bool(picked & old)
         total = args.orders * sum(len(f["docs"]) for f in dev)
