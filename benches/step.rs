@@ -13,6 +13,9 @@ use candle_core::{Device, Tensor};
 use locus::model::load;
 use locus::trace::{span_and_full_loss, squared_norms};
 
+#[path = "support/machine.rs"]
+mod machine;
+
 const BATCH: usize = 4;
 const SEQ: usize = 128;
 const REPS: usize = 5;
@@ -75,14 +78,7 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     })?;
     let tokens = (BATCH * SEQ) as f64;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
+    let cpu = machine::machine();
     let out = serde_json::json!({
         "machine": {"cpu": cpu, "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
         "device": locus::model::device::name(&device),

@@ -29,11 +29,24 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The largest magnitude in `t`, at least 1: differences are compared relative to it.
+fn scale(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0)
+}
+
 /// Compares outputs and the gradients of `sum(out * probe)` for every input.
 fn check(name: &str, inputs: &[&Var], fused: impl Fn() -> Tensor, composed: impl Fn() -> Tensor) {
     let (a, b) = (fused(), composed());
     assert!(
-        max_diff(&a, &b) < 1e-5,
+        max_diff(&a, &b) / scale(&b) < 1e-5,
         "{name}: outputs differ by {}",
         max_diff(&a, &b)
     );
@@ -55,18 +68,8 @@ fn check(name: &str, inputs: &[&Var], fused: impl Fn() -> Tensor, composed: impl
             ga.get(v.as_tensor()).unwrap(),
             gb.get(v.as_tensor()).unwrap(),
         );
-        let scale = y
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1.0);
         assert!(
-            max_diff(x, y) / scale < 1e-5,
+            max_diff(x, y) / scale(y) < 1e-5,
             "{name}: gradient of input {i} differs by {}",
             max_diff(x, y)
         );
@@ -93,6 +96,35 @@ fn linear_matches_composed() {
         || ops::linear(&x, &w, Some(&b)).unwrap(),
         || composed::linear(&x, &w, Some(&b)).unwrap(),
     );
+}
+
+#[test]
+fn linear_matches_composed_for_one_few_and_many_rows() {
+    // Rows, outputs, inputs: one row (generation), a partial group of four, an input width that
+    // is no multiple of the vector width, a few rows under a deep weight, and a general product.
+    for (i, &(m, n, k)) in [
+        (1, 300, 70),
+        (3, 64, 64),
+        (5, 257, 33),
+        (20, 40, 96),
+        (40, 24, 16),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 10 + 3 * i as u64;
+        let (x, w, b) = (
+            randn(&[m, k], seed),
+            randn(&[n, k], seed + 1),
+            randn(&[n], seed + 2),
+        );
+        check(
+            &format!("linear {m}x{k} by {n}x{k}"),
+            &[&x, &w, &b],
+            || ops::linear(&x, &w, Some(&b)).unwrap(),
+            || composed::linear(&x, &w, Some(&b)).unwrap(),
+        );
+    }
 }
 
 #[test]

@@ -3,6 +3,9 @@
 
 use locus::proto::v1 as pb;
 
+mod machine;
+pub use machine::machine;
+
 const STABLE: &str = include_str!("../../data/drift/stable.jsonl");
 const UPDATES: &str = include_str!("../../data/drift/updates.jsonl");
 
@@ -63,17 +66,4 @@ pub fn summary(mut ms: Vec<f64>) -> serde_json::Value {
         "mean_ms": ms.iter().sum::<f64>() / ms.len() as f64,
         "max_ms": ms.last().copied().unwrap_or(f64::NAN),
     })
-}
-
-/// The CPU's model name, as /proc/cpuinfo gives it.
-pub fn machine() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, name)| name.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::data::{DriftSet, UpdateProbe};
 use crate::error::Result;
-use crate::model::{Model, Params};
+use crate::model::{on_compute_threads, Model, Params};
 use crate::spans::{find_all, span_targets};
 
 /// Sequences scored per forward pass.
@@ -21,7 +21,8 @@ pub fn target_nll(model: &Model, params: &Params, seqs: &[Vec<u32>]) -> Result<V
             ids[i * t..i * t + s.len()].copy_from_slice(s);
         }
         let ids = Tensor::from_vec(ids, (chunk.len(), t), model.device())?;
-        let nll: Vec<Vec<f32>> = model.arch.next_token_nll(params, &ids)?.to_vec2()?;
+        let nll: Vec<Vec<f32>> =
+            on_compute_threads(|| model.arch.next_token_nll(params, &ids)?.to_vec2())?;
         out.extend(
             chunk
                 .iter()

@@ -7,6 +7,7 @@ use candle_transformers::generation::LogitsProcessor;
 use super::stops::Stops;
 use crate::error::{Error, Result};
 use crate::model::cache::KvCache;
+use crate::model::on_compute_threads;
 use crate::snapshot::Snapshot;
 
 /// Continues `prompt` token by token. `emit` receives each new piece of text with the number
@@ -37,10 +38,12 @@ pub fn generate(
     let mut sent = String::new();
     while generated.len() < sampling.max_tokens && cache.len() + input.len() <= limit {
         let ids = Tensor::from_vec(input.clone(), (1, input.len()), snapshot.model().device())?;
-        let logits = snapshot
-            .model()
-            .arch
-            .forward_cached(snapshot.params(), &ids, &mut cache)?;
+        let logits = on_compute_threads(|| {
+            snapshot
+                .model()
+                .arch
+                .forward_cached(snapshot.params(), &ids, &mut cache)
+        })?;
         let last = logits.squeeze(0)?.get_on_dim(0, input.len() - 1)?;
         let next = picker.sample(&last)?;
         input = vec![next];

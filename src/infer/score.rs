@@ -4,6 +4,7 @@
 use candle_core::{Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::model::on_compute_threads;
 use crate::snapshot::Snapshot;
 
 /// Negative log-likelihood of each target `j >= 1` of each sequence (each at least 2 tokens).
@@ -54,7 +55,7 @@ pub fn token_logprobs(snapshot: &Snapshot, seq: &[u32], top: usize) -> Result<Ve
     };
     let device = snapshot.model().device();
     let ids = Tensor::from_slice(seq, (1, seq.len()), device)?;
-    let logits = snapshot.model().arch.forward(snapshot.params(), &ids)?;
+    let logits = on_compute_threads(|| snapshot.model().arch.forward(snapshot.params(), &ids))?;
     let logp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.narrow(0, 0, targets)?, D::Minus1)?;
     let next = Tensor::from_slice(&seq[1..], (targets, 1), device)?;
     let chosen: Vec<f32> = logp.gather(&next, 1)?.squeeze(1)?.to_vec1()?;

@@ -170,6 +170,14 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k == k2 && few_rows(m, n, k) {
+            let x = slice(s1, l1, "linear input")?;
+            let w = slice(s2, l2, "linear weight")?;
+            let y = super::tile::few_rows_times_t(x, w, m, n, k);
+            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+        }
         Linear::fwd(s1, l1, s2, l2)
     }
 
@@ -199,6 +207,15 @@ impl CustomOp2 for Linear {
             .transpose()?;
         Ok((dx, dw))
     }
+}
+
+/// Whether `x @ w^T` for `m` rows and a weight `(n, k)` is faster as dot products of whole rows
+/// than as a general product, which packs the weight on every call and splits little work poorly.
+/// The limits are where the two met on SmolLM2's shapes (docs/benchmarks.md, "Few-row products"):
+/// 12 rows for any weight (the 49152-wide head), 32 for one at most four times wider than deep (the
+/// MLP's gate and up), 64 for one no wider than deep (attention, the MLP's down).
+fn few_rows(m: usize, n: usize, k: usize) -> bool {
+    m <= 12 || (m <= 32 && n <= 4 * k) || (m <= 64 && n <= k)
 }
 
 /// RMS norm over the last axis: `w * x / sqrt(mean(x^2) + eps)`.

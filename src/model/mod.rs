@@ -13,6 +13,8 @@ pub mod load;
 pub mod ops;
 mod tile;
 
+pub use tile::on_compute_threads;
+
 use std::collections::BTreeMap;
 use std::fmt;
 

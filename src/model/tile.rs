@@ -127,3 +127,184 @@ fn product(
         )
     }
 }
+
+/// `x @ w^T` for a few rows `x (m, k)` and a row-major weight `w (n, k)`, as a row-major `(m, n)`.
+/// Each weight row is read once and dotted with every row of `x`, in parallel over weight rows.
+/// At a handful of rows (generation feeds one token per pass) a general product spends most of
+/// its time packing the weight, as much memory traffic as the product itself.
+pub(crate) fn few_rows_times_t(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert!(
+        x.len() >= m * k && w.len() >= n * k,
+        "few-rows product: a slice is shorter than its shape"
+    );
+    // A piece per worker and then some, so a late worker still finds work. Inside
+    // [`on_compute_threads`] the calling thread takes pieces itself instead of waiting for a
+    // sleeping worker to wake, which at a tenth of a millisecond per product is most of its time.
+    let per_piece = (n / (4 * rayon::current_num_threads())).max(16);
+    let mut by_weight_row = vec![0f32; n * m];
+    by_weight_row
+        .par_chunks_mut(per_piece * m)
+        .enumerate()
+        .for_each(|(p, piece)| {
+            let first_row = p * per_piece;
+            for (b, out) in piece.chunks_mut(4 * m).enumerate() {
+                let (j, r) = (first_row + 4 * b, out.len() / m);
+                let rows = &w[j * k..(j + r) * k];
+                for first in (0..m).step_by(4) {
+                    let take = (m - first).min(4);
+                    let sums = dots(&x[first * k..(first + take) * k], take, rows, r);
+                    for (row, sums) in out.chunks_mut(m).zip(sums) {
+                        row[first..first + take].copy_from_slice(&sums[..take]);
+                    }
+                }
+            }
+        });
+    if m == 1 {
+        return by_weight_row;
+    }
+    let mut out = vec![0f32; m * n];
+    for (j, col) in by_weight_row.chunks(m).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
+/// Runs `f` on a thread of rayon's pool, where the many small products of a forward pass over a
+/// few tokens (generation, scoring) share their work with the calling thread. From any other
+/// thread each product would hand its work to the pool and sleep until it is done.
+pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+/// The dot products of each of the `r` (at most 4) rows of `rows` with each of the `m` (at most 4)
+/// rows of `xs`, all rows `k` long: `out[j][i] = rows[j] . xs[i]`. Four weight rows against four
+/// input rows keep sixteen sums in registers for eight loads, where one against one needs two.
+fn dots(xs: &[f32], m: usize, rows: &[f32], r: usize) -> [[f32; 4]; 4] {
+    let k = rows.len() / r.max(1);
+    assert!(m <= 4 && r <= 4 && xs.len() >= m * k && rows.len() >= r * k);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above) and the slices hold the rows (the
+        // assert above).
+        return unsafe { dots_avx512(xs, m, rows, r, k) };
+    }
+    dots_portable(xs, m, rows, r, k)
+}
+
+/// [`dots`] in plain Rust, in sixteen lanes the compiler vectorises for the target it builds for.
+fn dots_portable(xs: &[f32], m: usize, rows: &[f32], r: usize, k: usize) -> [[f32; 4]; 4] {
+    let mut out = [[0f32; 4]; 4];
+    for (out, row) in out.iter_mut().zip(rows.chunks_exact(k)).take(r) {
+        for (o, x) in out.iter_mut().zip(xs.chunks_exact(k)).take(m) {
+            let mut acc = [0f32; 16];
+            let (cx, cr) = (x.chunks_exact(16), row.chunks_exact(16));
+            let tail: f32 = cx
+                .remainder()
+                .iter()
+                .zip(cr.remainder())
+                .map(|(a, b)| a * b)
+                .sum();
+            for (a, b) in cx.zip(cr) {
+                for l in 0..16 {
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            *o = acc.iter().sum::<f32>() + tail;
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_avx512(xs: &[f32], m: usize, rows: &[f32], r: usize, k: usize) -> [[f32; 4]; 4] {
+    macro_rules! by_rows {
+        ($m:literal) => {
+            match r {
+                1 => dots_avx512_n::<$m, 1>(xs, rows, k),
+                2 => dots_avx512_n::<$m, 2>(xs, rows, k),
+                3 => dots_avx512_n::<$m, 3>(xs, rows, k),
+                _ => dots_avx512_n::<$m, 4>(xs, rows, k),
+            }
+        };
+    }
+    match m {
+        1 => by_rows!(1),
+        2 => by_rows!(2),
+        3 => by_rows!(3),
+        _ => by_rows!(4),
+    }
+}
+
+/// [`dots`] for exactly `M` input rows and `R` weight rows, so the sums stay in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_avx512_n<const M: usize, const R: usize>(
+    xs: &[f32],
+    rows: &[f32],
+    k: usize,
+) -> [[f32; 4]; 4] {
+    use std::arch::x86_64::*;
+    let (px, pw) = (xs.as_ptr(), rows.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); M]; R];
+    let mut c = 0;
+    while c + 16 <= k {
+        let mut xv = [_mm512_setzero_ps(); M];
+        for (i, v) in xv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(px.add(i * k + c));
+        }
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let wv = _mm512_loadu_ps(pw.add(j * k + c));
+            for (a, &v) in acc.iter_mut().zip(&xv) {
+                *a = _mm512_fmadd_ps(v, wv, *a);
+            }
+        }
+        c += 16;
+    }
+    let mut out = [[0f32; 4]; 4];
+    for j in 0..R {
+        for i in 0..M {
+            let mut total = _mm512_reduce_add_ps(acc[j][i]);
+            for t in c..k {
+                total += *px.add(i * k + t) * *pw.add(j * k + t);
+            }
+            out[j][i] = total;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_products_agree_with_and_without_avx512() {
+        let k = 77;
+        let xs: Vec<f32> = (0..4 * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let rows: Vec<f32> = (0..4 * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 24.0)
+            .collect();
+        for (m, r) in (1..=4).flat_map(|m| (1..=4).map(move |r| (m, r))) {
+            let w = &rows[..r * k];
+            let (fast, plain) = (dots(&xs, m, w, r), dots_portable(&xs, m, w, r, k));
+            for (j, i) in (0..4).flat_map(|j| (0..4).map(move |i| (j, i))) {
+                if j >= r || i >= m {
+                    assert_eq!((fast[j][i], plain[j][i]), (0.0, 0.0));
+                    continue;
+                }
+                let exact: f32 = xs[i * k..][..k]
+                    .iter()
+                    .zip(&w[j * k..][..k])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                assert!((fast[j][i] - exact).abs() < 1e-4 && (plain[j][i] - exact).abs() < 1e-4);
+            }
+        }
+    }
+}
