@@ -253,6 +253,7 @@ fn next_job(
 impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<Job>, pool: &rayon::ThreadPool) {
         priority::lower_this_thread(self.setup.nice);
+        crate::model::turns::mark_background();
         // Built here, not by the spawner: a runtime must not be dropped inside async code.
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()

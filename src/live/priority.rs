@@ -5,6 +5,8 @@
 //! therefore runs on a rayon pool of its own whose threads (and the learner thread itself) have a
 //! raised `nice` value: while queries compute, the kernel gives the learner only a small share of
 //! the cores (about 10% at nice 10, 1.5% at 19), and all of them when queries are idle.
+//! Beyond that share, the learner's threads pause at each product while a query computes
+//! (`model::turns`).
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -34,7 +36,10 @@ pub(crate) fn background_pool(
     ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("locus-learn-{i}"))
-        .start_handler(move |_| lower_this_thread(nice))
+        .start_handler(move |_| {
+            lower_this_thread(nice);
+            crate::model::turns::mark_background();
+        })
         .build()
 }
 

@@ -170,6 +170,7 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        super::turns::yield_to_foreground();
         let (m, k) = l1.shape().dims2()?;
         let (n, k2) = l2.shape().dims2()?;
         if k == k2 && few_rows(m, n, k) {
@@ -198,6 +199,7 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        super::turns::yield_to_foreground();
         // A frozen weight (or an input that depends on no variable) gets no gradient: the
         // backward still visits this op for the other argument, and its product would be dropped.
         let dx = x.track_op().then(|| grad.matmul(&w.detach())).transpose()?;

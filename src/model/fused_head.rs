@@ -62,6 +62,7 @@ impl CustomOp2 for HeadNll {
         let mut logits = vec![0f32; rows * v];
         let mut out = Vec::with_capacity(n);
         for start in (0..n).step_by(rows.max(1)) {
+            super::turns::yield_to_foreground();
             let c = rows.min(n - start);
             let buf = &mut logits[..c * v];
             matmul(
@@ -147,6 +148,7 @@ impl CustomOp3 for HeadNllGrad<'_> {
             vec![0f32; rows * h],
         );
         for (k, chunk) in live.chunks(rows.max(1)).enumerate() {
+            super::turns::yield_to_foreground();
             let c = chunk.len();
             for (dst, &i) in xs.chunks_mut(h).zip(chunk) {
                 dst.copy_from_slice(&x[i * h..(i + 1) * h]);

@@ -12,8 +12,9 @@ pub mod llama;
 pub mod load;
 pub mod ops;
 mod tile;
+pub mod turns;
 
-pub use tile::on_compute_threads;
+pub use turns::on_compute_threads;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -139,7 +139,7 @@ pub(crate) fn few_rows_times_t(x: &[f32], w: &[f32], m: usize, n: usize, k: usiz
         "few-rows product: a slice is shorter than its shape"
     );
     // A piece per worker and then some, so a late worker still finds work. Inside
-    // [`on_compute_threads`] the calling thread takes pieces itself instead of waiting for a
+    // [`super::on_compute_threads`] the calling thread takes pieces itself instead of waiting for a
     // sleeping worker to wake, which at a tenth of a millisecond per product is most of its time.
     let per_piece = (n / (4 * rayon::current_num_threads())).max(16);
     let mut by_weight_row = vec![0f32; n * m];
@@ -170,13 +170,6 @@ pub(crate) fn few_rows_times_t(x: &[f32], w: &[f32], m: usize, n: usize, k: usiz
         }
     }
     out
-}
-
-/// Runs `f` on a thread of rayon's pool, where the many small products of a forward pass over a
-/// few tokens (generation, scoring) share their work with the calling thread. From any other
-/// thread each product would hand its work to the pool and sleep until it is done.
-pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
 }
 
 /// The dot products of each of the `r` (at most 4) rows of `rows` with each of the `m` (at most 4)
