@@ -68,7 +68,9 @@ def measure_text(model, token_ids: list[int], targets: list[int], want_logits: b
     if not targets:
         raise ValueError("text has no span targets")
     ids = torch.tensor([token_ids], dtype=torch.long)
-    logits = model(input_ids=ids).logits[0].float()  # [n, V]
+    logits = model(input_ids=ids).logits[0]  # [n, V]
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     n = ids.shape[1]
     # Row k of logprobs predicts target j = k + 1.
     logprobs = torch.log_softmax(logits[:-1], dim=-1)
