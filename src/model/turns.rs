@@ -41,10 +41,7 @@ pub fn mark_background() {
 /// thread each product would hand its work to the pool and sleep until it is done. Called from a
 /// thread outside the background, `f` is foreground: background threads pause while it runs.
 pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if BACKGROUND.with(Cell::get) {
-        return rayon::scope(|_| f());
-    }
-    let _running = Foreground::enter();
+    let _running = (!BACKGROUND.with(Cell::get)).then(Foreground::enter);
     rayon::scope(|_| f())
 }
 
