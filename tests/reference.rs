@@ -185,3 +185,79 @@ fn cached_incremental_forward_matches_the_whole_sequence() {
         assert!(worst < 1e-4, "{name}: cached logits differ by {worst}");
     }
 }
+
+#[test]
+fn losses_from_a_later_position_match_those_of_the_whole_sequence() {
+    for name in TINY {
+        let (model, e) = load_tiny(name);
+        let params = model.params(|_| false);
+        let ids = Tensor::new(e.token_ids[2].as_slice(), &dev())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let all: Vec<f32> = model
+            .arch
+            .next_token_nll(&params, &ids)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for from in [1, 4, all.len() - 1] {
+            let tail: Vec<f32> = model
+                .arch
+                .next_token_nll_from(&params, &ids, from)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(tail.len(), all.len() - from, "{name}: from {from}");
+            let worst = tail
+                .iter()
+                .zip(&all[from..])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{name}: from {from} differs by {worst}");
+        }
+    }
+}
+
+#[test]
+fn continuation_scores_match_the_losses_of_whole_sequences() {
+    use locus::snapshot::Snapshot;
+    use std::sync::Arc;
+    for name in TINY {
+        let (model, e) = load_tiny(name);
+        let model = Arc::new(model);
+        let params = model.params(|_| false);
+        let ids = &e.token_ids[2];
+        // Prompts of one and five tokens; continuations of 1 to 4 tokens, scored in one batch.
+        for p in [1, 5] {
+            let prompt = &ids[..p];
+            let continuations: Vec<Vec<u32>> =
+                (1..=4).map(|c| ids[p + 4 - c..p + 4].to_vec()).collect();
+            let snapshot = Snapshot::load(Arc::clone(&model), 0).unwrap();
+            let got = locus::infer::logprobs(&snapshot, prompt, &continuations).unwrap();
+            for (c, got) in continuations.iter().zip(got) {
+                let whole = Tensor::new([prompt, c].concat().as_slice(), &dev())
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let nll: Vec<f32> = model
+                    .arch
+                    .next_token_nll(&params, &whole)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want = -nll[p - 1..].iter().map(|&v| f64::from(v)).sum::<f64>();
+                assert!(
+                    (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "{name}: prompt {p}, continuation {c:?}: {got} against {want}"
+                );
+            }
+        }
+    }
+}

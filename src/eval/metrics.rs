@@ -11,8 +11,14 @@ use crate::spans::{find_all, span_targets};
 /// Sequences scored per forward pass.
 const CHUNK: usize = 16;
 
-/// Negative log-likelihood of each target `j >= 1` of each sequence, from graph-free forwards.
-pub fn target_nll(model: &Model, params: &Params, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+/// Negative log-likelihood of each target `j >= 1 + from` of each sequence (each longer than
+/// `from + 1` tokens), from graph-free forwards.
+pub fn target_nll(
+    model: &Model,
+    params: &Params,
+    seqs: &[Vec<u32>],
+    from: usize,
+) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(CHUNK) {
         let t = chunk.iter().map(Vec::len).max().unwrap_or(0);
@@ -21,13 +27,17 @@ pub fn target_nll(model: &Model, params: &Params, seqs: &[Vec<u32>]) -> Result<V
             ids[i * t..i * t + s.len()].copy_from_slice(s);
         }
         let ids = Tensor::from_vec(ids, (chunk.len(), t), model.device())?;
-        let nll: Vec<Vec<f32>> =
-            on_compute_threads(|| model.arch.next_token_nll(params, &ids)?.to_vec2())?;
+        let nll: Vec<Vec<f32>> = on_compute_threads(|| {
+            model
+                .arch
+                .next_token_nll_from(params, &ids, from)?
+                .to_vec2()
+        })?;
         out.extend(
             chunk
                 .iter()
                 .zip(nll)
-                .map(|(s, row)| row[..s.len() - 1].to_vec()),
+                .map(|(s, row)| row[..s.len() - 1 - from].to_vec()),
         );
     }
     Ok(out)
@@ -43,13 +53,15 @@ pub fn answer_logprobs(model: &Model, pairs: &[(&str, &str)]) -> Result<Vec<(f64
         lens.push((p.len(), a.len()));
         seqs.push([p, a].concat());
     }
-    let nll = target_nll(model, &model.params(|_| false), &seqs)?;
+    // Every prompt's own targets are skipped up to the shortest prompt's.
+    let from = lens.iter().map(|&(p, _)| p).min().unwrap_or(1).max(1) - 1;
+    let nll = target_nll(model, &model.params(|_| false), &seqs, from)?;
     Ok(nll
         .iter()
         .zip(lens)
         .map(|(row, (p, a))| {
             (
-                -row[p - 1..p - 1 + a]
+                -row[p - 1 - from..p - 1 - from + a]
                     .iter()
                     .map(|&v| f64::from(v))
                     .sum::<f64>(),
@@ -135,9 +147,14 @@ fn general_ppl(model: &Model, general: &[String], max_tokens: usize) -> Result<f
         .into_iter()
         .filter(|s| s.len() >= 2)
         .collect();
-    Ok(ppl(target_nll(model, &model.params(|_| false), &general)?
-        .into_iter()
-        .flatten()))
+    Ok(ppl(target_nll(
+        model,
+        &model.params(|_| false),
+        &general,
+        0,
+    )?
+    .into_iter()
+    .flatten()))
 }
 
 /// Perplexity of the salient-span tokens of the update documents, each cut to `max_tokens`.
@@ -155,7 +172,7 @@ fn entity_span_ppl(model: &Model, set: &DriftSet, max_tokens: usize) -> Result<f
             docs.push(enc.ids);
         }
     }
-    let doc_nll = target_nll(model, &model.params(|_| false), &docs)?;
+    let doc_nll = target_nll(model, &model.params(|_| false), &docs, 0)?;
     Ok(ppl(doc_nll.iter().zip(&masks).flat_map(|(row, m)| {
         row.iter().zip(m).filter(|(_, &on)| on).map(|(&v, _)| v)
     })))

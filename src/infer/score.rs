@@ -9,17 +9,25 @@ use crate::snapshot::Snapshot;
 
 /// Negative log-likelihood of each target `j >= 1` of each sequence (each at least 2 tokens).
 pub fn target_nll(snapshot: &Snapshot, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-    if let Some(s) = seqs.iter().find(|s| s.len() < 2) {
+    targets_from(snapshot, seqs, 0)
+}
+
+/// Negative log-likelihood of each target `j >= 1 + from` of each sequence.
+fn targets_from(snapshot: &Snapshot, seqs: &[Vec<u32>], from: usize) -> Result<Vec<Vec<f32>>> {
+    if let Some(s) = seqs.iter().find(|s| s.len() < from + 2) {
         return Err(Error::Invalid(format!(
             "a sequence of {} token(s) has no target",
             s.len()
         )));
     }
-    crate::eval::metrics::target_nll(snapshot.model(), snapshot.params(), seqs)
+    crate::eval::metrics::target_nll(snapshot.model(), snapshot.params(), seqs, from)
 }
 
 /// Summed log-probability of each continuation given `prompt` (at least one prompt token; a
-/// continuation may not be empty).
+/// continuation may not be empty). Only the continuations' positions go through the vocabulary
+/// projection. A prompt is not computed once for all continuations: at a handful of rows a forward
+/// pass costs what reading the weights costs, so two passes (prompt, then continuations) take
+/// longer than one over every row.
 pub fn logprobs(
     snapshot: &Snapshot,
     prompt: &[u32],
@@ -32,16 +40,11 @@ pub fn logprobs(
     }
     let p = prompt.len();
     let seqs: Vec<Vec<u32>> = continuations.iter().map(|c| [prompt, c].concat()).collect();
-    let nll = target_nll(snapshot, &seqs)?;
+    let nll = targets_from(snapshot, &seqs, p - 1)?;
     Ok(nll
         .iter()
         .zip(continuations)
-        .map(|(row, c)| {
-            -row[p - 1..p - 1 + c.len()]
-                .iter()
-                .map(|&v| f64::from(v))
-                .sum::<f64>()
-        })
+        .map(|(row, c)| -row[..c.len()].iter().map(|&v| f64::from(v)).sum::<f64>())
         .collect())
 }
 

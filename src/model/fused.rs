@@ -216,7 +216,7 @@ impl CustomOp2 for Linear {
 /// The limits are where the two met on SmolLM2's shapes (docs/benchmarks.md, "Few-row products"):
 /// 12 rows for any weight (the 49152-wide head), 32 for one at most four times wider than deep (the
 /// MLP's gate and up), 64 for one no wider than deep (attention, the MLP's down).
-fn few_rows(m: usize, n: usize, k: usize) -> bool {
+pub(crate) fn few_rows(m: usize, n: usize, k: usize) -> bool {
     m <= 12 || (m <= 32 && n <= 4 * k) || (m <= 64 && n <= k)
 }
 

@@ -10,8 +10,8 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{check_targets, log_sum_exp, slice};
-use super::tile::{matmul_threaded as matmul, View};
+use super::fused::{check_targets, few_rows, log_sum_exp, slice};
+use super::tile::{few_rows_times_t, matmul_threaded as matmul, View};
 
 /// Logits per chunk (32 MiB of f32): large enough for full-speed matrix products, small enough
 /// to stay a fraction of a step's memory.
@@ -57,20 +57,25 @@ impl CustomOp2 for HeadNll {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, h, v) = self.check(l1, l2)?;
         let x = slice(s1, l1, "hidden states")?;
-        let w = View::rows(slice(s2, l2, "head weight")?, v, h, h);
+        let weight = slice(s2, l2, "head weight")?;
+        let w = View::rows(weight, v, h, h);
         let rows = self.chunk.max(1).min(n);
         let mut logits = vec![0f32; rows * v];
         let mut out = Vec::with_capacity(n);
         for start in (0..n).step_by(rows.max(1)) {
             super::turns::yield_to_foreground();
             let c = rows.min(n - start);
-            let buf = &mut logits[..c * v];
-            matmul(
-                buf,
-                View::rows(&x[start * h..(start + c) * h], c, h, h),
-                w.t(),
-                false,
-            );
+            let xs = &x[start * h..(start + c) * h];
+            // Scoring a continuation projects a handful of rows: see `fused::few_rows`.
+            let few;
+            let buf = if few_rows(c, v, h) {
+                few = few_rows_times_t(xs, weight, c, v, h);
+                &few[..]
+            } else {
+                let buf = &mut logits[..c * v];
+                matmul(buf, View::rows(xs, c, h, h), w.t(), false);
+                &buf[..]
+            };
             let targets = &self.targets[start..start + c];
             out.par_extend(
                 buf.par_chunks(v)

@@ -74,8 +74,8 @@ pub struct GptShape {
     pub activation: Activation,
 }
 
-/// The GPT block stack: embeddings, `layers` pre-norm blocks whose attention is `attn`, the final
-/// norm and the tied head. `attn(l, h, cache)` maps the normed hidden state of layer `l` to its
+/// The GPT block stack: embeddings, `layers` pre-norm blocks whose attention is `attn`, and the
+/// final norm (the head is tied to the token embedding, [`GPT_HEAD`]). `attn(l, h, cache)` maps the normed hidden state of layer `l` to its
 /// output, appending its keys and values to the cache; positions continue after the cache.
 pub(super) fn gpt_forward(
     p: &Params,
@@ -94,8 +94,8 @@ pub(super) fn gpt_forward(
             s.positions
         );
     }
-    let wte = p.get("transformer.wte.weight")?;
-    let tok = wte
+    let tok = p
+        .get(GPT_HEAD)?
         .index_select(&ids.flatten_all()?, 0)?
         .reshape((b, t, s.hidden))?;
     let pos = p.get("transformer.wpe.weight")?.narrow(0, start, t)?;
@@ -114,17 +114,16 @@ pub(super) fn gpt_forward(
         let h = ln(format!("transformer.h.{l}.ln_2"), &x)?;
         x = (&x + mlp(l, &h)?)?;
     }
-    let x = ln("transformer.ln_f".into(), &x)?;
-    ops::linear(&x, wte, None)
+    ln("transformer.ln_f".into(), &x)
 }
+
+/// The output head of GPT-2 and GPT-Neo: the token embedding.
+pub(super) const GPT_HEAD: &str = "transformer.wte.weight";
 
 /// Shapes of the parameters outside the blocks' attention and MLP, shared by GPT-2 and GPT-Neo.
 pub(super) fn gpt_common_shapes(s: &GptShape) -> Vec<(String, Vec<usize>)> {
     let mut out = vec![
-        (
-            "transformer.wte.weight".to_string(),
-            vec![s.vocab, s.hidden],
-        ),
+        (GPT_HEAD.to_string(), vec![s.vocab, s.hidden]),
         (
             "transformer.wpe.weight".to_string(),
             vec![s.positions, s.hidden],
@@ -221,7 +220,11 @@ impl Architecture for Gpt2 {
         Some(self.shape.positions)
     }
 
-    fn forward_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn head_name(&self) -> &'static str {
+        GPT_HEAD
+    }
+
+    fn hidden_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let s = &self.shape;
         let scale = 1.0 / ((s.hidden / s.heads) as f64).sqrt();
         let w = |l: usize, name: &str| p.get(&format!("transformer.h.{l}.{name}"));

@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use serde::Serialize;
 
 use super::cache::KvCache;
-use super::gpt2::{gpt_common_shapes, gpt_forward, gpt_kind_of, Activation, GptShape};
+use super::gpt2::{gpt_common_shapes, gpt_forward, gpt_kind_of, Activation, GptShape, GPT_HEAD};
 use super::ops::{self, linear};
 use super::{cfg_f64, cfg_usize, Architecture, ParamKind, Params};
 
@@ -123,7 +123,11 @@ impl Architecture for GptNeo {
         Some(self.cfg.shape.positions)
     }
 
-    fn forward_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn head_name(&self) -> &'static str {
+        GPT_HEAD
+    }
+
+    fn hidden_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let s = &self.cfg.shape;
         let w = |l: usize, name: &str| p.get(&format!("transformer.h.{l}.{name}"));
         let attn = |l: usize, h: &Tensor, cache: &mut KvCache| -> Result<Tensor> {

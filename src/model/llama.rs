@@ -111,17 +111,26 @@ impl Llama {
         cfg.validate()?;
         Ok(Llama { cfg })
     }
+}
 
-    fn head_name(&self) -> &'static str {
-        if self.cfg.tied_head {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        }
+impl Architecture for Llama {
+    fn name(&self) -> &'static str {
+        "llama"
     }
 
-    /// The final normed hidden states `(batch, seq, hidden)`, before the output head.
-    fn hidden(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn num_layers(&self) -> usize {
+        self.cfg.layers
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
+
+    fn hidden_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t) = ids.dims2()?;
         let dev = ids.device();
@@ -181,33 +190,13 @@ impl Llama {
         }
         rms_norm(&x, p.get("model.norm.weight")?, c.eps)
     }
-}
 
-impl Architecture for Llama {
-    fn name(&self) -> &'static str {
-        "llama"
-    }
-
-    fn num_layers(&self) -> usize {
-        self.cfg.layers
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab
-    }
-
-    fn max_positions(&self) -> Option<usize> {
-        None
-    }
-
-    fn forward_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let x = self.hidden(p, ids, cache)?;
-        linear(&x, p.get(self.head_name())?, None)
-    }
-
-    fn next_token_nll(&self, p: &Params, ids: &Tensor) -> Result<Tensor> {
-        let x = self.hidden(p, ids, &mut KvCache::new(self.cfg.layers))?;
-        ops::head_nll(&x, p.get(self.head_name())?, ids)
+    fn head_name(&self) -> &'static str {
+        if self.cfg.tied_head {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        }
     }
 
     fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {

@@ -131,6 +131,17 @@ pub trait Architecture: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// Longest sequence the model accepts, if it has a hard limit (learned positions).
     fn max_positions(&self) -> Option<usize>;
+    /// The final normed hidden states `(batch, seq, hidden)`, before the output head, for token ids
+    /// `(batch, seq)` that follow the positions held in `cache`, whose keys and values this call
+    /// appends.
+    fn hidden_cached(
+        &self,
+        params: &Params,
+        ids: &Tensor,
+        cache: &mut cache::KvCache,
+    ) -> candle_core::Result<Tensor>;
+    /// Name of the output head's weight `(vocab, hidden)` (the token embedding where it is tied).
+    fn head_name(&self) -> &'static str;
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` that follow the positions held in
     /// `cache`, whose keys and values this call appends.
     fn forward_cached(
@@ -138,16 +149,36 @@ pub trait Architecture: Send + Sync {
         params: &Params,
         ids: &Tensor,
         cache: &mut cache::KvCache,
-    ) -> candle_core::Result<Tensor>;
+    ) -> candle_core::Result<Tensor> {
+        let x = self.hidden_cached(params, ids, cache)?;
+        ops::linear(&x, params.get(self.head_name())?, None)
+    }
     /// Logits `(batch, seq, vocab)` for whole sequences of token ids `(batch, seq)`.
     fn forward(&self, params: &Params, ids: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_cached(params, ids, &mut cache::KvCache::new(self.num_layers()))
     }
     /// Next-token negative log-likelihoods `(batch, seq - 1)` for whole sequences of token ids
-    /// `(batch, seq)`: the losses of training and evaluation. An architecture may compute them
-    /// without materialising the logits.
+    /// `(batch, seq)`: the losses of training and evaluation, without materialising the logits on
+    /// the CPU.
     fn next_token_nll(&self, params: &Params, ids: &Tensor) -> candle_core::Result<Tensor> {
-        ops::next_token_nll(&self.forward(params, ids)?, ids)
+        self.next_token_nll_from(params, ids, 0)
+    }
+    /// The same losses for the predictions of positions `from..seq - 1` only, `(batch, seq - 1 -
+    /// from)`: a continuation's score needs no vocabulary projection of its prompt. `from + 1`
+    /// must be less than `seq`.
+    fn next_token_nll_from(
+        &self,
+        params: &Params,
+        ids: &Tensor,
+        from: usize,
+    ) -> candle_core::Result<Tensor> {
+        let x = self.hidden_cached(params, ids, &mut cache::KvCache::new(self.num_layers()))?;
+        let kept = ids.dim(1)?.saturating_sub(from);
+        ops::head_nll(
+            &x.narrow(1, from, kept)?,
+            params.get(self.head_name())?,
+            &ids.narrow(1, from, kept)?,
+        )
     }
     /// Name and shape of every parameter the forward pass reads.
     fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)>;
