@@ -14,6 +14,17 @@ fn dev() -> Device {
     device::from_env().unwrap()
 }
 
+/// The largest absolute difference between paired values.
+fn largest_difference<'a>(
+    a: impl IntoIterator<Item = &'a f32>,
+    b: impl IntoIterator<Item = &'a f32>,
+) -> f32 {
+    a.into_iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
 fn load_tiny(name: &str) -> (Model, Expected) {
     let dir = fixture(name);
     let model = load::load(dir.to_str().unwrap(), &dev()).unwrap();
@@ -176,12 +187,7 @@ fn cached_incremental_forward_matches_the_whole_sequence() {
             );
         }
         assert_eq!(cache.len(), ids.len());
-        let worst = got
-            .iter()
-            .flatten()
-            .zip(want.iter().flatten())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = largest_difference(got.iter().flatten(), want.iter().flatten());
         assert!(worst < 1e-4, "{name}: cached logits differ by {worst}");
     }
 }
@@ -190,37 +196,29 @@ fn cached_incremental_forward_matches_the_whole_sequence() {
 fn losses_from_a_later_position_match_those_of_the_whole_sequence() {
     for name in TINY {
         let (model, e) = load_tiny(name);
-        let params = model.params(|_| false);
-        let ids = Tensor::new(e.token_ids[2].as_slice(), &dev())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let all: Vec<f32> = model
-            .arch
-            .next_token_nll(&params, &ids)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let ids = &e.token_ids[2];
+        let all = sequence_nll(&model, ids, 0);
         for from in [1, 4, all.len() - 1] {
-            let tail: Vec<f32> = model
-                .arch
-                .next_token_nll_from(&params, &ids, from)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let tail = sequence_nll(&model, ids, from);
             assert_eq!(tail.len(), all.len() - from, "{name}: from {from}");
-            let worst = tail
-                .iter()
-                .zip(&all[from..])
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = largest_difference(&tail, &all[from..]);
             assert!(worst < 1e-5, "{name}: from {from} differs by {worst}");
         }
     }
+}
+
+/// The next-token losses of one sequence from position `from` on, as the model computes them for
+/// training and evaluation.
+fn sequence_nll(model: &Model, ids: &[u32], from: usize) -> Vec<f32> {
+    let ids = Tensor::new(ids, &dev()).unwrap().unsqueeze(0).unwrap();
+    model
+        .arch
+        .next_token_nll_from(&model.params(|_| false), &ids, from)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -230,7 +228,6 @@ fn continuation_scores_match_the_losses_of_whole_sequences() {
     for name in TINY {
         let (model, e) = load_tiny(name);
         let model = Arc::new(model);
-        let params = model.params(|_| false);
         let ids = &e.token_ids[2];
         // Prompts of one and five tokens; continuations of 1 to 4 tokens, scored in one batch.
         for p in [1, 5] {
@@ -240,18 +237,7 @@ fn continuation_scores_match_the_losses_of_whole_sequences() {
             let snapshot = Snapshot::load(Arc::clone(&model), 0).unwrap();
             let got = locus::infer::logprobs(&snapshot, prompt, &continuations).unwrap();
             for (c, got) in continuations.iter().zip(got) {
-                let whole = Tensor::new([prompt, c].concat().as_slice(), &dev())
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
-                let nll: Vec<f32> = model
-                    .arch
-                    .next_token_nll(&params, &whole)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let nll = sequence_nll(&model, &[prompt, c].concat(), 0);
                 let want = -nll[p - 1..].iter().map(|&v| f64::from(v)).sum::<f64>();
                 assert!(
                     (got - want).abs() < 1e-4 * want.abs().max(1.0),
