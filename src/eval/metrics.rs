@@ -11,9 +11,14 @@ use crate::spans::{find_all, span_targets};
 /// Sequences scored per forward pass.
 const CHUNK: usize = 16;
 
-/// Negative log-likelihood of each target `j >= 1 + from` of each sequence (each longer than
-/// `from + 1` tokens), from graph-free forwards.
-pub fn target_nll(
+/// Negative log-likelihood of each target `j >= 1` of each sequence, from graph-free forwards.
+pub fn target_nll(model: &Model, params: &Params, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    target_nll_from(model, params, seqs, 0)
+}
+
+/// [`target_nll`] for the targets `j >= 1 + from` only (each sequence longer than `from + 1`
+/// tokens): the positions before them skip the vocabulary projection.
+pub fn target_nll_from(
     model: &Model,
     params: &Params,
     seqs: &[Vec<u32>],
@@ -54,8 +59,13 @@ pub fn answer_logprobs(model: &Model, pairs: &[(&str, &str)]) -> Result<Vec<(f64
         seqs.push([p, a].concat());
     }
     // Every prompt's own targets are skipped up to the shortest prompt's.
-    let from = lens.iter().map(|&(p, _)| p).min().unwrap_or(1).max(1) - 1;
-    let nll = target_nll(model, &model.params(|_| false), &seqs, from)?;
+    let from = lens
+        .iter()
+        .map(|&(p, _)| p)
+        .min()
+        .unwrap_or(0)
+        .saturating_sub(1);
+    let nll = target_nll_from(model, &model.params(|_| false), &seqs, from)?;
     Ok(nll
         .iter()
         .zip(lens)
@@ -147,14 +157,9 @@ fn general_ppl(model: &Model, general: &[String], max_tokens: usize) -> Result<f
         .into_iter()
         .filter(|s| s.len() >= 2)
         .collect();
-    Ok(ppl(target_nll(
-        model,
-        &model.params(|_| false),
-        &general,
-        0,
-    )?
-    .into_iter()
-    .flatten()))
+    Ok(ppl(target_nll(model, &model.params(|_| false), &general)?
+        .into_iter()
+        .flatten()))
 }
 
 /// Perplexity of the salient-span tokens of the update documents, each cut to `max_tokens`.
@@ -172,7 +177,7 @@ fn entity_span_ppl(model: &Model, set: &DriftSet, max_tokens: usize) -> Result<f
             docs.push(enc.ids);
         }
     }
-    let doc_nll = target_nll(model, &model.params(|_| false), &docs, 0)?;
+    let doc_nll = target_nll(model, &model.params(|_| false), &docs)?;
     Ok(ppl(doc_nll.iter().zip(&masks).flat_map(|(row, m)| {
         row.iter().zip(m).filter(|(_, &on)| on).map(|(&v, _)| v)
     })))

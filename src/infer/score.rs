@@ -20,7 +20,7 @@ fn targets_from(snapshot: &Snapshot, seqs: &[Vec<u32>], from: usize) -> Result<V
             s.len()
         )));
     }
-    crate::eval::metrics::target_nll(snapshot.model(), snapshot.params(), seqs, from)
+    crate::eval::metrics::target_nll_from(snapshot.model(), snapshot.params(), seqs, from)
 }
 
 /// Summed log-probability of each continuation given `prompt` (at least one prompt token; a

@@ -60,7 +60,8 @@ impl CustomOp2 for HeadNll {
         let weight = slice(s2, l2, "head weight")?;
         let w = View::rows(weight, v, h, h);
         let rows = self.chunk.max(1).min(n);
-        let mut logits = vec![0f32; rows * v];
+        // The general product's buffer, allocated only if a chunk takes that path.
+        let mut logits = Vec::new();
         let mut out = Vec::with_capacity(n);
         for start in (0..n).step_by(rows.max(1)) {
             super::turns::yield_to_foreground();
@@ -72,6 +73,7 @@ impl CustomOp2 for HeadNll {
                 few = few_rows_times_t(xs, weight, c, v, h);
                 &few[..]
             } else {
+                logits.resize(rows * v, 0f32);
                 let buf = &mut logits[..c * v];
                 matmul(buf, View::rows(xs, c, h, h), w.t(), false);
                 &buf[..]

@@ -75,8 +75,9 @@ pub struct GptShape {
 }
 
 /// The GPT block stack: embeddings, `layers` pre-norm blocks whose attention is `attn`, and the
-/// final norm (the head is tied to the token embedding, [`GPT_HEAD`]). `attn(l, h, cache)` maps the normed hidden state of layer `l` to its
-/// output, appending its keys and values to the cache; positions continue after the cache.
+/// final norm (the head is tied to the token embedding, [`GPT_HEAD`]). `attn(l, h, cache)` maps
+/// the normed hidden state of layer `l` to its output, appending its keys and values to the cache;
+/// positions continue after the cache.
 pub(super) fn gpt_forward(
     p: &Params,
     ids: &Tensor,
