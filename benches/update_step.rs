@@ -1,6 +1,9 @@
 //! Seconds per learning step of 4 x 128 tokens on the default model, CPU: `full`, `tgl-fp` with a
-//! static selection of a third of the groups (layers 20-29), and `tgl-fp` traced every batch.
-//! `cargo bench --bench update_step` prints one JSON object. Medians of 3 steps after one warm-up.
+//! static selection of a third of the groups (layers 20-29), `tgl-fp` traced every batch, and
+//! `tgl-fp` re-selected every 4th batch as `serve` does. Steps run as `serve` runs them, without
+//! the loss-after forward pass. `cargo bench --bench update_step` prints one JSON object: per
+//! setting, the median of 3 cycles' mean step time after one warm-up cycle, a cycle being one
+//! step, or the 4 steps between re-selections (one traced, three that reuse the selection).
 //! `LOCUS_DEVICE=cuda:0` runs it on a GPU (a build with `--features cuda`).
 
 use std::sync::Arc;
@@ -37,7 +40,12 @@ fn bench(
         strategy: Strategy::parse(strategy)?,
         localization,
         max_tokens: 128,
+        measure_after: false,
         ..LearnConfig::default()
+    };
+    let cycle = match localization {
+        Localization::PerBatch { reselect_every, .. } => reselect_every.max(1),
+        Localization::Static => 1,
     };
     let mut learner = Learner::new(Arc::clone(model), cfg, vec![], 0)?;
     if fixed {
@@ -55,19 +63,25 @@ fn bench(
         learner.set_static_norms(&stats);
     }
     let batch = docs();
-    learner.step(&batch)?;
+    for _ in 0..cycle {
+        learner.step(&batch)?;
+    }
     let mut secs = Vec::new();
     let mut groups = 0;
     for _ in 0..3 {
-        let r = learner.step(&batch)?;
-        assert_eq!(r.tokens, 4 * 128, "documents must fill 128 tokens");
-        groups = r.groups.len();
-        secs.push(r.seconds);
+        let mut total = 0.0;
+        for _ in 0..cycle {
+            let r = learner.step(&batch)?;
+            assert_eq!(r.tokens, 4 * 128, "documents must fill 128 tokens");
+            groups = r.groups.len();
+            total += r.seconds;
+        }
+        secs.push(total / cycle as f64);
     }
     secs.sort_by(f64::total_cmp);
     let (params, state) = learner.optimizer_footprint();
     Ok(serde_json::json!({
-        "strategy": strategy, "localization": localization, "groups_updated": groups,
+        "strategy": strategy, "localization": localization, "steps_per_cycle": cycle, "groups_updated": groups,
         "seconds_per_batch": secs[1], "optimizer_params": params, "optimizer_state_mb": state as f64 * 4.0 / 1048576.0,
     }))
 }
@@ -83,6 +97,15 @@ fn main() -> anyhow::Result<()> {
             Localization::PerBatch {
                 ema: 0.9,
                 reselect_every: 1,
+            },
+            false,
+        )?,
+        bench(
+            &model,
+            "tgl-fp",
+            Localization::PerBatch {
+                ema: 0.9,
+                reselect_every: 4,
             },
             false,
         )?,

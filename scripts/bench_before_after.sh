@@ -38,6 +38,8 @@ u0 = {key(r): r for r in load("before", "update_step")["runs"]}
 for r in load("after", "update_step")["runs"]:
     if key(r) in u0:
         loc = r["localization"]["mode"] if isinstance(r["localization"], dict) else r["localization"]
+        if isinstance(r["localization"], dict) and "reselect_every" in r["localization"]:
+            loc += f', re-selected every {r["localization"]["reselect_every"]}'
         row(f"update_step: {r['strategy']}, {loc}", u0[key(r)]["seconds_per_batch"],
             r["seconds_per_batch"], "s")
 q0, q1 = load("before", "load"), load("after", "load")

@@ -102,7 +102,9 @@ print(f'{"":14}{"locus s":>10}{"torch s":>10}{"torch/locus":>13}')
 for k in ["forward_s", "fwd_bwd_s", "trace_step_s"]:
     print(f'{k:14}{l[k]:10.4f}{t[k]:10.4f}{t[k] / l[k]:13.2f}')
 for r in u["runs"]:
-    print(f'update_step {r["strategy"]} ({r["localization"]["mode"]}, {r["groups_updated"]} groups): {r["seconds_per_batch"]:.4f} s')
+    loc = r["localization"]
+    every = f', re-selected every {loc["reselect_every"]}' if "reselect_every" in loc else ""
+    print(f'update_step {r["strategy"]} ({loc["mode"]}{every}, {r["groups_updated"]} groups): {r["seconds_per_batch"]:.4f} s')
 PY
   cp "$work"/*.json "${OUT:-$work}/" 2>/dev/null || true
   exit "$failed"
