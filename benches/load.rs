@@ -23,6 +23,9 @@ use support::{batches, machine, probes, summary};
 /// Score requests measured in each phase at least (after `WARMUP` unmeasured ones); under
 /// ingest, measuring goes on until `STEPS` learning steps have finished during it.
 const REQUESTS: usize = 40;
+/// Score requests measured idle: enough that the p99 is not simply the slowest of a few dozen,
+/// which one hiccup of a shared machine decides.
+const IDLE_REQUESTS: usize = 200;
 const WARMUP: usize = 10;
 const STEPS: u64 = 3;
 /// Documents per ingest batch.
@@ -100,7 +103,7 @@ fn main() -> anyhow::Result<()> {
 
         let probes = probes();
         let mut client = Client::connect(&addr, None).await?;
-        let idle = measure(&mut client, &probes, WARMUP, REQUESTS).await?;
+        let idle = measure(&mut client, &probes, WARMUP, IDLE_REQUESTS).await?;
         let generated = generation(&mut client).await?;
 
         // Keep the learner busy: batches go out as fast as flow control admits them.
