@@ -20,8 +20,7 @@ python3 - "$out" <<'PY'
 import datetime, json, sys
 out = sys.argv[1]
 l, u, q, t = (json.load(open(f"{out}/{n}.json")) for n in ["locus", "update_step", "load", "torch"])
-per_batch = [r for r in u["runs"] if r["localization"]["mode"] == "per-batch"]
-traced, served = (next(r for r in per_batch if r["localization"]["reselect_every"] == n) for n in (1, 4))
+traced, served = (next(r for r in u["runs"] if r["localization"].get("reselect_every") == n) for n in (1, 4))
 print(f'machine: {t["machine"]["cpu"]}, {t["machine"]["logical_cpus"]} logical CPUs; torch {t["torch"]}; '
       f'{datetime.date.today()}')
 print("| operation | locus | PyTorch | PyTorch time / locus time |")

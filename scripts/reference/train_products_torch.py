@@ -5,10 +5,11 @@ rows on SmolLM2-135M's weight shapes, best of 6, one JSON object on stdout.
 """
 import argparse
 import json
-import platform
 import time
 
 import torch
+
+from bench_torch import cpu_model
 
 ROWS = 512
 SHAPES = [(576, 576, 2), (192, 576, 2), (1536, 576, 2), (576, 1536, 1), (49152, 576, 1)]
@@ -28,8 +29,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor())
     flops = secs = 0.0
     products = []
     for out, inp, uses in SHAPES:
@@ -41,7 +40,7 @@ def main() -> None:
             products.append({"weight": [out, inp], "product": what, "ms": s * 1e3, "gflops": f / s / 1e9})
             flops += f * uses
             secs += s * uses
-    print(json.dumps({"machine": cpu, "library": f"torch {torch.__version__}", "threads": args.threads,
+    print(json.dumps({"machine": cpu_model(), "library": f"torch {torch.__version__}", "threads": args.threads,
                       "rows": ROWS, "products": products, "step_mix_gflops": flops / secs / 1e9}, indent=2))
 
 
