@@ -79,6 +79,7 @@ async fn measure(
 }
 
 fn main() -> anyhow::Result<()> {
+    locus::compute::configure_threads();
     locus::live::inline_elementwise_ops();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

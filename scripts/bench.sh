@@ -7,22 +7,29 @@
 # under ingest against idle, and peak memory. Prints one table with the machine, and keeps every
 # JSON object in OUT (default target/bench). About 20 minutes on 2 cores. Needs torch,
 # transformers, gguf and accelerate for python3 (see scripts/reference/).
+# LOCUS_FEATURES=mkl benchmarks the build on Intel MKL (scripts/fetch_mkl.sh fetches it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/bench}
 mkdir -p "$out"
-cargo bench --bench step > "$out/locus.json"
-cargo bench --bench update_step > "$out/update_step.json"
-cargo bench --bench load > "$out/load.json"
+features=${LOCUS_FEATURES-}
+if [[ $features == *mkl* && -z ${MKLROOT-} ]]; then
+  export "$(scripts/fetch_mkl.sh)"
+fi
+bench=(cargo bench --features "$features")
+"${bench[@]}" --bench step > "$out/locus.json"
+"${bench[@]}" --bench update_step > "$out/update_step.json"
+"${bench[@]}" --bench load > "$out/load.json"
 gguf=$(python3 -c 'import os; print(os.path.join(os.environ.get("LOCUS_HOME", os.path.expanduser("~/.cache/locus")), "models/SmolLM2-135M-Instruct.Q4_1.gguf"))')
 python3 scripts/reference/bench_torch.py --gguf "$gguf" --threads 2 --json-out "$out/torch.json" > /dev/null
 python3 - "$out" <<'PY'
-import datetime, json, sys
+import datetime, json, os, sys
 out = sys.argv[1]
 l, u, q, t = (json.load(open(f"{out}/{n}.json")) for n in ["locus", "update_step", "load", "torch"])
 traced, served = (next(r for r in u["runs"] if r["localization"].get("reselect_every") == n) for n in (1, 4))
+features = os.environ.get("LOCUS_FEATURES") or "default"
 print(f'machine: {t["machine"]["cpu"]}, {t["machine"]["logical_cpus"]} logical CPUs; torch {t["torch"]}; '
-      f'{datetime.date.today()}')
+      f'locus features: {features}; {datetime.date.today()}')
 print("| operation | locus | PyTorch | PyTorch time / locus time |")
 print("| --- | --- | --- | --- |")
 def row(name, mine, theirs, unit, faster_is_lower=True):

@@ -2,6 +2,7 @@
 //! (per-layer gradient localization) and updating only those layers.
 
 pub mod client;
+pub mod compute;
 pub mod error;
 pub mod eval;
 pub mod export;

@@ -15,7 +15,9 @@ fn main() -> std::process::ExitCode {
         eprintln!("locus: error: {e:#}");
         return std::process::ExitCode::from(cli::exit_status(&e));
     }
-    // Before any thread starts: a server's queries and learner must not share candle's pool.
+    // Before any thread starts: the pools read these settings when they start.
+    locus::compute::configure_threads();
+    // A server's queries and learner must not share candle's pool.
     if args.serves() {
         locus::live::inline_elementwise_ops();
     }

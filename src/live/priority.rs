@@ -52,7 +52,5 @@ pub(crate) fn background_pool(
 /// the pool runs each operation inline, without the lock; matrix products keep their threads. An
 /// explicit `CANDLE_NUM_THREADS` is left alone.
 pub fn inline_elementwise_ops() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    crate::compute::set_default("CANDLE_NUM_THREADS", "1");
 }

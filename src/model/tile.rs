@@ -62,12 +62,102 @@ pub(crate) fn matmul(
 /// candle's CPU threads: for whole matrices, where a fused kernel reuses or accumulates into a
 /// buffer, which candle's `matmul` (a fresh tensor per call) cannot.
 pub(crate) fn matmul_threaded(dst: &mut [f32], a: View, b: View, accumulate: bool) {
+    #[cfg(feature = "mkl")]
+    if mkl::product(dst, a, b, accumulate) {
+        return;
+    }
     let threads = candle_core::utils::get_num_threads();
     let parallelism = match threads {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),
     };
     product(dst, b.cols, a, b, 1.0, accumulate, parallelism)
+}
+
+/// The whole-matrix products on MKL's threads, in the build that links MKL for candle's products,
+/// so the chunked head runs on the same kernels as every other layer.
+#[cfg(feature = "mkl")]
+mod mkl {
+    use super::View;
+
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+
+    extern "C" {
+        fn cblas_sgemm(
+            layout: i32,
+            transa: i32,
+            transb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+
+    /// How BLAS reads `v` as row-major: untransposed with rows `ld` apart, or transposed.
+    /// `None` for strides BLAS cannot express (neither of them 1).
+    fn blas_layout(v: &View) -> Option<(i32, usize)> {
+        let fits = |ld: usize, len: usize, count: usize| count <= 1 || ld >= len;
+        if v.cs == 1 && fits(v.rs, v.cols, v.rows) {
+            Some((NO_TRANS, v.rs.max(v.cols).max(1)))
+        } else if v.rs == 1 && fits(v.cs, v.rows, v.cols) {
+            Some((TRANS, v.cs.max(v.rows).max(1)))
+        } else {
+            None
+        }
+    }
+
+    /// `dst = a @ b` or `dst += a @ b` for a contiguous `dst` through `cblas_sgemm`; false
+    /// (nothing written) where a view's strides or a size do not fit BLAS, for the portable kernel
+    /// to take.
+    pub(super) fn product(dst: &mut [f32], a: View, b: View, accumulate: bool) -> bool {
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let out = View::rows(dst, m, n, n);
+        let (Some((ta, lda)), Some((tb, ldb))) = (blas_layout(&a), blas_layout(&b)) else {
+            return false;
+        };
+        let sizes = [m, n, k, lda, ldb];
+        if k != b.rows
+            || m == 0
+            || n == 0
+            || k == 0
+            || sizes.iter().any(|&s| i32::try_from(s).is_err())
+            || !(a.in_bounds() && b.in_bounds() && out.in_bounds())
+        {
+            return false;
+        }
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: the three views lie inside their slices (checked above), BLAS reads `a` and `b`
+        // and writes `dst` only at those views' elements, and `dst` is borrowed mutably.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                ta,
+                tb,
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a.data.as_ptr(),
+                lda as i32,
+                b.data.as_ptr(),
+                ldb as i32,
+                beta,
+                dst.as_mut_ptr(),
+                n as i32,
+            )
+        }
+        true
+    }
 }
 
 fn product(
