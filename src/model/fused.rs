@@ -57,8 +57,7 @@ fn rows_mut(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
 /// `log(sum(exp(row)))`, computed stably.
 pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    max + sum.ln()
+    max + super::exp::sum_exp(row, max).ln()
 }
 
 /// Cross-entropy per row: `nll[i] = logsumexp(logits[i]) - logits[i, target[i]]`.
@@ -133,9 +132,7 @@ impl CustomOp3 for CrossEntropyGrad {
             }
             let target = t[i] as usize;
             let lse = nll + row[target];
-            for (o, &xv) in o.iter_mut().zip(row) {
-                *o = g * (xv - lse).exp();
-            }
+            super::exp::exp_into(o, row, lse, g);
             o[target] -= g;
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::exp::exp_in_place;
 use super::fused::slice;
 use super::tile::{matmul, View};
 
@@ -144,11 +145,7 @@ fn softmax_row(row: &mut [f32], visible: Range<usize>) -> f32 {
     row[visible.end..].fill(0.0);
     let live = &mut row[visible];
     let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in live.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
+    let sum = exp_in_place(live, max, 1.0);
     let inv = 1.0 / sum;
     live.iter_mut().for_each(|x| *x *= inv);
     max + sum.ln()
@@ -158,7 +155,7 @@ fn softmax_row(row: &mut [f32], visible: Range<usize>) -> f32 {
 fn probs_row(row: &mut [f32], visible: Range<usize>, lse: f32) {
     row[..visible.start].fill(0.0);
     row[visible.end..].fill(0.0);
-    row[visible].iter_mut().for_each(|x| *x = (*x - lse).exp());
+    exp_in_place(&mut row[visible], lse, 1.0);
 }
 
 fn relative(r: Range<usize>, origin: usize) -> Range<usize> {

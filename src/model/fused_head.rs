@@ -165,7 +165,7 @@ impl CustomOp3 for HeadNllGrad<'_> {
             d.par_chunks_mut(v).zip(chunk).for_each(|(row, &i)| {
                 let (nll, g, t) = (ng[2 * i], ng[2 * i + 1], self.targets[i] as usize);
                 let lse = nll + row[t];
-                row.iter_mut().for_each(|l| *l = g * (*l - lse).exp());
+                super::exp::exp_in_place(row, lse, g);
                 row[t] -= g;
             });
             let d = View::rows(d, c, v, v);

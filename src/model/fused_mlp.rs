@@ -4,14 +4,11 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::exp::sigmoid_into;
 use super::fused::slice;
 
 /// Elements per parallel task.
 const TASK: usize = 1 << 14;
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
 
 fn same_shape(l1: &Layout, l2: &Layout) -> Result<()> {
     if l1.shape() != l2.shape() {
@@ -45,8 +42,9 @@ impl CustomOp2 for SwiGlu {
         out.par_chunks_mut(TASK)
             .zip(g.par_chunks(TASK).zip(u.par_chunks(TASK)))
             .for_each(|(o, (g, u))| {
+                sigmoid_into(o, g);
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
+                    *o = g * *o * u;
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -98,8 +96,10 @@ impl CustomOp3 for SwiGluGrad {
                     .zip(d.par_chunks(TASK)),
             )
             .for_each(|((dg, du), ((g, u), d))| {
+                // `du` holds the sigmoid until each element's own gradient replaces it.
+                sigmoid_into(du, g);
                 for i in 0..dg.len() {
-                    let s = sigmoid(g[i]);
+                    let s = du[i];
                     dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                     du[i] = d[i] * g[i] * s;
                 }

@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod device;
+mod exp;
 pub mod fused;
 pub mod fused_attention;
 pub mod fused_head;
