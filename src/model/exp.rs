@@ -11,7 +11,16 @@ pub(crate) fn exp_in_place(xs: &mut [f32], shift: f32, scale: f32) -> f32 {
     let p = xs.as_mut_ptr();
     // SAFETY: source and destination are the same `n` elements of one exclusively borrowed slice;
     // each lane is read before it is written.
-    unsafe { shifted_exp(p, Some(p), n, shift, scale) }
+    unsafe {
+        Pass {
+            src: p,
+            dst: Some(p),
+            n,
+            shift,
+            scale,
+        }
+        .run()
+    }
 }
 
 /// `dst[i] = scale * exp(src[i] - shift)` for slices of one length; returns the sum of `dst`.
@@ -20,20 +29,30 @@ pub(crate) fn exp_into(dst: &mut [f32], src: &[f32], shift: f32, scale: f32) -> 
     // SAFETY: `src` and `dst` hold `src.len()` elements each and cannot overlap (one is borrowed
     // mutably).
     unsafe {
-        shifted_exp(
-            src.as_ptr(),
-            Some(dst.as_mut_ptr()),
-            src.len(),
+        Pass {
+            src: src.as_ptr(),
+            dst: Some(dst.as_mut_ptr()),
+            n: src.len(),
             shift,
             scale,
-        )
+        }
+        .run()
     }
 }
 
 /// `sum(exp(xs[i] - shift))`.
 pub(crate) fn sum_exp(xs: &[f32], shift: f32) -> f32 {
     // SAFETY: reads the `xs.len()` elements of `xs`, writes nothing.
-    unsafe { shifted_exp(xs.as_ptr(), None, xs.len(), shift, 1.0) }
+    unsafe {
+        Pass {
+            src: xs.as_ptr(),
+            dst: None,
+            n: xs.len(),
+            shift,
+            scale: 1.0,
+        }
+        .run()
+    }
 }
 
 /// `dst[i] = 1 / (1 + exp(-src[i]))` for slices of one length.
@@ -50,29 +69,34 @@ pub(crate) fn sigmoid_into(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// The one loop behind the three above: reads `n` values at `src`, writes them to `dst` where given
-/// (which may be `src` itself), returns their sum. The caller guarantees `n` valid elements at
-/// both pointers.
-unsafe fn shifted_exp(
+/// One pass behind the three above: `scale * exp(x - shift)` of the `n` values at `src`, written
+/// to `dst` where given (which may be `src` itself).
+struct Pass {
     src: *const f32,
     dst: Option<*mut f32>,
     n: usize,
     shift: f32,
     scale: f32,
-) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        return avx512::shifted_exp(src, dst, n, shift, scale);
-    }
-    let mut sum = 0f32;
-    for i in 0..n {
-        let y = scale * (*src.add(i) - shift).exp();
-        if let Some(d) = dst {
-            *d.add(i) = y;
+}
+
+impl Pass {
+    /// Runs the pass and returns the sum of its values. The caller guarantees `n` valid elements
+    /// at both pointers.
+    unsafe fn run(self) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            return avx512::shifted_exp(&self);
         }
-        sum += y;
+        let mut sum = 0f32;
+        for i in 0..self.n {
+            let y = self.scale * (*self.src.add(i) - self.shift).exp();
+            if let Some(d) = self.dst {
+                *d.add(i) = y;
+            }
+            sum += y;
+        }
+        sum
     }
-    sum
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -110,13 +134,14 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn shifted_exp(
-        src: *const f32,
-        dst: Option<*mut f32>,
-        n: usize,
-        shift: f32,
-        scale: f32,
-    ) -> f32 {
+    pub(super) unsafe fn shifted_exp(pass: &super::Pass) -> f32 {
+        let &super::Pass {
+            src,
+            dst,
+            n,
+            shift,
+            scale,
+        } = pass;
         let (shift, scale) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
         let mut sum = _mm512_setzero_ps();
         let mut i = 0;
