@@ -79,8 +79,7 @@ async fn measure(
 }
 
 fn main() -> anyhow::Result<()> {
-    locus::compute::configure_threads();
-    locus::live::inline_elementwise_ops();
+    locus::compute::configure_threads(true);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -41,7 +41,7 @@ fn timed(device: &Device, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::
 }
 
 fn main() -> anyhow::Result<()> {
-    locus::compute::configure_threads();
+    locus::compute::configure_threads(false);
     let device = locus::model::device::from_env()?;
     let model = load::load("default", &device)?;
     let vocab = model.arch.vocab_size() as u32;

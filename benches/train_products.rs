@@ -38,7 +38,7 @@ fn best(f: impl Fn() -> candle_core::Result<Tensor>) -> candle_core::Result<f64>
 }
 
 fn main() -> anyhow::Result<()> {
-    locus::compute::configure_threads();
+    locus::compute::configure_threads(false);
     let device = Device::Cpu;
     let (mut flops, mut secs) = (0f64, 0f64);
     let mut products = Vec::new();

@@ -87,7 +87,7 @@ fn bench(
 }
 
 fn main() -> anyhow::Result<()> {
-    locus::compute::configure_threads();
+    locus::compute::configure_threads(false);
     let model = Arc::new(load::load("default", &locus::model::device::from_env()?)?);
     let runs = vec![
         bench(&model, "full", Localization::Static, false)?,

@@ -13,7 +13,17 @@ const ELEMENTWISE_SPIN: &str = "100";
 /// In a build with the `mkl` feature MKL's OpenMP threads also sleep as soon as a product ends
 /// (`KMP_BLOCKTIME=0`) rather than spinning for 200 ms against candle's threads and the queries,
 /// and MKL takes as many threads as candle does, so a container's CPU set bounds both alike.
-pub fn configure_threads() {
+///
+/// A process that `serves` (queries beside a learner) also computes candle's elementwise
+/// operations on the calling thread: candle's pool for them admits one caller at a time through
+/// an unfair lock, and a learner issuing thousands of such operations per step re-takes it before
+/// a waiting query wakes, so the query would wait seconds for a few microseconds of work. With one
+/// thread the pool runs each operation inline, without the lock; matrix products keep their
+/// threads.
+pub fn configure_threads(serves: bool) {
+    if serves {
+        set_default("CANDLE_NUM_THREADS", "1");
+    }
     set_default("CANDLE_BARRIER_POOL_SPIN_LIMIT", ELEMENTWISE_SPIN);
     if cfg!(feature = "mkl") {
         set_default("KMP_BLOCKTIME", "0");
@@ -23,7 +33,7 @@ pub fn configure_threads() {
 }
 
 /// Sets `name` to `value` unless the environment already sets it.
-pub(crate) fn set_default(name: &str, value: &str) {
+fn set_default(name: &str, value: &str) {
     if std::env::var_os(name).is_none() {
         std::env::set_var(name, value);
     }

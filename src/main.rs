@@ -16,11 +16,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(cli::exit_status(&e));
     }
     // Before any thread starts: the pools read these settings when they start.
-    locus::compute::configure_threads();
-    // A server's queries and learner must not share candle's pool.
-    if args.serves() {
-        locus::live::inline_elementwise_ops();
-    }
+    locus::compute::configure_threads(args.serves());
     // Dropped when main returns, which flushes the spans still waiting for export.
     let _telemetry = match locus::telemetry::init() {
         Ok(t) => t,

@@ -30,6 +30,5 @@ pub use guard::Guard;
 pub use inline::Inline;
 pub(crate) use jobs::Job;
 pub(crate) use learner::{Handle, Setup};
-pub use priority::inline_elementwise_ops;
 pub(crate) use repair::keep_store_repaired;
 pub(crate) use store_health::StoreHealth;

@@ -42,15 +42,3 @@ pub(crate) fn background_pool(
         })
         .build()
 }
-
-/// Makes candle compute elementwise operations on the calling thread. Call it at process start,
-/// before any other thread exists.
-///
-/// candle's pool for large elementwise operations admits one caller at a time through an unfair
-/// lock; a learner issuing thousands of such operations per step re-takes it before a waiting
-/// query wakes, so the query would wait seconds for a few microseconds of work. With one thread
-/// the pool runs each operation inline, without the lock; matrix products keep their threads. An
-/// explicit `CANDLE_NUM_THREADS` is left alone.
-pub fn inline_elementwise_ops() {
-    crate::compute::set_default("CANDLE_NUM_THREADS", "1");
-}
