@@ -10,7 +10,7 @@ use std::time::Instant;
 use locus::memory::{peak_rss_mb, reset_peak};
 
 use candle_core::{Device, Tensor};
-use locus::model::load;
+use locus::model::{grads, load};
 use locus::trace::{span_and_full_loss, squared_norms};
 
 #[path = "support/machine.rs"]
@@ -68,14 +68,14 @@ fn main() -> anyhow::Result<()> {
     })?;
     let (fwd_bwd_s, fwd_bwd_rss) = timed(&device, || {
         let nll = model.arch.next_token_nll(&tracked, &ids)?;
-        nll.mean_all()?.backward()?;
+        grads::backward(&nll.mean_all()?)?;
         Ok(())
     })?;
     let (trace_s, trace_rss) = timed(&device, || {
         let nll = model.arch.next_token_nll(&tracked, &ids)?;
         let (span, full) = span_and_full_loss(&nll, &mask)?;
-        squared_norms(&model, &tracked, &span.backward()?)?;
-        squared_norms(&model, &tracked, &full.backward()?)?;
+        squared_norms(&model, &tracked, &grads::backward(&span)?)?;
+        squared_norms(&model, &tracked, &grads::backward(&full)?)?;
         Ok(())
     })?;
     let tokens = (BATCH * SEQ) as f64;

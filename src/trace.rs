@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{GroupId, Model, Module, ParamKind, Params};
+use crate::model::{grads, GroupId, Model, Module, ParamKind, Params};
 use crate::spans::{span_targets, SpanText};
 
 /// A text ready for the model: token ids and which targets are span targets.
@@ -201,10 +201,10 @@ pub fn trace_text(model: &Model, params: &Params, text: &Prepared) -> Result<Tex
         .collect();
     let mask = Tensor::from_vec(mask, (1, n - 1), dev)?;
     let (span, full) = span_and_full_loss(&nll, &mask)?;
-    let span_grads = span.backward()?;
+    let span_grads = grads::backward(&span)?;
     let span_sq = squared_norms(model, params, &span_grads)?;
     drop(span_grads);
-    let full_grads = full.backward()?;
+    let full_grads = grads::backward(&full)?;
     let full_sq = squared_norms(model, params, &full_grads)?;
     Ok(TextTrace {
         stat: TextStat {

@@ -6,7 +6,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::{assert_trace_matches, expected, fixture, rel_err, span_texts, Expected, TINY};
 use locus::model::device;
-use locus::model::{load, Model};
+use locus::model::{grads, load, Model};
 use locus::trace::{param_squared_norms, prepare, span_and_full_loss, trace};
 use std::collections::BTreeMap;
 
@@ -107,8 +107,10 @@ fn every_parameter_gets_the_reference_gradient() {
                 .collect();
             let mask = Tensor::from_vec(mask, (1, n - 1), &dev()).unwrap();
             let (span, full) = span_and_full_loss(&nll, &mask).unwrap();
-            let span_sq = param_squared_norms(&model, &params, &span.backward().unwrap()).unwrap();
-            let full_sq = param_squared_norms(&model, &params, &full.backward().unwrap()).unwrap();
+            let span_sq =
+                param_squared_norms(&model, &params, &grads::backward(&span).unwrap()).unwrap();
+            let full_sq =
+                param_squared_norms(&model, &params, &grads::backward(&full).unwrap()).unwrap();
             for (pname, sq) in full_sq {
                 assert!(sq > 0.0, "{name}: {pname} received no gradient");
                 let e = means.entry(pname.clone()).or_default();
@@ -136,6 +138,53 @@ fn every_parameter_gets_the_reference_gradient() {
                 "{name} {pname} full: {full} vs {}",
                 want.full
             );
+        }
+    }
+}
+
+/// Two rows of 64 pseudo-random ids and a span mask on the first targets of each, so that every
+/// row ends in a long run of positions without gradient.
+fn early_spans(vocab: usize) -> (Tensor, Tensor) {
+    let (rows, seq) = (2, 64);
+    let ids: Vec<u32> = (0..rows * seq)
+        .map(|i| ((i as u64 * 2654435761) % vocab as u64) as u32)
+        .collect();
+    let mask: Vec<f32> = (0..rows * (seq - 1))
+        .map(|i| f32::from(u8::from(i % (seq - 1) < 10 + 7 * (i / (seq - 1)))))
+        .collect();
+    (
+        Tensor::from_vec(ids, (rows, seq), &dev()).unwrap(),
+        Tensor::from_vec(mask, (rows, seq - 1), &dev()).unwrap(),
+    )
+}
+
+#[test]
+fn gradients_written_once_equal_candles_accumulated_ones() {
+    for name in TINY {
+        let (model, _) = load_tiny(name);
+        let params = model.params(|_| true);
+        let (ids, mask) = early_spans(model.arch.vocab_size());
+        let nll = model.arch.next_token_nll(&params, &ids).unwrap();
+        let (span, full) = span_and_full_loss(&nll, &mask).unwrap();
+        for (which, loss) in [("span", &span), ("full", &full)] {
+            let (once, candle) = (grads::backward(loss).unwrap(), loss.backward().unwrap());
+            for (pname, var) in &model.vars {
+                let (a, b) = (
+                    once.get(var.as_tensor())
+                        .unwrap_or_else(|| panic!("{name} {which}: no gradient for {pname}")),
+                    candle.get(var.as_tensor()).unwrap(),
+                );
+                let (a, b) = (
+                    a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                let diff = largest_difference(&a, &b);
+                assert!(
+                    diff / scale < 1e-5,
+                    "{name} {which} {pname}: differs by {diff} at scale {scale}"
+                );
+            }
         }
     }
 }

@@ -9,6 +9,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::linear_grad::{LinearGradW, LinearGradX};
+
 /// The f32 data of a contiguous CPU tensor.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -20,7 +22,8 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a
     }
 }
 
-fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
+/// The u32 data of a contiguous CPU tensor.
+pub(crate) fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
     let CpuStorage::U32(v) = s else {
         bail!("{what}: expected u32 ids, got {:?}", s.dtype())
     };
@@ -199,11 +202,27 @@ impl CustomOp2 for Linear {
         super::turns::yield_to_foreground();
         // A frozen weight (or an input that depends on no variable) gets no gradient: the
         // backward still visits this op for the other argument, and its product would be dropped.
-        let dx = x.track_op().then(|| grad.matmul(&w.detach())).transpose()?;
+        let cpu = grad.device().is_cpu();
+        let grad = if cpu {
+            grad.contiguous()?
+        } else {
+            grad.clone()
+        };
+        let dx = x
+            .track_op()
+            .then(|| match cpu {
+                true => grad.apply_op2_no_bwd(&w.detach(), &LinearGradX),
+                false => grad.matmul(&w.detach()),
+            })
+            .transpose()?;
         let dw = w
             .track_op()
-            .then(|| grad.t()?.matmul(&x.detach()))
+            .then(|| match cpu {
+                true => grad.apply_op2_no_bwd(&x.detach(), &LinearGradW),
+                false => grad.t()?.matmul(&x.detach()),
+            })
             .transpose()?;
+        let dw = dw.map(|g| super::grads::offer(w, g)).transpose()?.flatten();
         Ok((dx, dw))
     }
 }

@@ -110,6 +110,7 @@ impl CustomOp2 for HeadNll {
         )?;
         let n = x.dim(0)?;
         let dw = weight.then(|| both.narrow(0, n, w.dim(0)?)).transpose()?;
+        let dw = dw.map(|g| super::grads::offer(w, g)).transpose()?.flatten();
         Ok((Some(both.narrow(0, 0, n)?), dw))
     }
 }

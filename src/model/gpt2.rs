@@ -86,7 +86,7 @@ pub(super) fn gpt_forward(
     attn: impl Fn(usize, &Tensor, &mut KvCache) -> Result<Tensor>,
     mlp: impl Fn(usize, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let (b, t) = ids.dims2()?;
+    let (_, t) = ids.dims2()?;
     let start = cache.len();
     if start + t > s.positions {
         candle_core::bail!(
@@ -95,10 +95,7 @@ pub(super) fn gpt_forward(
             s.positions
         );
     }
-    let tok = p
-        .get(GPT_HEAD)?
-        .index_select(&ids.flatten_all()?, 0)?
-        .reshape((b, t, s.hidden))?;
+    let tok = ops::embed(p.get(GPT_HEAD)?, ids)?;
     let pos = p.get("transformer.wpe.weight")?.narrow(0, start, t)?;
     let mut x = tok.broadcast_add(&pos)?;
     let ln = |name: String, x: &Tensor| -> Result<Tensor> {

@@ -132,12 +132,10 @@ impl Architecture for Llama {
 
     fn hidden_cached(&self, p: &Params, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.cfg;
-        let (b, t) = ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         let dev = ids.device();
         let embed = p.get("model.embed_tokens.weight")?;
-        let mut x = embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c.hidden))?;
+        let mut x = ops::embed(embed, ids)?;
         let (cos, sin) = ops::rope_tables(cache.len(), t, c.head_dim, c.rope_theta, dev)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let bias = |has: bool, name: String| -> Result<Option<&Tensor>> {

@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod device;
+mod embedding;
 mod exp;
 pub mod fused;
 pub mod fused_attention;
@@ -9,6 +10,8 @@ pub mod fused_head;
 pub mod fused_mlp;
 pub mod gpt2;
 pub mod gpt_neo;
+pub mod grads;
+mod linear_grad;
 pub mod llama;
 pub mod load;
 pub mod ops;

@@ -28,6 +28,19 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(shape)
 }
 
+/// Rows `ids` (any shape) of a table `(vocab, h)`, shaped `ids`'s dims then `h`.
+pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let flat = ids.flatten_all()?;
+    let rows = if table.device().is_cpu() {
+        flat.apply_op2(&table.contiguous()?, super::embedding::Embedding)?
+    } else {
+        table.index_select(&flat, 0)?
+    };
+    let mut shape = ids.dims().to_vec();
+    shape.push(table.dim(1)?);
+    rows.reshape(shape)
+}
+
 /// `x @ w + b` for a weight stored `(in, out)`, as GPT-2's `Conv1D`.
 pub fn conv1d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (rows, out) = (x.dims()[..x.rank() - 1].to_vec(), w.dim(1)?);

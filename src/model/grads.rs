@@ -1,0 +1,142 @@
+//! A backward pass that writes each weight gradient once.
+//!
+//! candle's `Tensor::backward` sums every gradient into a zeroed buffer of its own: `zeros_like`,
+//! then `add` into a fresh tensor, two weight-sized allocations for every weight, and for the
+//! tied embedding of a 49152-token vocabulary four buffers of 113 MB (the head's gradient, its
+//! zeroed sum, the lookup's `index_add` copy, the total) whose pages fault in on every step. In a
+//! [`backward`] call the fused linear, head and embedding ops hand their weight gradients here
+//! instead: the first is kept as it is, the embedding's rows are added into the head's gradient
+//! in place, and the gradient store gets them at the end.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor, TensorId};
+
+use super::fused::{slice, u32_slice};
+
+thread_local! {
+    /// The weight gradients of the [`backward`] call running on this thread, if any. candle runs
+    /// every op's backward on the thread that called `backward`.
+    static SINK: RefCell<Option<HashMap<TensorId, Tensor>>> = const { RefCell::new(None) };
+}
+
+/// Clears this thread's sink when a [`backward`] call ends, by error or panic included.
+struct Scope;
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        SINK.with(|s| s.borrow_mut().take());
+    }
+}
+
+/// The gradients of `loss` with respect to every variable it depends on, as
+/// `Tensor::backward` gives them, with the fused ops' weight gradients written once.
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    SINK.with(|s| *s.borrow_mut() = Some(HashMap::new()));
+    let scope = Scope;
+    let mut grads = loss.backward()?;
+    let taken = SINK.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    drop(scope);
+    for (id, g) in taken {
+        // A weight that some composed op also read has part of its gradient in the store.
+        let g = match grads.get_id(id) {
+            Some(other) => (other + g)?,
+            None => g,
+        };
+        grads.insert_id(id, g);
+    }
+    Ok(grads)
+}
+
+/// Takes the gradient `g` of the variable `w` when a [`backward`] call is running on this thread;
+/// gives it back otherwise (for candle to accumulate), and for a `w` that is not a variable, whose
+/// gradient flows on to the variables it was computed from.
+pub(crate) fn offer(w: &Tensor, g: Tensor) -> Result<Option<Tensor>> {
+    if !w.is_variable() {
+        return Ok(Some(g));
+    }
+    SINK.with(|s| {
+        let mut sink = s.borrow_mut();
+        let Some(sink) = sink.as_mut() else {
+            return Ok(Some(g));
+        };
+        match sink.remove(&w.id()) {
+            Some(prev) => sink.insert(w.id(), (prev + g)?),
+            None => sink.insert(w.id(), g),
+        };
+        Ok(None)
+    })
+}
+
+/// Adds `rows (n, h)` into rows `ids (n)` of the gradient of the variable `w (vocab, h)`, in place
+/// where the sink already holds one (the tied head's), when a [`backward`] call is running on
+/// this thread; false (nothing done) otherwise, for the caller to build the dense gradient.
+pub(crate) fn offer_rows(w: &Tensor, ids: &Tensor, rows: &Tensor) -> Result<bool> {
+    if !w.is_variable() || !w.device().is_cpu() {
+        return Ok(false);
+    }
+    SINK.with(|s| {
+        let mut sink = s.borrow_mut();
+        let Some(sink) = sink.as_mut() else {
+            return Ok(false);
+        };
+        match sink.get(&w.id()) {
+            Some(g) if g.is_contiguous() => g.inplace_op3(ids, &rows.contiguous()?, &AddRows)?,
+            _ => {
+                let dense = w.zeros_like()?.index_add(ids, rows, 0)?;
+                let g = match sink.remove(&w.id()) {
+                    Some(prev) => (prev + dense)?,
+                    None => dense,
+                };
+                sink.insert(w.id(), g);
+            }
+        }
+        Ok(true)
+    })
+}
+
+/// `g[ids[i]] += rows[i]` on a contiguous f32 CPU tensor `g (vocab, h)`.
+struct AddRows;
+
+impl InplaceOp3 for AddRows {
+    fn name(&self) -> &'static str {
+        "locus-add-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (vocab, h) = l1.shape().dims2()?;
+        let CpuStorage::F32(g) = s1 else {
+            bail!("add rows: expected an f32 gradient");
+        };
+        let Some((a, b)) = l1.contiguous_offsets() else {
+            bail!("add rows: expected a contiguous gradient");
+        };
+        let g = &mut g[a..b];
+        let ids = u32_slice(s2, l2, "embedding ids")?;
+        let rows = slice(s3, l3, "embedding rows")?;
+        if rows.len() != ids.len() * h {
+            bail!(
+                "add rows: {} ids for {} values of width {h}",
+                ids.len(),
+                rows.len()
+            );
+        }
+        for (&id, row) in ids.iter().zip(rows.chunks_exact(h.max(1))) {
+            let Some(dst) = g.get_mut(id as usize * h..(id as usize + 1) * h) else {
+                bail!("add rows: id {id} outside a vocabulary of {vocab}");
+            };
+            dst.iter_mut().zip(row).for_each(|(d, r)| *d += r);
+        }
+        Ok(())
+    }
+}

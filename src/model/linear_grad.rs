@@ -1,0 +1,158 @@
+//! The two products of a linear layer's backward on the CPU, skipping runs of rows whose gradient
+//! is zero.
+//!
+//! Under causal attention a position's gradient is zero when no counted target lies at or after
+//! it in its sequence: padding, and in a span backward every position after a row's last span.
+//! Those zeros survive every layer (attention, norms, SwiGLU and residuals map zero rows to zero
+//! rows), so a product over them is work whose result is known.
+
+use std::ops::Range;
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
+
+use super::fused::slice;
+use super::tile::{matmul_threaded, View};
+
+/// Zero runs shorter than this stay in the product: splitting it there costs more in smaller,
+/// less efficient pieces than the rows save.
+const MIN_RUN: usize = 16;
+
+/// The ranges of rows of a row-major `(m, n)` matrix that hold a nonzero, with interior zero runs
+/// shorter than [`MIN_RUN`] kept inside the ranges around them.
+fn live_rows(g: &[f32], m: usize, n: usize) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for (i, row) in g.chunks_exact(n.max(1)).take(m).enumerate() {
+        if !row.iter().any(|&v| v != 0.0) {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if i - last.end < MIN_RUN => last.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+/// The `(m, n)` gradient of a linear layer's output, with its sizes.
+fn gradient<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<(&'a [f32], usize, usize)> {
+    let (m, n) = l.shape().dims2()?;
+    Ok((slice(s, l, op)?, m, n))
+}
+
+/// A linear layer's input gradient `grad @ w` for `grad (m, n)` and the weight `w (n, k)`.
+pub(crate) struct LinearGradX;
+
+impl CustomOp2 for LinearGradX {
+    fn name(&self) -> &'static str {
+        "locus-linear-grad-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, m, n) = gradient(s1, l1, "linear input gradient")?;
+        let (n2, k) = l2.shape().dims2()?;
+        if n != n2 {
+            bail!("linear backward: gradient width {n} does not match weight rows {n2}");
+        }
+        let w = View::rows(slice(s2, l2, "linear weight")?, n, k, k);
+        let mut dx = vec![0f32; m * k];
+        for r in live_rows(g, m, n) {
+            let rows = View::rows(&g[r.start * n..r.end * n], r.len(), n, n);
+            matmul_threaded(&mut dx[r.start * k..r.end * k], rows, w, false);
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((m, k))))
+    }
+}
+
+/// A linear layer's weight gradient `grad^T @ x` for `grad (m, n)` and the input `x (m, k)`, in the
+/// weight's `(n, k)` layout.
+pub(crate) struct LinearGradW;
+
+impl CustomOp2 for LinearGradW {
+    fn name(&self) -> &'static str {
+        "locus-linear-grad-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, m, n) = gradient(s1, l1, "linear weight gradient")?;
+        let (m2, k) = l2.shape().dims2()?;
+        if m != m2 {
+            bail!("linear backward: {m} gradient rows for {m2} input rows");
+        }
+        let x = slice(s2, l2, "linear input")?;
+        let mut dw = vec![0f32; n * k];
+        for (i, r) in live_rows(g, m, n).into_iter().enumerate() {
+            let rows = View::rows(&g[r.start * n..r.end * n], r.len(), n, n);
+            let inputs = View::rows(&x[r.start * k..r.end * k], r.len(), k, k);
+            matmul_threaded(&mut dw, rows.t(), inputs, i > 0);
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((n, k))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows_with(m: usize, n: usize, live: &[usize]) -> Vec<f32> {
+        let mut g = vec![0f32; m * n];
+        for &i in live {
+            g[i * n + n - 1] = 1.0;
+        }
+        g
+    }
+
+    #[test]
+    fn zero_runs_of_at_least_min_run_are_cut_out() {
+        let g = rows_with(100, 3, &[2, 5, 40, 41, 60, 75]);
+        assert_eq!(live_rows(&g, 100, 3), vec![2..6, 40..42, 60..76]);
+    }
+
+    #[test]
+    fn products_that_skip_zero_runs_equal_the_dense_ones() -> Result<()> {
+        use candle_core::{Device, Tensor};
+        let (m, n, k) = (100, 8, 5);
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7919 + seed * 104729) % 1009) as f32 / 1009.0 - 0.5)
+                .collect()
+        };
+        // Rows 2, 5, 40, 41, 60 and 75 live, as in the test above, then an all-zero gradient.
+        let mut dense = values(m * n, 1);
+        for (i, row) in dense.chunks_mut(n).enumerate() {
+            if ![2, 5, 40, 41, 60, 75].contains(&i) {
+                row.fill(0.0);
+            }
+        }
+        let w = Tensor::from_vec(values(n * k, 2), (n, k), &Device::Cpu)?;
+        let x = Tensor::from_vec(values(m * k, 3), (m, k), &Device::Cpu)?;
+        for g in [dense, vec![0.0; m * n]] {
+            let g = Tensor::from_vec(g, (m, n), &Device::Cpu)?;
+            let diff = |a: Tensor, b: Tensor| -> Result<f32> {
+                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+            };
+            let dx = g.apply_op2_no_bwd(&w, &LinearGradX)?;
+            assert!(diff(dx, g.matmul(&w)?)? < 1e-6);
+            let dw = g.apply_op2_no_bwd(&x, &LinearGradW)?;
+            assert!(diff(dw, g.t()?.matmul(&x)?)? < 1e-6);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_all_zero_gradient_has_no_live_rows() {
+        assert!(live_rows(&[0.0; 12], 4, 3).is_empty());
+        assert_eq!(live_rows(&[-0.0, 1e-30, 0.0, 0.0], 2, 2), vec![0..1]);
+    }
+}
