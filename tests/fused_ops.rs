@@ -99,6 +99,25 @@ fn linear_matches_composed() {
 }
 
 #[test]
+fn split_heads_matches_reshape_transpose_copy() {
+    let x = randn(&[2, 5, 12], 6);
+    check(
+        "split heads",
+        &[&x],
+        || ops::split_heads(&x, 3).unwrap(),
+        || {
+            x.reshape((2, 5, 3, 4))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        },
+    );
+    assert!(ops::split_heads(&x, 5).is_err());
+}
+
+#[test]
 fn linear_matches_composed_for_one_few_and_many_rows() {
     // Rows, outputs, inputs: one row (generation), a partial group of four, an input width that
     // is no multiple of the vector width, a few rows under a deep weight, and a general product.

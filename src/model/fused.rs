@@ -6,7 +6,9 @@
 //! They run on contiguous f32 CPU tensors; `ops` falls back to the composed form elsewhere.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 use super::linear_grad::{LinearGradW, LinearGradX};
@@ -142,19 +144,36 @@ impl CustomOp3 for CrossEntropyGrad {
     }
 }
 
-/// `x @ w^T` for `x (m, k)` and a weight `w (n, k)`; the backward yields `dw` directly in `w`'s
-/// layout, so no transposed accumulator is built for every weight.
+/// `x @ w^T` for `x (..., k)` and a weight `w (n, k)`, shaped `(..., n)`: one graph node however
+/// many leading axes `x` has (a reshape on either side would be two more nodes, each with its
+/// own zeroed gradient accumulator). The backward yields `dw` directly in `w`'s layout, so no
+/// transposed accumulator is built for every weight.
 pub struct Linear;
 
 impl Linear {
-    fn fwd<S: BackendStorage>(s1: &S, l1: &Layout, s2: &S, l2: &Layout) -> Result<(S, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            bail!("linear: input width {k} does not match weight width {k2}");
+    /// The input as a contiguous `(m, k)` matrix, the weight's `(n, k)` and the output shape.
+    fn shapes(l1: &Layout, l2: &Layout) -> Result<(Layout, usize, usize, usize, Shape)> {
+        let dims = l1.shape().dims();
+        let (n, k) = l2.shape().dims2()?;
+        let Some((&k1, lead)) = dims.split_last().filter(|_| dims.len() >= 2) else {
+            bail!("linear: input of shape {dims:?} has no rows");
+        };
+        if k1 != k {
+            bail!("linear: input width {k1} does not match weight width {k}");
         }
-        let out = s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?;
-        Ok((out, Shape::from((m, n))))
+        if !l1.is_contiguous() {
+            bail!("linear: expected a contiguous input");
+        }
+        let m = lead.iter().product();
+        let out: Vec<usize> = lead.iter().copied().chain([n]).collect();
+        let rows = Layout::contiguous_with_offset((m, k), l1.start_offset());
+        Ok((rows, m, n, k, Shape::from(out)))
+    }
+
+    fn fwd<S: BackendStorage>(s1: &S, l1: &Layout, s2: &S, l2: &Layout) -> Result<(S, Shape)> {
+        let (rows, m, n, k, out) = Linear::shapes(l1, l2)?;
+        let y = s1.matmul(s2, (1, m, n, k), &rows, &l2.transpose(0, 1)?)?;
+        Ok((y, out))
     }
 }
 
@@ -171,13 +190,12 @@ impl CustomOp2 for Linear {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         super::turns::yield_to_foreground();
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k == k2 && few_rows(m, n, k) {
-            let x = slice(s1, l1, "linear input")?;
+        let (rows, m, n, k, out) = Linear::shapes(l1, l2)?;
+        if few_rows(m, n, k) {
+            let x = slice(s1, &rows, "linear input")?;
             let w = slice(s2, l2, "linear weight")?;
             let y = super::tile::few_rows_times_t(x, w, m, n, k);
-            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+            return Ok((CpuStorage::F32(y), out));
         }
         Linear::fwd(s1, l1, s2, l2)
     }
@@ -203,23 +221,22 @@ impl CustomOp2 for Linear {
         // A frozen weight (or an input that depends on no variable) gets no gradient: the
         // backward still visits this op for the other argument, and its product would be dropped.
         let cpu = grad.device().is_cpu();
-        let grad = if cpu {
-            grad.contiguous()?
-        } else {
-            grad.clone()
-        };
+        let rows = |t: &Tensor| t.detach().flatten_to(t.rank() - 2);
+        let (grad, x2) = (rows(&grad.contiguous()?)?, rows(x)?);
         let dx = x
             .track_op()
             .then(|| match cpu {
                 true => grad.apply_op2_no_bwd(&w.detach(), &LinearGradX),
                 false => grad.matmul(&w.detach()),
             })
+            .transpose()?
+            .map(|dx| dx.reshape(x.dims()))
             .transpose()?;
         let dw = w
             .track_op()
             .then(|| match cpu {
-                true => grad.apply_op2_no_bwd(&x.detach(), &LinearGradW),
-                false => grad.t()?.matmul(&x.detach()),
+                true => grad.apply_op2_no_bwd(&x2, &LinearGradW),
+                false => grad.t()?.matmul(&x2),
             })
             .transpose()?;
         let dw = dw.map(|g| super::grads::offer(w, g)).transpose()?.flatten();
@@ -365,6 +382,46 @@ impl CustomOp2 for RmsNormGradW {
 }
 
 /// Rotary embedding, Hugging Face layout, on `(b, h, t, d)` with tables `(t, d/2)`:
+/// `(b, t, heads * d)` to contiguous heads `(b, heads, t, d)` in one graph node (a reshape, a
+/// transpose and a copy are three, each with its own zeroed gradient accumulator).
+pub struct SplitHeads {
+    /// Number of heads the last axis holds.
+    pub heads: usize,
+}
+
+impl CustomOp1 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "locus-split-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, t, hd) = l.shape().dims3()?;
+        let h = self.heads;
+        if h == 0 || !hd.is_multiple_of(h) {
+            bail!("split heads: width {hd} does not split into {h} heads");
+        }
+        let d = hd / h;
+        let x = slice(s, l, "split heads input")?;
+        let mut out = Vec::with_capacity(x.len());
+        for (batch, head) in (0..b).flat_map(|i| (0..h).map(move |j| (i, j))) {
+            for pos in 0..t {
+                let at = (batch * t + pos) * hd + head * d;
+                out.extend_from_slice(&x[at..at + d]);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, h, t, d) = grad.dims4()?;
+        Ok(Some(grad.transpose(1, 2)?.contiguous()?.reshape((
+            b,
+            t,
+            h * d,
+        ))?))
+    }
+}
+
 /// `y1 = x1 cos - x2 sin`, `y2 = x2 cos + x1 sin` for the two halves of each head.
 /// Its backward is the same rotation by the negated angle.
 pub struct Rope;

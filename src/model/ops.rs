@@ -11,21 +11,21 @@ use super::{fused, fused_head, fused_mlp};
 
 /// `x @ w^T + b` for a weight stored `(out, in)`, as torch's `nn.Linear`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (rows, out) = (x.dims()[..x.rank() - 1].to_vec(), w.dim(0)?);
-    let x2 = x.flatten_to(x.rank() - 2)?;
     let y = if x.device().is_metal() {
-        x2.matmul(&w.t()?)?
+        let mut shape = x.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = w.dim(0)?;
+        }
+        x.flatten_to(x.rank().saturating_sub(2))?
+            .matmul(&w.t()?)?
+            .reshape(shape)?
     } else {
-        x2.contiguous()?
-            .apply_op2(&w.contiguous()?, fused::Linear)?
+        x.contiguous()?.apply_op2(&w.contiguous()?, fused::Linear)?
     };
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut shape = rows;
-    shape.push(out);
-    y.reshape(shape)
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// Rows `ids` (any shape) of a table `(vocab, h)`, shaped `ids`'s dims then `h`.
@@ -114,6 +114,9 @@ pub fn attention(
 
 /// Splits `(b, t, h * d)` into contiguous heads `(b, h, t, d)`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return x.contiguous()?.apply_op1(fused::SplitHeads { heads });
+    }
     let (b, t, hd) = x.dims3()?;
     x.reshape((b, t, heads, hd / heads))?
         .transpose(1, 2)?
