@@ -1,7 +1,9 @@
 //! Seconds per learning step of 4 x 128 tokens on the default model, CPU: `full`, `tgl-fp` with a
 //! static selection of a third of the groups (layers 20-29), `tgl-fp` traced every batch, and
 //! `tgl-fp` re-selected every 4th batch as `serve` does. Steps run as `serve` runs them, without
-//! the loss-after forward pass. `cargo bench --bench update_step` prints one JSON object: per
+//! the loss-after forward pass. Then the served setting once more on four real drift documents
+//! (`data/drift/updates.jsonl`, 40-70 tokens each, padded to the longest), for tokens per second
+//! on the text a server is streamed. `cargo bench --bench update_step` prints one JSON object: per
 //! setting, the median of 3 cycles' mean step time after one warm-up cycle, a cycle being one
 //! step, or the 4 steps between re-selections (one traced, three that reuse the selection).
 //! `LOCUS_DEVICE=cuda:0` runs it on a GPU (a build with `--features cuda`).
@@ -14,6 +16,7 @@ use locus::model::{load, Model};
 use locus::trace::GroupStat;
 
 const SAMPLE: &str = include_str!("../data/sample/trace.jsonl");
+const DRIFT: &str = include_str!("../data/drift/updates.jsonl");
 
 fn docs() -> Vec<Doc> {
     let text: String = SAMPLE
@@ -30,8 +33,27 @@ fn docs() -> Vec<Doc> {
         .collect()
 }
 
+/// The first four documents of the drift set's updates.
+fn drift_docs() -> Vec<Doc> {
+    DRIFT
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .flat_map(|v| {
+            v["docs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d.as_str().map(String::from))
+                .collect::<Vec<_>>()
+        })
+        .take(4)
+        .map(|text| Doc { text, spans: None })
+        .collect()
+}
+
 fn bench(
     model: &Arc<Model>,
+    batch: &[Doc],
     strategy: &str,
     localization: Localization,
     fixed: bool,
@@ -62,18 +84,16 @@ fn bench(
             .collect();
         learner.set_static_norms(&stats);
     }
-    let batch = docs();
     for _ in 0..cycle {
-        learner.step(&batch)?;
+        learner.step(batch)?;
     }
     let mut secs = Vec::new();
-    let mut groups = 0;
+    let (mut groups, mut tokens) = (0, 0);
     for _ in 0..3 {
         let mut total = 0.0;
         for _ in 0..cycle {
-            let r = learner.step(&batch)?;
-            assert_eq!(r.tokens, 4 * 128, "documents must fill 128 tokens");
-            groups = r.groups.len();
+            let r = learner.step(batch)?;
+            (groups, tokens) = (r.groups.len(), r.tokens);
             total += r.seconds;
         }
         secs.push(total / cycle as f64);
@@ -82,38 +102,42 @@ fn bench(
     let (params, state) = learner.optimizer_footprint();
     Ok(serde_json::json!({
         "strategy": strategy, "localization": localization, "steps_per_cycle": cycle, "groups_updated": groups,
-        "seconds_per_batch": secs[1], "optimizer_params": params, "optimizer_state_mb": state as f64 * 4.0 / 1048576.0,
+        "seconds_per_batch": secs[1], "tokens_per_batch": tokens, "tokens_per_s": tokens as f64 / secs[1],
+        "optimizer_params": params, "optimizer_state_mb": state as f64 * 4.0 / 1048576.0,
     }))
 }
 
 fn main() -> anyhow::Result<()> {
     locus::compute::configure_threads(false);
     let model = Arc::new(load::load("default", &locus::model::device::from_env()?)?);
+    let served = Localization::PerBatch {
+        ema: 0.9,
+        reselect_every: 4,
+    };
+    let traced = Localization::PerBatch {
+        ema: 0.9,
+        reselect_every: 1,
+    };
+    let full_rows = docs();
     let runs = vec![
-        bench(&model, "full", Localization::Static, false)?,
-        bench(&model, "tgl-fp", Localization::Static, true)?,
-        bench(
-            &model,
-            "tgl-fp",
-            Localization::PerBatch {
-                ema: 0.9,
-                reselect_every: 1,
-            },
-            false,
-        )?,
-        bench(
-            &model,
-            "tgl-fp",
-            Localization::PerBatch {
-                ema: 0.9,
-                reselect_every: 4,
-            },
-            false,
-        )?,
+        bench(&model, &full_rows, "full", Localization::Static, false)?,
+        bench(&model, &full_rows, "tgl-fp", Localization::Static, true)?,
+        bench(&model, &full_rows, "tgl-fp", traced, false)?,
+        bench(&model, &full_rows, "tgl-fp", served, false)?,
     ];
+    for r in &runs {
+        assert_eq!(
+            r["tokens_per_batch"],
+            4 * 128,
+            "documents must fill 128 tokens"
+        );
+    }
+    let drift = bench(&model, &drift_docs(), "tgl-fp", served, false)?;
     println!(
         "{}",
-        serde_json::to_string_pretty(&serde_json::json!({"batch": 4, "seq": 128, "runs": runs}))?
+        serde_json::to_string_pretty(
+            &serde_json::json!({"batch": 4, "seq": 128, "runs": runs, "drift_documents": drift})
+        )?
     );
     Ok(())
 }
