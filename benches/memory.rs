@@ -19,23 +19,15 @@ use locus::spans::SpanRule;
 use locus::store::{Durability, Store};
 use serde_json::{json, Value};
 
-const UPDATES: &str = include_str!("../data/drift/updates.jsonl");
+#[path = "support/drift.rs"]
+mod drift;
 const REPLAY: &str = include_str!("../data/replay/general.txt");
 const MIB: f64 = 1048576.0;
 
 /// The drift documents, in the order the soak ingests them.
 fn documents() -> Vec<Doc> {
-    UPDATES
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .flat_map(|v| {
-            v["docs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|d| d.as_str().map(String::from))
-                .collect::<Vec<_>>()
-        })
+    drift::update_texts()
+        .into_iter()
         .map(|text| Doc { text, spans: None })
         .collect()
 }

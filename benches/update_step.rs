@@ -16,7 +16,8 @@ use locus::model::{load, Model};
 use locus::trace::GroupStat;
 
 const SAMPLE: &str = include_str!("../data/sample/trace.jsonl");
-const DRIFT: &str = include_str!("../data/drift/updates.jsonl");
+#[path = "support/drift.rs"]
+mod drift;
 
 fn docs() -> Vec<Doc> {
     let text: String = SAMPLE
@@ -35,17 +36,8 @@ fn docs() -> Vec<Doc> {
 
 /// The first four documents of the drift set's updates.
 fn drift_docs() -> Vec<Doc> {
-    DRIFT
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .flat_map(|v| {
-            v["docs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|d| d.as_str().map(String::from))
-                .collect::<Vec<_>>()
-        })
+    drift::update_texts()
+        .into_iter()
         .take(4)
         .map(|text| Doc { text, spans: None })
         .collect()

@@ -3,11 +3,11 @@
 
 use locus::proto::v1 as pb;
 
+mod drift;
 mod machine;
 pub use machine::machine;
 
 const STABLE: &str = include_str!("../../data/drift/stable.jsonl");
-const UPDATES: &str = include_str!("../../data/drift/updates.jsonl");
 
 /// `(prompt, [gold, foil])` probes to score, cycled through.
 pub fn probes() -> Vec<(String, Vec<String>)> {
@@ -23,20 +23,11 @@ pub fn probes() -> Vec<(String, Vec<String>)> {
 
 /// The drifted documents in batches of `size`, to ingest in a loop; batch ids start with `tag`.
 pub fn batches(tag: &str, size: usize) -> Vec<pb::IngestRequest> {
-    let docs: Vec<pb::Document> = UPDATES
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .flat_map(|v| {
-            v["docs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|d| d.as_str())
-                .map(|text| pb::Document {
-                    text: text.to_string(),
-                    ..Default::default()
-                })
-                .collect::<Vec<_>>()
+    let docs: Vec<pb::Document> = drift::update_texts()
+        .into_iter()
+        .map(|text| pb::Document {
+            text,
+            ..Default::default()
         })
         .collect();
     docs.chunks(size)

@@ -8,10 +8,10 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
 
 use crate::error::Result;
-use crate::model::fused::slice;
+use crate::model::fused::{slice, slice_mut};
 
 /// First and second moments `(2, n)` and the step count of one parameter.
 pub struct Moments {
@@ -50,16 +50,6 @@ pub struct AdamW {
     state: BTreeMap<String, Moments>,
 }
 
-fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("adamw: expected a contiguous tensor")
-    };
-    match s {
-        CpuStorage::F32(v) => Ok(&mut v[a..b]),
-        _ => bail!("adamw: expected f32"),
-    }
-}
-
 /// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2` on the `(2, n)` state, in place.
 struct MomentsStep {
     b1: f32,
@@ -78,7 +68,7 @@ impl InplaceOp2 for MomentsStep {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let state = f32_mut(s1, l1)?;
+        let state = slice_mut(s1, l1, "adamw state")?;
         let g = slice(s2, l2, "adamw gradient")?;
         let (m, v) = state.split_at_mut(g.len());
         for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
@@ -110,7 +100,7 @@ impl InplaceOp2 for WeightStep {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let w = f32_mut(s1, l1)?;
+        let w = slice_mut(s1, l1, "adamw weight")?;
         let state = slice(s2, l2, "adamw state")?;
         let (m, v) = state.split_at(w.len());
         for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {

@@ -24,6 +24,21 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a
     }
 }
 
+/// The f32 data of a contiguous CPU tensor, to update in place.
+pub(crate) fn slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a mut [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{what}: expected a contiguous tensor")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        other => bail!("{what}: expected f32, got {:?}", other.dtype()),
+    }
+}
+
 /// The u32 data of a contiguous CPU tensor.
 pub(crate) fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
     let CpuStorage::U32(v) = s else {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor, TensorId};
 
-use super::fused::{slice, u32_slice};
+use super::fused::{slice, slice_mut, u32_slice};
 
 thread_local! {
     /// The weight gradients of the [`backward`] call running on this thread, if any. candle runs
@@ -115,13 +115,7 @@ impl InplaceOp3 for AddRows {
         l3: &Layout,
     ) -> Result<()> {
         let (vocab, h) = l1.shape().dims2()?;
-        let CpuStorage::F32(g) = s1 else {
-            bail!("add rows: expected an f32 gradient");
-        };
-        let Some((a, b)) = l1.contiguous_offsets() else {
-            bail!("add rows: expected a contiguous gradient");
-        };
-        let g = &mut g[a..b];
+        let g = slice_mut(s1, l1, "embedding gradient")?;
         let ids = u32_slice(s2, l2, "embedding ids")?;
         let rows = slice(s3, l3, "embedding rows")?;
         if rows.len() != ids.len() * h {
