@@ -40,10 +40,10 @@ impl CustomOp2 for Embedding {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !table.track_op() || super::grads::offer_rows(table, ids, grad)? {
+        if !table.track_op() || super::grads::add_rows(table, ids, grad)? {
             return Ok((None, None));
         }
         let dense = table.zeros_like()?.index_add(ids, &grad.contiguous()?, 0)?;
-        Ok((None, Some(dense)))
+        Ok((None, super::grads::offer(table, dense)?))
     }
 }

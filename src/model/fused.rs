@@ -7,11 +7,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
 };
 use rayon::prelude::*;
-
-use super::linear_grad::{LinearGradW, LinearGradX};
 
 /// The f32 data of a contiguous CPU tensor.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -21,6 +19,14 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// The f32 data of a contiguous CPU tensor behind a storage guard.
+pub(crate) fn cpu_data<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => slice(c, l, what),
+        _ => bail!("{what}: the fused kernels run on the CPU only"),
     }
 }
 
@@ -235,25 +241,16 @@ impl CustomOp2 for Linear {
         super::turns::yield_to_foreground();
         // A frozen weight (or an input that depends on no variable) gets no gradient: the
         // backward still visits this op for the other argument, and its product would be dropped.
-        let cpu = grad.device().is_cpu();
         let rows = |t: &Tensor| t.detach().flatten_to(t.rank() - 2);
-        let (grad, x2) = (rows(&grad.contiguous()?)?, rows(x)?);
-        let dx = x
-            .track_op()
-            .then(|| match cpu {
-                true => grad.apply_op2_no_bwd(&w.detach(), &LinearGradX),
-                false => grad.matmul(&w.detach()),
-            })
-            .transpose()?
-            .map(|dx| dx.reshape(x.dims()))
-            .transpose()?;
-        let dw = w
-            .track_op()
-            .then(|| match cpu {
-                true => grad.apply_op2_no_bwd(&x2, &LinearGradW),
-                false => grad.t()?.matmul(&x2),
-            })
-            .transpose()?;
+        let (grad, x2, w2) = (rows(&grad.contiguous()?)?, rows(x)?, w.detach());
+        let (dx, dw) = if grad.device().is_cpu() {
+            super::linear_grad::products(&grad, &x2, &w2, x.track_op(), w.track_op())?
+        } else {
+            let dx = x.track_op().then(|| grad.matmul(&w2)).transpose()?;
+            let dw = w.track_op().then(|| grad.t()?.matmul(&x2)).transpose()?;
+            (dx, dw)
+        };
+        let dx = dx.map(|dx| dx.reshape(x.dims())).transpose()?;
         let dw = dw.map(|g| super::grads::offer(w, g)).transpose()?.flatten();
         Ok((dx, dw))
     }
@@ -396,7 +393,6 @@ impl CustomOp2 for RmsNormGradW {
     }
 }
 
-/// Rotary embedding, Hugging Face layout, on `(b, h, t, d)` with tables `(t, d/2)`:
 /// `(b, t, heads * d)` to contiguous heads `(b, heads, t, d)` in one graph node (a reshape, a
 /// transpose and a copy are three, each with its own zeroed gradient accumulator).
 pub struct SplitHeads {
@@ -437,6 +433,7 @@ impl CustomOp1 for SplitHeads {
     }
 }
 
+/// Rotary embedding, Hugging Face layout, on `(b, h, t, d)` with tables `(t, d/2)`:
 /// `y1 = x1 cos - x2 sin`, `y2 = x2 cos + x1 sin` for the two halves of each head.
 /// Its backward is the same rotation by the negated angle.
 pub struct Rope;

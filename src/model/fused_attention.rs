@@ -10,11 +10,11 @@
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::exp::exp_in_place;
-use super::fused::slice;
+use super::fused::{cpu_data, slice};
 use super::tile::{matmul, View};
 
 /// Query rows per tile: enough rows for the matrix kernel to run at speed, few enough that a
@@ -160,14 +160,6 @@ fn probs_row(row: &mut [f32], visible: Range<usize>, lse: f32) {
 
 fn relative(r: Range<usize>, origin: usize) -> Range<usize> {
     r.start - origin..r.end - origin
-}
-
-/// The f32 data of a contiguous CPU tensor behind a storage guard.
-fn cpu_data<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => slice(c, l, what),
-        _ => bail!("{what}: fused attention runs on the CPU only"),
-    }
 }
 
 /// One query head with the key/value head it reads, and that head's output and upstream gradient

@@ -70,31 +70,22 @@ pub(crate) fn offer(w: &Tensor, g: Tensor) -> Result<Option<Tensor>> {
     })
 }
 
-/// Adds `rows (n, h)` into rows `ids (n)` of the gradient of the variable `w (vocab, h)`, in place
-/// where the sink already holds one (the tied head's), when a [`backward`] call is running on
-/// this thread; false (nothing done) otherwise, for the caller to build the dense gradient.
-pub(crate) fn offer_rows(w: &Tensor, ids: &Tensor, rows: &Tensor) -> Result<bool> {
+/// Adds `rows (n, h)` into rows `ids (n)` of the gradient of the variable `w (vocab, h)` in place,
+/// where a [`backward`] call running on this thread already holds one (the tied head's); false,
+/// with nothing done, otherwise.
+pub(crate) fn add_rows(w: &Tensor, ids: &Tensor, rows: &Tensor) -> Result<bool> {
     if !w.is_variable() || !w.device().is_cpu() {
         return Ok(false);
     }
-    SINK.with(|s| {
-        let mut sink = s.borrow_mut();
-        let Some(sink) = sink.as_mut() else {
-            return Ok(false);
-        };
-        match sink.get(&w.id()) {
-            Some(g) if g.is_contiguous() => g.inplace_op3(ids, &rows.contiguous()?, &AddRows)?,
-            _ => {
-                let dense = w.zeros_like()?.index_add(ids, rows, 0)?;
-                let g = match sink.remove(&w.id()) {
-                    Some(prev) => (prev + dense)?,
-                    None => dense,
-                };
-                sink.insert(w.id(), g);
+    SINK.with(
+        |s| match s.borrow().as_ref().and_then(|sink| sink.get(&w.id())) {
+            Some(g) if g.is_contiguous() => {
+                g.inplace_op3(ids, &rows.contiguous()?, &AddRows)?;
+                Ok(true)
             }
-        }
-        Ok(true)
-    })
+            _ => Ok(false),
+        },
+    )
 }
 
 /// `g[ids[i]] += rows[i]` on a contiguous f32 CPU tensor `g (vocab, h)`.

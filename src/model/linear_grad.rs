@@ -8,9 +8,9 @@
 
 use std::ops::Range;
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::fused::slice;
+use super::fused::{cpu_data, slice};
 use super::tile::{matmul_threaded, View};
 
 /// Zero runs shorter than this stay in the product: splitting it there costs more in smaller,
@@ -33,16 +33,50 @@ fn live_rows(g: &[f32], m: usize, n: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// The `(m, n)` gradient of a linear layer's output, with its sizes.
-fn gradient<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<(&'a [f32], usize, usize)> {
-    let (m, n) = l.shape().dims2()?;
-    Ok((slice(s, l, op)?, m, n))
+/// A linear layer's input and weight gradients, `grad @ w` and `grad^T @ x`, for `grad (m, n)`,
+/// `x (m, k)` and `w (n, k)` on the CPU, each only where wanted; the gradient's live rows are
+/// found once for both.
+pub(crate) fn products(
+    grad: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    want_x: bool,
+    want_w: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let live = {
+        let (m, n) = grad.dims2()?;
+        let (storage, layout) = grad.storage_and_layout();
+        live_rows(cpu_data(&storage, layout, "linear output gradient")?, m, n)
+    };
+    let dx = want_x
+        .then(|| grad.apply_op2_no_bwd(w, &GradX { live: &live }))
+        .transpose()?;
+    let dw = want_w
+        .then(|| grad.apply_op2_no_bwd(x, &GradW { live: &live }))
+        .transpose()?;
+    Ok((dx, dw))
 }
 
-/// A linear layer's input gradient `grad @ w` for `grad (m, n)` and the weight `w (n, k)`.
-pub(crate) struct LinearGradX;
+/// The `(m, n)` gradient of a linear layer's output, with its sizes, checked against its live
+/// rows.
+fn gradient<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    live: &[Range<usize>],
+) -> Result<(&'a [f32], usize, usize)> {
+    let (m, n) = l.shape().dims2()?;
+    if live.last().is_some_and(|r| r.end > m) {
+        bail!("linear backward: live rows beyond the gradient's {m}");
+    }
+    Ok((slice(s, l, "linear output gradient")?, m, n))
+}
 
-impl CustomOp2 for LinearGradX {
+/// `grad @ w` over the live rows of `grad (m, n)`, for the weight `w (n, k)`; zero elsewhere.
+struct GradX<'a> {
+    live: &'a [Range<usize>],
+}
+
+impl CustomOp2 for GradX<'_> {
     fn name(&self) -> &'static str {
         "locus-linear-grad-x"
     }
@@ -54,14 +88,14 @@ impl CustomOp2 for LinearGradX {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, m, n) = gradient(s1, l1, "linear input gradient")?;
+        let (g, m, n) = gradient(s1, l1, self.live)?;
         let (n2, k) = l2.shape().dims2()?;
         if n != n2 {
             bail!("linear backward: gradient width {n} does not match weight rows {n2}");
         }
         let w = View::rows(slice(s2, l2, "linear weight")?, n, k, k);
         let mut dx = vec![0f32; m * k];
-        for r in live_rows(g, m, n) {
+        for r in self.live {
             let rows = View::rows(&g[r.start * n..r.end * n], r.len(), n, n);
             matmul_threaded(&mut dx[r.start * k..r.end * k], rows, w, false);
         }
@@ -69,11 +103,13 @@ impl CustomOp2 for LinearGradX {
     }
 }
 
-/// A linear layer's weight gradient `grad^T @ x` for `grad (m, n)` and the input `x (m, k)`, in the
-/// weight's `(n, k)` layout.
-pub(crate) struct LinearGradW;
+/// `grad^T @ x` over the live rows of `grad (m, n)` and the input `x (m, k)`, in the weight's
+/// `(n, k)` layout.
+struct GradW<'a> {
+    live: &'a [Range<usize>],
+}
 
-impl CustomOp2 for LinearGradW {
+impl CustomOp2 for GradW<'_> {
     fn name(&self) -> &'static str {
         "locus-linear-grad-w"
     }
@@ -85,14 +121,14 @@ impl CustomOp2 for LinearGradW {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, m, n) = gradient(s1, l1, "linear weight gradient")?;
+        let (g, m, n) = gradient(s1, l1, self.live)?;
         let (m2, k) = l2.shape().dims2()?;
         if m != m2 {
             bail!("linear backward: {m} gradient rows for {m2} input rows");
         }
         let x = slice(s2, l2, "linear input")?;
         let mut dw = vec![0f32; n * k];
-        for (i, r) in live_rows(g, m, n).into_iter().enumerate() {
+        for (i, r) in self.live.iter().enumerate() {
             let rows = View::rows(&g[r.start * n..r.end * n], r.len(), n, n);
             let inputs = View::rows(&x[r.start * k..r.end * k], r.len(), k, k);
             matmul_threaded(&mut dw, rows.t(), inputs, i > 0);
@@ -121,7 +157,7 @@ mod tests {
 
     #[test]
     fn products_that_skip_zero_runs_equal_the_dense_ones() -> Result<()> {
-        use candle_core::{Device, Tensor};
+        use candle_core::Device;
         let (m, n, k) = (100, 8, 5);
         let values = |len: usize, seed: usize| -> Vec<f32> {
             (0..len)
@@ -142,9 +178,10 @@ mod tests {
             let diff = |a: Tensor, b: Tensor| -> Result<f32> {
                 (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
             };
-            let dx = g.apply_op2_no_bwd(&w, &LinearGradX)?;
+            let (Some(dx), Some(dw)) = products(&g, &x, &w, true, true)? else {
+                panic!("both gradients were asked for");
+            };
             assert!(diff(dx, g.matmul(&w)?)? < 1e-6);
-            let dw = g.apply_op2_no_bwd(&x, &LinearGradW)?;
             assert!(diff(dw, g.t()?.matmul(&x)?)? < 1e-6);
         }
         Ok(())
