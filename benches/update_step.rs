@@ -1,9 +1,10 @@
 //! Seconds per learning step of 4 x 128 tokens on the default model, CPU: `full`, `tgl-fp` with a
 //! static selection of a third of the groups (layers 20-29), `tgl-fp` traced every batch, and
 //! `tgl-fp` re-selected every 4th batch as `serve` does. Steps run as `serve` runs them, without
-//! the loss-after forward pass. Then the served setting once more on four real drift documents
-//! (`data/drift/updates.jsonl`, 40-70 tokens each, padded to the longest), for tokens per second
-//! on the text a server is streamed. `cargo bench --bench update_step` prints one JSON object: per
+//! the loss-after forward pass. Then the served setting once more on the first four and the first
+//! eight real drift documents (`data/drift/updates.jsonl`, 40-70 tokens each), for tokens per
+//! second on the text a server is streamed: four of them take a row each, eight pack two to a row
+//! (see `locus::model::packing`). `cargo bench --bench update_step` prints one JSON object: per
 //! setting, the median of 3 cycles' mean step time after one warm-up cycle, a cycle being one
 //! step, or the 4 steps between re-selections (one traced, three that reuse the selection).
 //! `LOCUS_DEVICE=cuda:0` runs it on a GPU (a build with `--features cuda`).
@@ -34,11 +35,11 @@ fn docs() -> Vec<Doc> {
         .collect()
 }
 
-/// The first four documents of the drift set's updates.
-fn drift_docs() -> Vec<Doc> {
+/// The first `n` documents of the drift set's updates.
+fn drift_docs(n: usize) -> Vec<Doc> {
     drift::update_texts()
         .into_iter()
-        .take(4)
+        .take(n)
         .map(|text| Doc { text, spans: None })
         .collect()
 }
@@ -124,7 +125,14 @@ fn main() -> anyhow::Result<()> {
             "documents must fill 128 tokens"
         );
     }
-    let drift = bench(&model, &drift_docs(), "tgl-fp", served, false)?;
+    let drift = [4, 8]
+        .into_iter()
+        .map(|n| {
+            let mut r = bench(&model, &drift_docs(n), "tgl-fp", served, false)?;
+            r["documents"] = n.into();
+            Ok(r)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     println!(
         "{}",
         serde_json::to_string_pretty(

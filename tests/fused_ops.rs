@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use locus::model::fused_head;
 use locus::model::ops::{self, composed};
+use locus::model::packing::Packing;
 
 fn randn(shape: &[usize], seed: u64) -> Var {
     // A deterministic spread of values; no RNG state shared between tests.
@@ -166,8 +167,8 @@ fn attention_matches_composed_for_grouped_and_plain_heads_windows_and_cached_key
         check(
             &format!("attention {h}/{kv} heads, {t}/{s} keys, window {window:?}"),
             &[&q, &k, &v],
-            || ops::attention(&q, &k, &v, 0.3, window).unwrap(),
-            || composed::attention(&q, &k, &v, 0.3, window).unwrap(),
+            || ops::attention(&q, &k, &v, 0.3, window, None).unwrap(),
+            || composed::attention(&q, &k, &v, 0.3, window, None).unwrap(),
         );
     }
 }
@@ -175,12 +176,12 @@ fn attention_matches_composed_for_grouped_and_plain_heads_windows_and_cached_key
 #[test]
 fn attention_rejects_heads_that_do_not_group_and_more_queries_than_keys() {
     let (q, k) = (randn(&[1, 5, 4, 8], 1), randn(&[1, 2, 4, 8], 2));
-    let err = ops::attention(&q, &k, &k, 1.0, None)
+    let err = ops::attention(&q, &k, &k, 1.0, None, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a multiple of 2 key/value heads"), "{err}");
     let (q, k) = (randn(&[1, 2, 6, 8], 1), randn(&[1, 2, 4, 8], 2));
-    let err = ops::attention(&q, &k, &k, 1.0, None)
+    let err = ops::attention(&q, &k, &k, 1.0, None, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("4 keys for 6 queries"), "{err}");
@@ -190,12 +191,62 @@ fn attention_rejects_heads_that_do_not_group_and_more_queries_than_keys() {
 fn rope_matches_candle_rope_slow() {
     let x = randn(&[2, 3, 6, 8], 8);
     let (cos, sin) = ops::rope_tables(0, 6, 8, 10000.0, &Device::Cpu).unwrap();
+    for (name, composed) in [
+        (
+            "rope",
+            candle_nn::rotary_emb::rope_slow as fn(&_, &_, &_) -> _,
+        ),
+        ("composed rope", composed::rope),
+    ] {
+        check(
+            name,
+            &[&x],
+            || ops::rope(&x, &cos, &sin).unwrap(),
+            || composed(&x, &cos, &sin).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn packed_attention_and_rope_match_composed_and_keep_documents_apart() {
+    // Rows of 70 (three query blocks): documents of 40, 30, 25, 20, 9 and 6 tokens, so blocks
+    // straddle documents and one row ends in padding.
+    let (packing, _) = Packing::pack(&[70, 40, 30, 25, 20, 9, 6], 0);
+    assert_eq!((packing.rows(), packing.len()), (3, 70));
+    let (b, h, kv, t, d) = (3, 6, 2, 70, 8);
+    let pos = packing.positions(&Device::Cpu).unwrap();
+    let (cos, sin) = ops::rope_tables_at(&pos, d, 10000.0).unwrap();
+    let x = randn(&[b, h, t, d], 13);
     check(
-        "rope",
+        "per-row rope",
         &[&x],
         || ops::rope(&x, &cos, &sin).unwrap(),
-        || candle_nn::rotary_emb::rope_slow(&x, &cos, &sin).unwrap(),
+        || composed::rope(&x, &cos, &sin).unwrap(),
     );
+    let (q, k, v) = (
+        randn(&[b, h, t, d], 10),
+        randn(&[b, kv, t, d], 11),
+        randn(&[b, kv, t, d], 12),
+    );
+    for window in [None, Some(5)] {
+        check(
+            &format!("packed attention, window {window:?}"),
+            &[&q, &k, &v],
+            || ops::attention(&q, &k, &v, 0.3, window, Some(&packing)).unwrap(),
+            || composed::attention(&q, &k, &v, 0.3, window, Some(&packing)).unwrap(),
+        );
+    }
+    // A document packed after another attends as it does alone in a row: the 30-token one sits
+    // at offset 40 of row 1.
+    let alone = |x: &Var| x.narrow(0, 1, 1).unwrap().narrow(2, 40, 30).unwrap();
+    let packed = ops::attention(&q, &k, &v, 0.3, None, Some(&packing)).unwrap();
+    let want = ops::attention(&alone(&q), &alone(&k), &alone(&v), 0.3, None, None).unwrap();
+    let got = packed.narrow(0, 1, 1).unwrap().narrow(1, 40, 30).unwrap();
+    assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+    let err = ops::attention(&q, &k, &v, 0.3, None, Some(&Packing::pack(&[5], 0).0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("for a layout of 1 rows of 5"), "{err}");
 }
 
 #[test]

@@ -190,6 +190,78 @@ fn gradients_written_once_equal_candles_accumulated_ones() {
 }
 
 #[test]
+fn packed_documents_have_the_losses_and_gradients_they_have_alone() {
+    use locus::model::packing::Packing;
+    for name in TINY {
+        let (model, e) = load_tiny(name);
+        let params = model.params(|_| true);
+        // Whole texts and prefixes of them, so that some rows hold several documents (and
+        // GPT-Neo's local layers see documents shorter and longer than their window).
+        let docs: Vec<&[u32]> = vec![
+            &e.token_ids[0],
+            &e.token_ids[1][..12],
+            &e.token_ids[2][..20],
+            &e.token_ids[1][..3],
+            &e.token_ids[2],
+            &e.token_ids[0][..9],
+        ];
+        let lengths: Vec<usize> = docs.iter().map(|d| d.len()).collect();
+        let (packing, at) = Packing::pack(&lengths, 0);
+        assert!(packing.rows() < docs.len(), "{name}: nothing was packed");
+        let (b, t) = (packing.rows(), packing.len());
+        let mut ids = vec![0u32; b * t];
+        let mut weight = vec![0f32; b * (t - 1)];
+        for (d, p) in docs.iter().zip(&at) {
+            ids[p.row * t + p.offset..][..d.len()].copy_from_slice(d);
+            weight[p.row * (t - 1) + p.offset..][..d.len() - 1].fill(1.0);
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &dev()).unwrap();
+        let weight = Tensor::from_vec(weight, (b, t - 1), &dev()).unwrap();
+        let packed = model
+            .arch
+            .next_token_nll_packed(&params, &ids, &packing)
+            .unwrap();
+        let rows: Vec<Vec<f32>> = packed.to_vec2().unwrap();
+        let mut alone_total: Option<Tensor> = None;
+        for (i, (d, p)) in docs.iter().zip(&at).enumerate() {
+            let one = Tensor::new(*d, &dev()).unwrap().unsqueeze(0).unwrap();
+            let nll = model.arch.next_token_nll(&params, &one).unwrap();
+            let want: Vec<f32> = nll.squeeze(0).unwrap().to_vec1().unwrap();
+            let got = &rows[p.row][p.offset..][..d.len() - 1];
+            let diff = largest_difference(got, &want);
+            assert!(diff < 1e-5, "{name} document {i}: losses differ by {diff}");
+            let sum = nll.sum_all().unwrap();
+            alone_total = Some(match alone_total {
+                Some(t) => (t + sum).unwrap(),
+                None => sum,
+            });
+        }
+        let packed_total = (packed * weight).unwrap().sum_all().unwrap();
+        let (a, b) = (
+            grads::backward(&packed_total).unwrap(),
+            grads::backward(&alone_total.unwrap()).unwrap(),
+        );
+        for (pname, var) in &model.vars {
+            let flat = |g: &candle_core::backprop::GradStore| -> Vec<f32> {
+                g.get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (a, b) = (flat(&a), flat(&b));
+            let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let diff = largest_difference(&a, &b);
+            assert!(
+                diff / scale < 1e-5,
+                "{name} {pname}: packed gradient differs by {diff} at scale {scale}"
+            );
+        }
+    }
+}
+
+#[test]
 fn cached_incremental_forward_matches_the_whole_sequence() {
     use locus::model::cache::KvCache;
     for name in TINY {

@@ -1,9 +1,11 @@
-//! A learning step's batch: tokenized rows with their span targets, padded into one tensor.
+//! A learning step's batch: tokenized documents with their span targets, packed into one tensor.
 
 use candle_core::{Device, Tensor};
 
 use super::engine::Doc;
 use crate::error::{Error, Result};
+use crate::model::packing::{Packing, Placement};
+use crate::model::{Architecture, Params};
 use crate::spans::{choose_targets, novel_targets, surprisal_targets, Mentions, Name, SpanRule};
 use crate::tokenize::TextTokenizer;
 
@@ -132,50 +134,62 @@ impl Row {
     }
 }
 
-/// Rows padded to one length: ids `(b, t)` and the weights of real targets `(b, t - 1)`.
+/// Tokens a packed row may hold. Attention stops at each document's beginning, so a longer row
+/// costs nothing a padded one would not, and more room finds tighter layouts. A constant, not a
+/// setting: `eval` and `serve` pack alike whatever their truncation length.
+pub const ROW_TOKENS: usize = 512;
+
+/// Documents packed into rows (see [`Packing`]): ids `(rows, len)` and the weights of real targets
+/// `(rows, len - 1)`.
 pub struct Batch {
-    /// The rows, fresh documents first.
+    /// The documents' rows, fresh documents first.
     pub rows: Vec<Row>,
-    /// Padded token ids.
+    /// Packed token ids.
     pub ids: Tensor,
-    /// A real target's weight in the full loss (see [`Row::weights`]); 0 on padding.
+    /// A real target's weight in the full loss (see [`Row::weights`]); 0 on padding and on the
+    /// first token of a document packed after another.
     pub valid: Tensor,
     /// Tokens over all rows.
     pub tokens: usize,
     /// The sum of `valid`: what the full loss's mean divides by.
     targets: f64,
+    /// Where each document's tokens sit, position by position.
+    packing: Packing,
+    /// Where each of `rows` begins.
+    placements: Vec<Placement>,
 }
 
 impl Batch {
-    /// Pads `rows` into tensors on `device`.
-    pub fn new(rows: Vec<Row>, device: &Device) -> Result<Batch> {
-        let (b, t) = (
-            rows.len(),
-            rows.iter().map(|r| r.ids.len()).max().unwrap_or(0),
-        );
+    /// Packs `rows` into tensors on `device`, in rows of at most [`ROW_TOKENS`] tokens (or the
+    /// longest document's), fewer for a model with fewer learned `positions`.
+    pub fn new(rows: Vec<Row>, positions: Option<usize>, device: &Device) -> Result<Batch> {
+        let lengths: Vec<usize> = rows.iter().map(|r| r.ids.len()).collect();
+        let capacity = ROW_TOKENS.min(positions.unwrap_or(usize::MAX));
+        let (packing, placements) = Packing::pack(&lengths, capacity);
+        let (b, t) = (packing.rows(), packing.len());
         let mut ids = vec![0u32; b * t];
-        for (i, r) in rows.iter().enumerate() {
-            ids[i * t..i * t + r.ids.len()].copy_from_slice(&r.ids);
+        let mut valid = vec![0f32; b * t.saturating_sub(1)];
+        for (r, p) in rows.iter().zip(&placements) {
+            ids[p.row * t + p.offset..][..r.ids.len()].copy_from_slice(&r.ids);
+            // Target `j` is token `j + 1`; a document's last token predicts nothing of its own.
+            valid[p.row * (t - 1) + p.offset..][..r.weights.len()].copy_from_slice(&r.weights);
         }
-        let (valid, targets) = Self::weights(&rows, t, device)?;
+        let targets = valid.iter().map(|&w| f64::from(w)).sum::<f64>();
         Ok(Batch {
-            tokens: rows.iter().map(|r| r.ids.len()).sum(),
-            targets,
+            tokens: lengths.iter().sum(),
+            targets: targets.max(f64::MIN_POSITIVE),
             ids: Tensor::from_vec(ids, (b, t), device)?,
-            valid,
+            valid: Tensor::from_vec(valid, (b, t.saturating_sub(1)), device)?,
             rows,
+            packing,
+            placements,
         })
     }
 
-    /// The rows' target weights padded to `t - 1` a row, and their sum.
-    fn weights(rows: &[Row], t: usize, device: &Device) -> Result<(Tensor, f64)> {
-        let mut valid = vec![0f32; rows.len() * (t - 1)];
-        for (i, r) in rows.iter().enumerate() {
-            valid[i * (t - 1)..i * (t - 1) + r.ids.len() - 1].copy_from_slice(&r.weights);
-        }
-        let sum = valid.iter().map(|&w| f64::from(w)).sum::<f64>();
-        let valid = Tensor::from_vec(valid, (rows.len(), t - 1), device)?;
-        Ok((valid, sum.max(f64::MIN_POSITIVE)))
+    /// Per-target negative log-likelihoods `(rows, len - 1)` of the packed documents under
+    /// `params`, each document's as it has them alone.
+    pub fn nll(&self, arch: &dyn Architecture, params: &Params) -> Result<Tensor> {
+        Ok(arch.next_token_nll_packed(params, &self.ids, &self.packing)?)
     }
 
     /// The weighted mean over the real targets of per-target losses `(b, t - 1)` already
@@ -196,13 +210,13 @@ impl Batch {
             .any(|r| r.targets.as_ref().is_none_or(|t| t.iter().any(|&b| b)))
     }
 
-    /// The span mask `(b, t - 1)`, filling `surprisal` and `novel` rows from this step's
-    /// per-target losses.
+    /// The span mask `(rows, len - 1)`, filling `surprisal` and `novel` rows from this step's
+    /// per-target losses `nll_rows` (as [`Batch::nll`] gives them).
     pub fn span_mask(&mut self, nll_rows: &[Vec<f32>], fraction: f64) -> Result<Tensor> {
         let (b, t1) = self.valid.dims2()?;
         let mut span = vec![0f32; b * t1];
-        for (i, r) in self.rows.iter_mut().enumerate() {
-            let nll = &nll_rows[i][..r.ids.len() - 1];
+        for (r, p) in self.rows.iter_mut().zip(&self.placements) {
+            let nll = &nll_rows[p.row][p.offset..][..r.ids.len() - 1];
             if r.targets.is_none() {
                 r.targets = Some(match r.names.is_empty() {
                     true => surprisal_targets(nll, fraction),
@@ -210,9 +224,60 @@ impl Batch {
                 });
             }
             for (j, &on) in r.targets.iter().flatten().enumerate() {
-                span[i * t1 + j] = f32::from(u8::from(on));
+                span[p.row * t1 + p.offset + j] = f32::from(u8::from(on));
             }
         }
         Ok(Tensor::from_vec(span, (b, t1), self.valid.device())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(ids: Vec<u32>, targets: Option<Vec<bool>>) -> Row {
+        let n = ids.len() - 1;
+        Row {
+            weights: (0..n).map(|j| 1.0 + j as f32).collect(),
+            ids,
+            targets,
+            rule: SpanRule::Given,
+            fell_back: false,
+            names: Vec::new(),
+            kind: Kind::Fresh,
+        }
+    }
+
+    #[test]
+    fn documents_share_rows_and_keep_their_own_targets_weights_and_losses() {
+        let rows = vec![
+            row(
+                vec![1, 2, 3, 4, 5, 6],
+                Some(vec![false, true, true, false, false]),
+            ),
+            row(vec![7, 8, 9], Some(vec![true, false])),
+            // Surprisal: its targets come from its own losses, wherever it was packed.
+            row(vec![10, 11, 12], None),
+        ];
+        let mut batch = Batch::new(rows, Some(6), &Device::Cpu).unwrap();
+        assert_eq!(batch.ids.dims2().unwrap(), (2, 6));
+        let ids: Vec<Vec<u32>> = batch.ids.to_vec2().unwrap();
+        assert_eq!(ids, vec![vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9, 10, 11, 12]]);
+        let valid: Vec<Vec<f32>> = batch.valid.to_vec2().unwrap();
+        // Token 10 opens the second document of row 1: nothing predicts it.
+        assert_eq!(valid[1], vec![1.0, 2.0, 0.0, 1.0, 2.0]);
+        assert_eq!(
+            batch
+                .mean(&batch.valid)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            1.0
+        );
+        let nll = vec![vec![0.0; 5], vec![0.0, 0.0, 9.0, 0.1, 5.0]];
+        let span: Vec<Vec<f32>> = batch.span_mask(&nll, 0.5).unwrap().to_vec2().unwrap();
+        assert_eq!(span[0], vec![0.0, 1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(span[1], vec![1.0, 0.0, 0.0, 0.0, 1.0]);
+        assert_eq!(batch.rows[2].targets, Some(vec![false, true]));
     }
 }

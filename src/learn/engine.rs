@@ -521,7 +521,7 @@ impl Learner {
                 rows.extend(Row::replay(tok, text, rules.max_tokens)?);
             }
         }
-        Batch::new(rows, self.model.device())
+        Batch::new(rows, self.model.arch.max_positions(), self.model.device())
     }
 
     /// Learns from one batch of documents and reports what changed.
@@ -591,7 +591,7 @@ impl Learner {
 
     /// One forward pass over the batch: the span and full losses, and the span loss's weight.
     fn losses(&self, params: &Params, batch: &mut Batch) -> Result<Losses> {
-        let nll = self.model.arch.next_token_nll(params, &batch.ids)?;
+        let nll = batch.nll(self.model.arch.as_ref(), params)?;
         let span_mask = batch.span_mask(&nll.to_vec2()?, self.cfg.surprisal_fraction)?;
         let masked = (&nll * &batch.valid)?;
         let (span, _) = span_and_full_loss(&masked, &span_mask)?;
@@ -759,10 +759,7 @@ impl Learner {
 
     /// Mean NLL of the batch under the weights as they now serve.
     fn loss_of(&self, batch: &Batch) -> Result<f64> {
-        let nll = self
-            .model
-            .arch
-            .next_token_nll(&self.current_params()?, &batch.ids)?;
+        let nll = batch.nll(self.model.arch.as_ref(), &self.current_params()?)?;
         let nll = (nll * &batch.valid)?;
         Ok(f64::from(batch.mean(&nll)?.to_scalar::<f32>()?))
     }

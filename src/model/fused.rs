@@ -433,7 +433,7 @@ impl CustomOp1 for SplitHeads {
     }
 }
 
-/// Rotary embedding, Hugging Face layout, on `(b, h, t, d)` with tables `(t, d/2)`:
+/// Rotary embedding, Hugging Face layout, on `(b, h, t, d)` with tables `(t, d/2)` or `(b, t, d/2)`:
 /// `y1 = x1 cos - x2 sin`, `y2 = x2 cos + x1 sin` for the two halves of each head.
 /// Its backward is the same rotation by the negated angle.
 pub struct Rope;
@@ -452,17 +452,23 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, _, t, d) = l1.shape().dims4()?;
+        let (b, h, t, d) = l1.shape().dims4()?;
         let x = slice(s1, l1, "rope input")?;
         let cos = slice(s2, l2, "cos")?;
         let sin = slice(s3, l3, "sin")?;
         let half = d / 2;
-        if cos.len() < t * half || sin.len() < t * half {
-            bail!("rope: tables shorter than {t} positions");
+        // Tables `(b, t, half)` give every row its own positions (packed documents).
+        let per_row = l2.shape().rank() == 3;
+        let rows = if per_row { b * t } else { t };
+        if cos.len() < rows * half || sin.len() < rows * half {
+            bail!("rope: tables shorter than {rows} positions");
         }
         let mut out = vec![0f32; x.len()];
         rows_mut(&mut out, d, |r, o| {
-            let pos = r % t;
+            let pos = match per_row {
+                true => r / (h * t) * t + r % t,
+                false => r % t,
+            };
             let xr = &x[r * d..(r + 1) * d];
             let (c, s) = (
                 &cos[pos * half..(pos + 1) * half],

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::exp::exp_in_place;
 use super::fused::{cpu_data, slice};
+use super::packing::Packing;
 use super::tile::{matmul, View};
 
 /// Query rows per tile: enough rows for the matrix kernel to run at speed, few enough that a
@@ -23,20 +24,24 @@ const BLOCK: usize = 32;
 
 /// Attention of `(b, heads, t, d)` queries over `(b, kv_heads, s, d)` keys and values, `s >= t`
 /// (the last `t` keys are the queries' own positions); the output is `(b, t, heads * d)`, the
-/// layout the output projection reads, so no transpose follows.
+/// layout the output projection reads, so no transpose follows. Under a [`Packing`] each query
+/// sees only the keys of its own document.
 pub struct FusedAttention {
     scale: f32,
     window: Option<usize>,
+    packing: Option<Packing>,
     /// Per `(b, head, query)` log-sum-exp of the scaled scores, set by the forward for the backward.
     lse: OnceLock<Vec<f32>>,
 }
 
 impl FusedAttention {
-    /// Scores scaled by `scale`; with a `window`, each query sees only that many keys ending at its own.
-    pub fn new(scale: f32, window: Option<usize>) -> Self {
+    /// Scores scaled by `scale`; with a `window`, each query sees only that many keys ending at its
+    /// own; with a `packing`, only those of its own document.
+    pub fn new(scale: f32, window: Option<usize>, packing: Option<Packing>) -> Self {
         FusedAttention {
             scale,
             window,
+            packing,
             lse: OnceLock::new(),
         }
     }
@@ -44,7 +49,7 @@ impl FusedAttention {
 
 /// Sizes of one application, validated once.
 #[derive(Clone, Copy)]
-struct Geometry {
+struct Geometry<'p> {
     b: usize,
     heads: usize,
     kv: usize,
@@ -52,10 +57,18 @@ struct Geometry {
     s: usize,
     d: usize,
     window: Option<usize>,
+    /// Per `(b, query)`, the first key of the query's document (see [`Packing::starts`]).
+    starts: Option<&'p [u32]>,
 }
 
-impl Geometry {
-    fn new(q: &Layout, k: &Layout, v: &Layout, window: Option<usize>) -> Result<Self> {
+impl<'p> Geometry<'p> {
+    fn new(
+        q: &Layout,
+        k: &Layout,
+        v: &Layout,
+        window: Option<usize>,
+        packing: Option<&'p Packing>,
+    ) -> Result<Self> {
         let (b, heads, t, d) = q.shape().dims4()?;
         let (kb, kv, s, kd) = k.shape().dims4()?;
         if v.shape() != k.shape() {
@@ -81,6 +94,9 @@ impl Geometry {
         if window == Some(0) {
             bail!("attention: a window of 0 keys leaves nothing to attend to");
         }
+        if let Some(p) = packing {
+            p.check(b, t, s)?;
+        }
         Ok(Geometry {
             b,
             heads,
@@ -89,6 +105,7 @@ impl Geometry {
             s,
             d,
             window,
+            starts: packing.map(Packing::starts),
         })
     }
 
@@ -97,16 +114,21 @@ impl Geometry {
         self.heads / self.kv
     }
 
-    /// Keys visible to query `i`: up to its own position `i + s - t`, at most `window` of them.
-    fn visible(&self, i: usize) -> Range<usize> {
+    /// Keys visible to query `i` of batch row `b`: up to its own position `i + s - t`, at most
+    /// `window` of them, none before its document.
+    fn visible(&self, b: usize, i: usize) -> Range<usize> {
         let own = i + self.s - self.t;
         let first = self.window.map_or(0, |w| (own + 1).saturating_sub(w));
+        let first = self
+            .starts
+            .map_or(first, |s| first.max(s[b * self.t + i] as usize));
         first..own + 1
     }
 
-    /// Keys visible to any query of `rows`.
-    fn keys(&self, rows: &Range<usize>) -> Range<usize> {
-        self.visible(rows.start).start..self.visible(rows.end - 1).end
+    /// Keys visible to any query of `rows` of batch row `b` (a later query's first key is never
+    /// earlier, its document's beginning neither).
+    fn keys(&self, b: usize, rows: &Range<usize>) -> Range<usize> {
+        self.visible(b, rows.start).start..self.visible(b, rows.end - 1).end
     }
 
     /// Query blocks of at most `BLOCK` rows.
@@ -192,17 +214,24 @@ impl FusedAttention {
     }
 
     /// One head's output `(t, d)` and per-query log-sum-exp.
-    fn forward_head(&self, g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    fn forward_head(
+        &self,
+        g: &Geometry,
+        b: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
         let d = g.d;
         let (mut out, mut lse) = (vec![0f32; g.t * d], vec![0f32; g.t]);
         let mut probs = Vec::new();
         for rows in g.blocks() {
-            let keys = g.keys(&rows);
+            let keys = g.keys(b, &rows);
             let n = keys.len();
             self.scores(g, q, k, &rows, &keys, &mut probs);
             for (r, row) in probs.chunks_mut(n).enumerate() {
                 let i = rows.start + r;
-                lse[i] = softmax_row(row, relative(g.visible(i), keys.start));
+                lse[i] = softmax_row(row, relative(g.visible(b, i), keys.start));
             }
             let pb = View::rows(&probs, rows.len(), n, n);
             let vb = View::rows(&v[keys.start * d..keys.end * d], n, d, d);
@@ -224,6 +253,7 @@ impl FusedAttention {
     fn backward_head(
         &self,
         g: &Geometry,
+        b: usize,
         x: &Head,
         dq: &mut [f32],
         dk: &mut [f32],
@@ -238,12 +268,12 @@ impl FusedAttention {
             .collect();
         let (mut probs, mut dprobs) = (Vec::new(), Vec::new());
         for rows in g.blocks() {
-            let (keys, m) = (g.keys(&rows), rows.len());
+            let (keys, m) = (g.keys(b, &rows), rows.len());
             let n = keys.len();
             self.scores(g, x.q, x.k, &rows, &keys, &mut probs);
             for (r, row) in probs.chunks_mut(n).enumerate() {
                 let i = rows.start + r;
-                probs_row(row, relative(g.visible(i), keys.start), x.lse[i]);
+                probs_row(row, relative(g.visible(b, i), keys.start), x.lse[i]);
             }
             let pb = View::rows(&probs, m, n, n);
             let dob = View::rows(&x.dout[rows.start * stride..], m, d, stride);
@@ -288,7 +318,7 @@ impl CustomOp3 for FusedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(l1, l2, l3, self.window)?;
+        let g = Geometry::new(l1, l2, l3, self.window, self.packing.as_ref())?;
         let (q, k, v) = (
             slice(s1, l1, "q")?,
             slice(s2, l2, "k")?,
@@ -300,6 +330,7 @@ impl CustomOp3 for FusedAttention {
                 let (b, h) = (bh / g.heads, bh % g.heads);
                 self.forward_head(
                     &g,
+                    b,
                     g.q_head(q, b, h),
                     g.kv_head(k, b, h),
                     g.kv_head(v, b, h),
@@ -334,7 +365,13 @@ impl CustomOp3 for FusedAttention {
         let Some(lse) = self.lse.get() else {
             bail!("fused attention: backward before forward")
         };
-        let g = Geometry::new(q.layout(), k.layout(), v.layout(), self.window)?;
+        let g = Geometry::new(
+            q.layout(),
+            k.layout(),
+            v.layout(),
+            self.window,
+            self.packing.as_ref(),
+        )?;
         let grad = grad.contiguous()?;
         let guards = [q, k, v, out, &grad].map(|t| t.storage_and_layout());
         let data = |i: usize, what: &str| cpu_data(&guards[i].0, guards[i].1, what);
@@ -359,7 +396,7 @@ impl CustomOp3 for FusedAttention {
                         dout: g.out_head(gd, b, h),
                         lse: &lse[(b * g.heads + h) * g.t..][..g.t],
                     };
-                    self.backward_head(&g, &head, dq, dk, dv);
+                    self.backward_head(&g, b, &head, dq, dk, dv);
                 }
             });
         let dev = q.device();

@@ -96,7 +96,11 @@ pub(super) fn gpt_forward(
         );
     }
     let tok = ops::embed(p.get(GPT_HEAD)?, ids)?;
-    let pos = p.get("transformer.wpe.weight")?.narrow(0, start, t)?;
+    let wpe = p.get("transformer.wpe.weight")?;
+    let pos = match cache.packing() {
+        Some(packing) => ops::embed(wpe, &packing.positions(ids.device())?)?,
+        None => wpe.narrow(0, start, t)?,
+    };
     let mut x = tok.broadcast_add(&pos)?;
     let ln = |name: String, x: &Tensor| -> Result<Tensor> {
         layer_norm(
@@ -231,7 +235,7 @@ impl Architecture for Gpt2 {
             let part =
                 |i: usize| ops::split_heads(&qkv.narrow(2, i * s.hidden, s.hidden)?, s.heads);
             let (k, v) = cache.append(l, part(1)?, part(2)?)?;
-            let a = ops::attention(&part(0)?, &k, &v, scale, None)?;
+            let a = ops::attention(&part(0)?, &k, &v, scale, None, cache.packing())?;
             conv1d(&a, w(l, "attn.c_proj.weight")?, w(l, "attn.c_proj.bias")?)
         };
         let mlp = |l: usize, h: &Tensor| -> Result<Tensor> {

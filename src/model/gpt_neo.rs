@@ -140,7 +140,7 @@ impl Architecture for GptNeo {
             let window = self.cfg.local[l].then_some(self.cfg.window_size);
             // GPT-Neo does not scale attention scores by 1/sqrt(head_dim).
             let (k, v) = cache.append(l, proj("k_proj")?, proj("v_proj")?)?;
-            let a = ops::attention(&proj("q_proj")?, &k, &v, 1.0, window)?;
+            let a = ops::attention(&proj("q_proj")?, &k, &v, 1.0, window, cache.packing())?;
             linear(
                 &a,
                 w(l, "attn.attention.out_proj.weight")?,

@@ -136,7 +136,12 @@ impl Architecture for Llama {
         let dev = ids.device();
         let embed = p.get("model.embed_tokens.weight")?;
         let mut x = ops::embed(embed, ids)?;
-        let (cos, sin) = ops::rope_tables(cache.len(), t, c.head_dim, c.rope_theta, dev)?;
+        let (cos, sin) = match cache.packing() {
+            Some(packing) => {
+                ops::rope_tables_at(&packing.positions(dev)?, c.head_dim, c.rope_theta)?
+            }
+            None => ops::rope_tables(cache.len(), t, c.head_dim, c.rope_theta, dev)?,
+        };
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let bias = |has: bool, name: String| -> Result<Option<&Tensor>> {
             if has {
@@ -164,7 +169,7 @@ impl Architecture for Llama {
             let k = ops::rope(&ops::split_heads(&proj("k_proj")?, c.kv_heads)?, &cos, &sin)?;
             let v = ops::split_heads(&proj("v_proj")?, c.kv_heads)?;
             let (k, v) = cache.append(l, k, v)?;
-            let a = ops::attention(&q, &k, &v, scale, c.sliding_window)?;
+            let a = ops::attention(&q, &k, &v, scale, c.sliding_window, cache.packing())?;
             let o = linear(
                 &a,
                 p.get(&at("o_proj.weight"))?,

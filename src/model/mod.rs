@@ -15,6 +15,7 @@ mod linear_grad;
 pub mod llama;
 pub mod load;
 pub mod ops;
+pub mod packing;
 mod tile;
 pub mod turns;
 
@@ -183,6 +184,19 @@ pub trait Architecture: Send + Sync {
             params.get(self.head_name())?,
             &ids.narrow(1, from, kept)?,
         )
+    }
+    /// Next-token negative log-likelihoods `(rows, len - 1)` of whole documents packed into rows
+    /// of token ids `(rows, len)` as `packing` lays them out, each document's the losses it has
+    /// alone in a row. A loss whose target begins the next document, or is padding, means nothing.
+    fn next_token_nll_packed(
+        &self,
+        params: &Params,
+        ids: &Tensor,
+        packing: &packing::Packing,
+    ) -> candle_core::Result<Tensor> {
+        let mut cache = cache::KvCache::packed(self.num_layers(), packing.clone());
+        let x = self.hidden_cached(params, ids, &mut cache)?;
+        ops::head_nll(&x, params.get(self.head_name())?, ids)
     }
     /// Name and shape of every parameter the forward pass reads.
     fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)>;

@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::fused_attention::FusedAttention;
+use super::packing::Packing;
 use super::{fused, fused_head, fused_mlp};
 
 /// `x @ w^T + b` for a weight stored `(out, in)`, as torch's `nn.Linear`.
@@ -94,22 +95,24 @@ pub fn causal_mask(t: usize, s: usize, window: Option<usize>, device: &Device) -
 /// Causal scaled dot-product attention of `(b, h, t, d)` queries over `(b, kv, s, d)` keys and
 /// values, `h` a multiple of `kv` (grouped-query attention: `h / kv` query heads share each
 /// key/value head), `s >= t` (the last `t` keys are the queries' own positions), optionally limited
-/// to a local `window`; returns `(b, t, h * d)`.
+/// to a local `window` and, for documents packed into rows, to each query's own document; returns
+/// `(b, t, h * d)`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     window: Option<usize>,
+    packing: Option<&Packing>,
 ) -> Result<Tensor> {
     if q.device().is_cpu() {
         return q.contiguous()?.apply_op3(
             &k.contiguous()?,
             &v.contiguous()?,
-            FusedAttention::new(scale as f32, window),
+            FusedAttention::new(scale as f32, window, packing.cloned()),
         );
     }
-    composed::attention(q, k, v, scale, window)
+    composed::attention(q, k, v, scale, window, packing)
 }
 
 /// Splits `(b, t, h * d)` into contiguous heads `(b, h, t, d)`.
@@ -131,25 +134,33 @@ pub fn rope_tables(
     theta: f64,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
+    let pos = Tensor::arange(start as u32, (start + t) as u32, device)?;
+    rope_tables_at(&pos, head_dim, theta)
+}
+
+/// Rotary-embedding tables `(cos, sin)` for the positions `pos` (any shape), each shaped `pos`'s
+/// dims then `d / 2`: per token where documents are packed into rows.
+pub fn rope_tables_at(pos: &Tensor, head_dim: usize, theta: f64) -> Result<(Tensor, Tensor)> {
     let inv: Vec<f32> = (0..head_dim / 2)
         .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
         .collect();
-    let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
-    let pos = Tensor::arange(start as u32, (start + t) as u32, device)?
+    let inv = Tensor::from_vec(inv, head_dim / 2, pos.device())?;
+    let freqs = pos
         .to_dtype(DType::F32)?
-        .reshape((t, 1))?;
-    let freqs = pos.broadcast_mul(&inv)?;
+        .unsqueeze(D::Minus1)?
+        .broadcast_mul(&inv)?;
     Ok((freqs.cos()?, freqs.sin()?))
 }
 
-/// Rotary embedding in the Hugging Face layout (the two halves of each head rotate together).
+/// Rotary embedding in the Hugging Face layout (the two halves of each head rotate together) of
+/// `(b, h, t, d)` heads, with tables `(t, d / 2)` shared by every row or `(b, t, d / 2)` per row.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
         return x
             .contiguous()?
             .apply_op3(&cos.contiguous()?, &sin.contiguous()?, fused::Rope);
     }
-    candle_nn::rotary_emb::rope_slow(x, cos, sin)
+    composed::rope(x, cos, sin)
 }
 
 /// GPT-2's tanh-approximated GELU (`gelu_new`); candle's `gelu` is that approximation.
@@ -227,12 +238,33 @@ pub mod composed {
         v: &Tensor,
         scale: f64,
         window: Option<usize>,
+        packing: Option<&Packing>,
     ) -> Result<Tensor> {
         let (b, h, t, d) = q.dims4()?;
         let group = h / k.dim(1)?;
         let (k, v) = (repeat_kv(k, group)?, repeat_kv(v, group)?);
-        let probs = masked_softmax(&q.matmul(&k.t()?)?, scale, window)?;
+        let probs = masked_softmax(&q.matmul(&k.t()?)?, scale, window, packing)?;
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))
+    }
+
+    /// Rotary embedding from products and a half rotation; tables `(t, d / 2)` or `(b, t, d / 2)`.
+    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        // Both halves of a head turn by the same angles; per-row tables gain the head axis.
+        let table = |t: &Tensor| -> Result<Tensor> {
+            let t = Tensor::cat(&[t, t], D::Minus1)?;
+            match t.rank() {
+                3 => t.unsqueeze(1),
+                _ => Ok(t),
+            }
+        };
+        let (cos, sin) = (table(cos)?, table(sin)?);
+        let (x1, x2) = (
+            x.narrow(D::Minus1, 0, d / 2)?,
+            x.narrow(D::Minus1, d / 2, d / 2)?,
+        );
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
     }
 
     /// Repeats key/value heads: `(b, kv, s, d)` to `(b, kv * n, s, d)`.
@@ -246,10 +278,22 @@ pub mod composed {
             .reshape((b, kv * n, s, d))
     }
 
-    /// Scaled scores plus an additive causal mask, then softmax.
-    pub fn masked_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
-        let (t, s) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
-        let mask = causal_mask(t, s, window, scores.device())?;
+    /// Scaled scores `(b, h, t, s)` plus an additive causal mask (per document under a packing),
+    /// then softmax.
+    pub fn masked_softmax(
+        scores: &Tensor,
+        scale: f64,
+        window: Option<usize>,
+        packing: Option<&Packing>,
+    ) -> Result<Tensor> {
+        let (b, _, t, s) = scores.dims4()?;
+        let mask = match packing {
+            Some(p) => {
+                p.check(b, t, s)?;
+                p.mask(window, scores.device())?
+            }
+            None => causal_mask(t, s, window, scores.device())?,
+        };
         candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
     }
 
