@@ -306,15 +306,13 @@ fn head_nll_matches_projection_then_cross_entropy() {
     );
 }
 
-/// The fused head in chunks of `chunk` rows, on `(b, t, h)` hidden states.
-fn chunked_head_nll(hidden: &Tensor, w: &Tensor, ids: &Tensor, chunk: usize) -> Tensor {
+/// The fused head in chunks of `chunk` rows, on `(b, t, h)` hidden states, keeping its logits
+/// for the backward or not.
+fn chunked_head_nll(hidden: &Tensor, w: &Tensor, ids: &Tensor, chunk: usize, keep: bool) -> Tensor {
     let (b, t, h) = hidden.dims3().unwrap();
     let x = hidden.narrow(1, 0, t - 1).unwrap().contiguous().unwrap();
     let targets = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
-    let op = fused_head::HeadNll {
-        targets: targets.to_vec1().unwrap(),
-        chunk,
-    };
+    let op = fused_head::HeadNll::new(targets.to_vec1().unwrap(), chunk, keep);
     x.reshape((b * (t - 1), h))
         .unwrap()
         .apply_op2(w, op)
@@ -333,11 +331,11 @@ fn head_nll_in_small_chunks_with_rows_outside_the_loss_matches_composed() {
         &Device::Cpu,
     )
     .unwrap();
-    for chunk in [1, 4, 64] {
+    for (chunk, keep) in [(1, false), (4, false), (64, false), (4, true), (64, true)] {
         check(
-            "chunked head_nll",
+            &format!("chunked head_nll, {chunk} rows a chunk, logits kept: {keep}"),
             &[&hidden, &w],
-            || (chunked_head_nll(&hidden, &w, &ids, chunk) * &mask).unwrap(),
+            || (chunked_head_nll(&hidden, &w, &ids, chunk, keep) * &mask).unwrap(),
             || {
                 let logits = composed::linear(&hidden, &w, None).unwrap();
                 (composed::next_token_nll(&logits, &ids).unwrap() * &mask).unwrap()

@@ -1,11 +1,14 @@
 //! The vocabulary projection and next-token cross-entropy as one op, worked in chunks of rows.
 //!
 //! Composed, a training step holds the `(rows x vocab)` logits for the backward and builds their
-//! gradient, a zeroed accumulator and a sum of the same size. Here the forward keeps nothing but
-//! the per-row loss; the backward recomputes each chunk's logits (one extra matrix product, cheaper
-//! than the memory traffic it replaces), turns them into the logit gradient in place, and
-//! multiplies straight into the gradients of the hidden states and of the head weight. Rows whose
-//! loss carries no gradient (outside a span) are skipped in the backward.
+//! gradient, a zeroed accumulator and a sum of the same size. Here the forward keeps the logits
+//! once, where they are few enough ([`KEEP_LOGITS`]), and otherwise nothing but the per-row loss,
+//! the backward then recomputing each chunk's logits (one more matrix product). Each chunk of
+//! logits becomes the logit gradient in a buffer of its own and multiplies straight into the
+//! gradients of the hidden states and of the head weight. Rows whose loss carries no gradient
+//! (outside a span) are skipped in the backward.
+
+use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -17,6 +20,11 @@ use super::tile::{few_rows_times_t, matmul_threaded as matmul, View};
 /// to stay a fraction of a step's memory.
 const CHUNK_LOGITS: usize = 1 << 23;
 
+/// The most logits a forward keeps for its backward (256 MiB of f32): a step of 4 x 128 tokens
+/// over a 49152-token vocabulary keeps its 100 MB and saves the backward a product as large as the
+/// forward's; a larger batch recomputes them chunk by chunk.
+pub const KEEP_LOGITS: usize = 1 << 26;
+
 /// Rows per chunk for a vocabulary of `vocab`.
 pub fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_LOGITS / vocab.max(1)).max(1)
@@ -26,12 +34,27 @@ pub fn chunk_rows(vocab: usize) -> usize {
 /// head weight `w (vocab, h)`; differentiable in both.
 pub struct HeadNll {
     /// The target id of every row.
-    pub targets: Vec<u32>,
+    targets: Vec<u32>,
     /// Rows whose logits are computed at once (at least 1).
-    pub chunk: usize,
+    chunk: usize,
+    /// Whether a backward will follow, so the forward may keep the logits for it.
+    keep: bool,
+    /// The logits `(n, vocab)`, kept by a forward that may.
+    kept: OnceLock<Vec<f32>>,
 }
 
 impl HeadNll {
+    /// The op for rows predicting `targets`, worked `chunk` rows at a time; with `keep` (a
+    /// backward will follow) the forward keeps logits up to [`KEEP_LOGITS`] for it.
+    pub fn new(targets: Vec<u32>, chunk: usize, keep: bool) -> Self {
+        HeadNll {
+            targets,
+            chunk,
+            keep,
+            kept: OnceLock::new(),
+        }
+    }
+
     fn check(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
         let (n, h) = x.shape().dims2()?;
         let (v, h2) = w.shape().dims2()?;
@@ -60,8 +83,10 @@ impl CustomOp2 for HeadNll {
         let weight = slice(s2, l2, "head weight")?;
         let w = View::rows(weight, v, h, h);
         let rows = self.chunk.max(1).min(n);
-        // The general product's buffer, allocated only if a chunk takes that path.
-        let mut logits = Vec::new();
+        let keep = self.keep && n * v <= KEEP_LOGITS;
+        // The general product's buffer (all logits when kept), allocated only if a chunk takes
+        // that path.
+        let mut logits = Vec::with_capacity(if keep { n * v } else { 0 });
         let mut out = Vec::with_capacity(n);
         for start in (0..n).step_by(rows.max(1)) {
             super::turns::yield_to_foreground();
@@ -69,12 +94,13 @@ impl CustomOp2 for HeadNll {
             let xs = &x[start * h..(start + c) * h];
             // Scoring a continuation projects a handful of rows: see `fused::few_rows`.
             let few;
-            let buf = if few_rows(c, v, h) {
+            let buf = if few_rows(c, v, h) && !keep {
                 few = few_rows_times_t(xs, weight, c, v, h);
                 &few[..]
             } else {
-                logits.resize(rows * v, 0f32);
-                let buf = &mut logits[..c * v];
+                let at = if keep { start * v } else { 0 };
+                logits.resize(logits.len().max(at + c * v), 0f32);
+                let buf = &mut logits[at..at + c * v];
                 matmul(buf, View::rows(xs, c, h, h), w.t(), false);
                 &buf[..]
             };
@@ -84,6 +110,9 @@ impl CustomOp2 for HeadNll {
                     .zip(targets)
                     .map(|(row, &t)| log_sum_exp(row) - row[t as usize]),
             );
+        }
+        if keep && self.kept.set(logits).is_err() {
+            bail!("head nll: one op instance applied twice");
         }
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -106,6 +135,7 @@ impl CustomOp2 for HeadNll {
                 targets: &self.targets,
                 chunk: self.chunk,
                 weight,
+                kept: self.kept.get().map(|k| &k[..]),
             },
         )?;
         let n = x.dim(0)?;
@@ -124,6 +154,8 @@ struct HeadNllGrad<'a> {
     chunk: usize,
     /// Whether the head weight's gradient is wanted.
     weight: bool,
+    /// The forward's logits `(n, vocab)`, if it kept them.
+    kept: Option<&'a [f32]>,
 }
 
 impl CustomOp3 for HeadNllGrad<'_> {
@@ -162,7 +194,15 @@ impl CustomOp3 for HeadNllGrad<'_> {
                 dst.copy_from_slice(&x[i * h..(i + 1) * h]);
             }
             let (xs, d) = (View::rows(&xs[..c * h], c, h, h), &mut logits[..c * v]);
-            matmul(d, xs, w.t(), false);
+            match self.kept {
+                // A second backward (the trace's full loss after its span loss) reads them too.
+                Some(kept) => {
+                    for (dst, &i) in d.chunks_mut(v).zip(chunk) {
+                        dst.copy_from_slice(&kept[i * v..(i + 1) * v]);
+                    }
+                }
+                None => matmul(d, xs, w.t(), false),
+            }
             d.par_chunks_mut(v).zip(chunk).for_each(|(row, &i)| {
                 let (nll, g, t) = (ng[2 * i], ng[2 * i + 1], self.targets[i] as usize);
                 let lse = nll + row[t];

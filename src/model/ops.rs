@@ -213,10 +213,8 @@ pub fn head_nll(hidden: &Tensor, w: &Tensor, ids: &Tensor) -> Result<Tensor> {
         .contiguous()?
         .reshape((b * (t - 1), h))?;
     let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1::<u32>()?;
-    let op = fused_head::HeadNll {
-        targets,
-        chunk: fused_head::chunk_rows(w.dim(0)?),
-    };
+    let keep = x.track_op() || w.track_op();
+    let op = fused_head::HeadNll::new(targets, fused_head::chunk_rows(w.dim(0)?), keep);
     x.apply_op2(&w.contiguous()?, op)?.reshape((b, t - 1))
 }
 
