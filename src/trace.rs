@@ -75,7 +75,7 @@ pub fn param_squared_norms(
         .keys()
         .map(|name| {
             let sq = match grads.get(params.get(name)?) {
-                Some(g) => f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?),
+                Some(g) => crate::model::ops::squared_sum(g)?,
                 None => 0.0,
             };
             Ok((name.clone(), sq))

@@ -421,3 +421,22 @@ fn a_frozen_weight_gets_no_gradient_and_the_input_the_composed_one() {
         );
     }
 }
+
+#[test]
+fn squared_sum_matches_the_sum_of_squares_in_f64() {
+    // Long enough to run in parallel blocks, with a tail shorter than a lane group; and a
+    // transposed view, which takes the composed path.
+    for t in [
+        randn(&[70_001], 21).as_tensor().clone(),
+        randn(&[37, 29], 22).as_tensor().t().unwrap(),
+    ] {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want: f64 = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        let got = ops::squared_sum(&t).unwrap();
+        assert!(
+            ((got - want) / want).abs() < 1e-6,
+            "{got} against {want} for {:?}",
+            t.dims()
+        );
+    }
+}

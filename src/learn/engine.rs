@@ -699,7 +699,7 @@ impl Learner {
         for (key, var, g) in &names {
             if let Some(grad) = grads.of(var)? {
                 let grad = units::mask_gradient(mask(key), grad)?;
-                sq += f64::from(grad.sqr()?.sum_all()?.to_scalar::<f32>()?);
+                sq += crate::model::ops::squared_sum(&grad)?;
                 update.push((key, var, g, grad));
             }
         }

@@ -80,6 +80,27 @@ fn rows_mut(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     }
 }
 
+/// Sum of squares of `x` in f64: 16 f32 lanes over blocks short enough to keep each lane's
+/// rounding small, the blocks summed in f64, in parallel.
+pub(crate) fn squared_sum(x: &[f32]) -> f64 {
+    const BLOCK: usize = 4096;
+    let block = |b: &[f32]| -> f64 {
+        let mut lanes = [0f32; 16];
+        let mut chunks = b.chunks_exact(16);
+        for c in &mut chunks {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l += v * v;
+            }
+        }
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + f64::from(tail)
+    };
+    if x.len() < PAR_ROW * 4 {
+        return x.chunks(BLOCK).map(block).sum();
+    }
+    x.par_chunks(BLOCK).map(block).sum()
+}
+
 /// `log(sum(exp(row)))`, computed stably.
 pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

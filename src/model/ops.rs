@@ -115,6 +115,21 @@ pub fn attention(
     composed::attention(q, k, v, scale, window, packing)
 }
 
+/// The sum of `t`'s squared entries (a gradient's squared norm), accumulated in f64. On the CPU it
+/// is one pass over the data; `t.sqr()?.sum_all()` would first write a squared copy as large as
+/// `t`, for every parameter of every traced backward.
+pub fn squared_sum(t: &Tensor) -> Result<f64> {
+    if t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        return Ok(fused::squared_sum(fused::cpu_data(
+            &storage,
+            layout,
+            "squared sum",
+        )?));
+    }
+    Ok(f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?))
+}
+
 /// Splits `(b, t, h * d)` into contiguous heads `(b, h, t, d)`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
