@@ -75,12 +75,22 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 /// are the queries' own positions): 0 where a query may see a key, -inf elsewhere. `window`
 /// limits how far back a query sees (GPT-Neo's local attention).
 pub fn causal_mask(t: usize, s: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let offset = s - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
+    let mask = mask_rows((0..t).map(|i| (i + s - t, 0)), s, window);
+    Tensor::from_vec(mask, (t, s), device)
+}
+
+/// Additive mask rows over `s` keys, one per query given as its own key and the first key of its
+/// document: 0 where the query may see a key (from that first key up to its own, at most `window`
+/// of them), -inf elsewhere.
+pub(crate) fn mask_rows(
+    queries: impl Iterator<Item = (usize, usize)>,
+    s: usize,
+    window: Option<usize>,
+) -> Vec<f32> {
+    queries
+        .flat_map(|(own, first)| {
             (0..s).map(move |j| {
-                let q = i + offset;
-                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                let visible = first <= j && j <= own && window.is_none_or(|w| own - j < w);
                 if visible {
                     0.0
                 } else {
@@ -88,8 +98,7 @@ pub fn causal_mask(t: usize, s: usize, window: Option<usize>, device: &Device) -
                 }
             })
         })
-        .collect();
-    Tensor::from_vec(mask, (t, s), device)
+        .collect()
 }
 
 /// Causal scaled dot-product attention of `(b, h, t, d)` queries over `(b, kv, s, d)` keys and
@@ -132,7 +141,7 @@ pub fn squared_sum(t: &Tensor) -> Result<f64> {
 
 /// Splits `(b, t, h * d)` into contiguous heads `(b, h, t, d)`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(fused::SplitHeads { heads });
     }
     let (b, t, hd) = x.dims3()?;

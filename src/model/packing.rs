@@ -39,7 +39,9 @@ impl Packing {
         // Stable, so equal lengths keep their given order and a layout is reproducible.
         order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
         let slots = |(used, _): &(Vec<usize>, _)| used.len() * used.iter().max().unwrap_or(&0);
-        let (used, placements) = (longest..=longest.max(capacity))
+        // From a row as long as all documents together on, every row length gives one row.
+        let widest = capacity.min(lengths.iter().sum()).max(longest);
+        let (used, placements) = (longest..=widest)
             .map(|cap| first_fit(lengths, &order, cap))
             .min_by_key(slots)
             .unwrap_or_default();
@@ -110,19 +112,8 @@ impl Packing {
     /// after itself, within `window`), -inf elsewhere.
     pub fn mask(&self, window: Option<usize>, device: &Device) -> Result<Tensor> {
         let n = self.len;
-        let mask: Vec<f32> = (0..self.rows * n)
-            .flat_map(|q| {
-                let (i, first) = (q % n, self.starts[q] as usize);
-                (0..n).map(move |j| {
-                    let visible = first <= j && j <= i && window.is_none_or(|w| i - j < w);
-                    if visible {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
+        let queries = (0..self.rows * n).map(|q| (q % n, self.starts[q] as usize));
+        let mask = super::ops::mask_rows(queries, n, window);
         Tensor::from_vec(mask, (self.rows, 1, n, n), device)
     }
 }
