@@ -6,12 +6,12 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{grads, GroupId, Model, Module, ParamKind, Params};
+use crate::model::grads::{self, GradNorms};
+use crate::model::{GroupId, Model, Module, ParamKind, Params};
 use crate::spans::{span_targets, SpanText};
 
 /// A text ready for the model: token ids and which targets are span targets.
@@ -68,23 +68,21 @@ pub fn span_and_full_loss(
 pub fn param_squared_norms(
     model: &Model,
     params: &Params,
-    grads: &GradStore,
+    grads: &impl GradNorms,
 ) -> Result<BTreeMap<String, f64>> {
     model
         .vars
         .keys()
-        .map(|name| {
-            let sq = match grads.get(params.get(name)?) {
-                Some(g) => crate::model::ops::squared_sum(g)?,
-                None => 0.0,
-            };
-            Ok((name.clone(), sq))
-        })
+        .map(|name| Ok((name.clone(), grads.squared_norm(params.get(name)?)?)))
         .collect()
 }
 
 /// Squared gradient norms per layer group and per other role, for every tracked parameter.
-pub fn squared_norms(model: &Model, params: &Params, grads: &GradStore) -> Result<SquaredNorms> {
+pub fn squared_norms(
+    model: &Model,
+    params: &Params,
+    grads: &impl GradNorms,
+) -> Result<SquaredNorms> {
     let mut out = SquaredNorms::default();
     for (name, sq) in param_squared_norms(model, params, grads)? {
         match model.arch.kind_of(&name) {
@@ -188,7 +186,8 @@ pub struct TextTrace {
     pub full: SquaredNorms,
 }
 
-/// Traces one text: one forward, the span backward, the full backward.
+/// Traces one text: one forward, the span backward, the full backward, each backward keeping
+/// only the norms of the linear layers' weight gradients.
 pub fn trace_text(model: &Model, params: &Params, text: &Prepared) -> Result<TextTrace> {
     let dev = model.device();
     let n = text.ids.len();
@@ -201,10 +200,10 @@ pub fn trace_text(model: &Model, params: &Params, text: &Prepared) -> Result<Tex
         .collect();
     let mask = Tensor::from_vec(mask, (1, n - 1), dev)?;
     let (span, full) = span_and_full_loss(&nll, &mask)?;
-    let span_grads = grads::backward(&span)?;
+    let span_grads = grads::backward_norms(&span)?;
     let span_sq = squared_norms(model, params, &span_grads)?;
     drop(span_grads);
-    let full_grads = grads::backward(&full)?;
+    let full_grads = grads::backward_norms(&full)?;
     let full_sq = squared_norms(model, params, &full_grads)?;
     Ok(TextTrace {
         stat: TextStat {

@@ -85,8 +85,9 @@ fn losses_and_group_norms_match_transformers() {
     }
 }
 
-#[test]
-fn every_parameter_gets_the_reference_gradient() {
+/// Per-parameter span and full gradient norms of every fixture text, averaged over texts, against
+/// the reference; `norms_only` takes them from `grads::backward_norms`, as the trace does.
+fn assert_parameter_norms(norms_only: bool) {
     for name in TINY {
         let (model, e) = load_tiny(name);
         let params = model.params(|_| true);
@@ -107,10 +108,11 @@ fn every_parameter_gets_the_reference_gradient() {
                 .collect();
             let mask = Tensor::from_vec(mask, (1, n - 1), &dev()).unwrap();
             let (span, full) = span_and_full_loss(&nll, &mask).unwrap();
-            let span_sq =
-                param_squared_norms(&model, &params, &grads::backward(&span).unwrap()).unwrap();
-            let full_sq =
-                param_squared_norms(&model, &params, &grads::backward(&full).unwrap()).unwrap();
+            let norms = |loss: &Tensor| match norms_only {
+                true => param_squared_norms(&model, &params, &grads::backward_norms(loss).unwrap()),
+                false => param_squared_norms(&model, &params, &grads::backward(loss).unwrap()),
+            };
+            let (span_sq, full_sq) = (norms(&span).unwrap(), norms(&full).unwrap());
             for (pname, sq) in full_sq {
                 assert!(sq > 0.0, "{name}: {pname} received no gradient");
                 let e = means.entry(pname.clone()).or_default();
@@ -130,16 +132,26 @@ fn every_parameter_gets_the_reference_gradient() {
                 .unwrap_or_else(|| panic!("{name}: no reference for {pname}"));
             assert!(
                 rel_err(span, want.span) < 1e-3,
-                "{name} {pname} span: {span} vs {}",
+                "{name} {pname} span (norms only: {norms_only}): {span} vs {}",
                 want.span
             );
             assert!(
                 rel_err(full, want.full) < 1e-3,
-                "{name} {pname} full: {full} vs {}",
+                "{name} {pname} full (norms only: {norms_only}): {full} vs {}",
                 want.full
             );
         }
     }
+}
+
+#[test]
+fn every_parameter_gets_the_reference_gradient() {
+    assert_parameter_norms(false);
+}
+
+#[test]
+fn gradient_norms_without_the_gradients_match_the_reference() {
+    assert_parameter_norms(true);
 }
 
 /// Two rows of 64 pseudo-random ids and a span mask on the first targets of each, so that every

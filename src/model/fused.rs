@@ -265,7 +265,17 @@ impl CustomOp2 for Linear {
         let rows = |t: &Tensor| t.detach().flatten_to(t.rank() - 2);
         let (grad, x2, w2) = (rows(&grad.contiguous()?)?, rows(x)?, w.detach());
         let (dx, dw) = if grad.device().is_cpu() {
-            super::linear_grad::products(&grad, &x2, &w2, x.track_op(), w.track_op())?
+            use super::linear_grad::{products, Weight};
+            let weight = match w.track_op() {
+                false => Weight::Frozen,
+                true if super::grads::norm_only(w) => Weight::SquaredNorm,
+                true => Weight::Gradient,
+            };
+            let p = products(&grad, &x2, &w2, x.track_op(), weight)?;
+            if let Some(sq) = p.dw_squared_norm {
+                super::grads::offer_norm(w, sq)?;
+            }
+            (p.dx, p.dw)
         } else {
             let dx = x.track_op().then(|| grad.matmul(&w2)).transpose()?;
             let dw = w.track_op().then(|| grad.t()?.matmul(&x2)).transpose()?;

@@ -1,4 +1,4 @@
-//! A backward pass that writes each weight gradient once.
+//! A backward pass that writes each weight gradient once, or keeps only its norm.
 //!
 //! candle's `Tensor::backward` sums every gradient into a zeroed buffer of its own: `zeros_like`,
 //! then `add` into a fresh tensor, two weight-sized allocations for every weight, and for the
@@ -7,6 +7,11 @@
 //! [`backward`] call the fused linear, head and embedding ops hand their weight gradients here
 //! instead: the first is kept as it is, the embedding's rows are added into the head's gradient
 //! in place, and the gradient store gets them at the end.
+//!
+//! The paper's measurement needs only the norms of a text's gradients. In a [`backward_norms`]
+//! call the fused linear layers hand over the squared norm of their weight's gradient and never
+//! build the gradient: for a short text, from the Gram matrices of its rows, a fraction of the
+//! product, and without the weight-sized buffer whose pages would fault in (`linear_grad`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -16,13 +21,22 @@ use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor, TensorId
 
 use super::fused::{slice, slice_mut, u32_slice};
 
-thread_local! {
-    /// The weight gradients of the [`backward`] call running on this thread, if any. candle runs
-    /// every op's backward on the thread that called `backward`.
-    static SINK: RefCell<Option<HashMap<TensorId, Tensor>>> = const { RefCell::new(None) };
+/// What the fused ops of a running [`backward`] or [`backward_norms`] call handed over.
+#[derive(Default)]
+struct Sink {
+    /// Weight gradients.
+    grads: HashMap<TensorId, Tensor>,
+    /// Squared norms of weight gradients, in a [`backward_norms`] call.
+    norms: Option<HashMap<TensorId, f64>>,
 }
 
-/// Clears this thread's sink when a [`backward`] call ends, by error or panic included.
+thread_local! {
+    /// The sink of the backward call running on this thread, if any. candle runs every op's
+    /// backward on the thread that called `backward`.
+    static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
+}
+
+/// Clears this thread's sink when a backward call ends, by error or panic included.
 struct Scope;
 
 impl Drop for Scope {
@@ -34,12 +48,32 @@ impl Drop for Scope {
 /// The gradients of `loss` with respect to every variable it depends on, as
 /// `Tensor::backward` gives them, with the fused ops' weight gradients written once.
 pub fn backward(loss: &Tensor) -> Result<GradStore> {
-    SINK.with(|s| *s.borrow_mut() = Some(HashMap::new()));
+    Ok(run(loss, false)?.0)
+}
+
+/// The gradients of `loss` as [`backward`] gives them, except that a fused linear layer's weight
+/// on the CPU gets only the squared norm of its gradient.
+pub fn backward_norms(loss: &Tensor) -> Result<Norms> {
+    let (grads, squared) = run(loss, true)?;
+    if squared.keys().any(|&id| grads.get_id(id).is_some()) {
+        bail!("a linear layer's weight also read by another op: the norm of its gradient needs the gradient itself");
+    }
+    Ok(Norms { grads, squared })
+}
+
+/// One backward pass with this thread's sink in place; the squared norms it took, with `norms`.
+fn run(loss: &Tensor, norms: bool) -> Result<(GradStore, HashMap<TensorId, f64>)> {
+    SINK.with(|s| {
+        *s.borrow_mut() = Some(Sink {
+            grads: HashMap::new(),
+            norms: norms.then(HashMap::new),
+        })
+    });
     let scope = Scope;
     let mut grads = loss.backward()?;
-    let taken = SINK.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    let sink = SINK.with(|s| s.borrow_mut().take()).unwrap_or_default();
     drop(scope);
-    for (id, g) in taken {
+    for (id, g) in sink.grads {
         // A weight that some composed op also read has part of its gradient in the store.
         let g = match grads.get_id(id) {
             Some(other) => (other + g)?,
@@ -47,7 +81,55 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
         };
         grads.insert_id(id, g);
     }
-    Ok(grads)
+    Ok((grads, sink.norms.unwrap_or_default()))
+}
+
+/// What a [`backward_norms`] call gives: the gradients, and the squared norms of those it did
+/// not build.
+pub struct Norms {
+    grads: GradStore,
+    squared: HashMap<TensorId, f64>,
+}
+
+/// Squared L2 norms of the gradients a backward pass left.
+pub trait GradNorms {
+    /// The squared norm of the gradient of `t`, 0 where it got none.
+    fn squared_norm(&self, t: &Tensor) -> Result<f64>;
+}
+
+impl GradNorms for GradStore {
+    fn squared_norm(&self, t: &Tensor) -> Result<f64> {
+        self.get(t).map_or(Ok(0.0), super::ops::squared_sum)
+    }
+}
+
+impl GradNorms for Norms {
+    fn squared_norm(&self, t: &Tensor) -> Result<f64> {
+        match self.squared.get(&t.id()) {
+            Some(&sq) => Ok(sq),
+            None => self.grads.squared_norm(t),
+        }
+    }
+}
+
+/// Whether the backward call running on this thread wants only the squared norm of the gradient
+/// of `w`, a variable.
+pub(crate) fn norm_only(w: &Tensor) -> bool {
+    w.is_variable() && SINK.with(|s| s.borrow().as_ref().is_some_and(|s| s.norms.is_some()))
+}
+
+/// Records the squared norm of the gradient of `w`, for which [`norm_only`] holds.
+pub(crate) fn offer_norm(w: &Tensor, squared: f64) -> Result<()> {
+    SINK.with(|s| {
+        let mut sink = s.borrow_mut();
+        let Some(norms) = sink.as_mut().and_then(|s| s.norms.as_mut()) else {
+            bail!("a gradient norm offered outside a norms-only backward");
+        };
+        if norms.insert(w.id(), squared).is_some() {
+            bail!("a weight read by two linear layers: the norm of its gradient needs the gradient itself");
+        }
+        Ok(())
+    })
 }
 
 /// Takes the gradient `g` of the variable `w` when a [`backward`] call is running on this thread;
@@ -59,7 +141,7 @@ pub(crate) fn offer(w: &Tensor, g: Tensor) -> Result<Option<Tensor>> {
     }
     SINK.with(|s| {
         let mut sink = s.borrow_mut();
-        let Some(sink) = sink.as_mut() else {
+        let Some(sink) = sink.as_mut().map(|s| &mut s.grads) else {
             return Ok(Some(g));
         };
         match sink.remove(&w.id()) {
@@ -78,7 +160,7 @@ pub(crate) fn add_rows(w: &Tensor, ids: &Tensor, rows: &Tensor) -> Result<bool> 
         return Ok(false);
     }
     SINK.with(
-        |s| match s.borrow().as_ref().and_then(|sink| sink.get(&w.id())) {
+        |s| match s.borrow().as_ref().and_then(|sink| sink.grads.get(&w.id())) {
             Some(g) if g.is_contiguous() => {
                 g.inplace_op3(ids, &rows.contiguous()?, &AddRows)?;
                 Ok(true)

@@ -5,6 +5,9 @@
 //! it in its sequence: padding, and in a span backward every position after a row's last span.
 //! Those zeros survive every layer (attention, norms, SwiGLU and residuals map zero rows to zero
 //! rows), so a product over them is work whose result is known.
+//!
+//! Where only the weight gradient's norm is wanted (`grads::backward_norms`) and the live rows are
+//! fewer than the layer is wide, the norm comes from the rows' Gram matrices without the gradient.
 
 use std::ops::Range;
 
@@ -33,28 +36,109 @@ fn live_rows(g: &[f32], m: usize, n: usize) -> Vec<Range<usize>> {
     out
 }
 
+/// What a linear layer's backward computes for its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Weight {
+    /// Nothing: the weight is frozen.
+    Frozen,
+    /// Its gradient.
+    Gradient,
+    /// Only its gradient's squared norm.
+    SquaredNorm,
+}
+
+/// A linear layer's backward products, each only where it was wanted.
+pub(crate) struct Products {
+    /// The input's gradient.
+    pub dx: Option<Tensor>,
+    /// The weight's gradient.
+    pub dw: Option<Tensor>,
+    /// The squared norm of the weight's gradient, in place of the gradient.
+    pub dw_squared_norm: Option<f64>,
+}
+
 /// A linear layer's input and weight gradients, `grad @ w` and `grad^T @ x`, for `grad (m, n)`,
-/// `x (m, k)` and `w (n, k)` on the CPU, each only where wanted; the gradient's live rows are
-/// found once for both.
+/// `x (m, k)` and `w (n, k)` on the CPU, as `want_x` and `weight` ask; the gradient's live rows
+/// are found once for all.
 pub(crate) fn products(
     grad: &Tensor,
     x: &Tensor,
     w: &Tensor,
     want_x: bool,
-    want_w: bool,
-) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let live = {
-        let (m, n) = grad.dims2()?;
-        let (storage, layout) = grad.storage_and_layout();
-        live_rows(cpu_data(&storage, layout, "linear output gradient")?, m, n)
-    };
+    weight: Weight,
+) -> Result<Products> {
+    let (m, n) = grad.dims2()?;
+    let (storage, layout) = grad.storage_and_layout();
+    let g = cpu_data(&storage, layout, "linear output gradient")?;
+    let live = live_rows(g, m, n);
     let dx = want_x
         .then(|| grad.apply_op2_no_bwd(w, &GradX { live: &live }))
         .transpose()?;
-    let dw = want_w
+    let dw = (weight == Weight::Gradient)
         .then(|| grad.apply_op2_no_bwd(x, &GradW { live: &live }))
         .transpose()?;
-    Ok((dx, dw))
+    let dw_squared_norm = match weight {
+        Weight::SquaredNorm => {
+            let (rows, k) = x.dims2()?;
+            if rows != m {
+                bail!("linear backward: {m} gradient rows for {rows} input rows");
+            }
+            let (xs, xl) = x.storage_and_layout();
+            Some(squared_norm(
+                g,
+                cpu_data(&xs, xl, "linear input")?,
+                n,
+                k,
+                &live,
+            ))
+        }
+        _ => None,
+    };
+    Ok(Products {
+        dx,
+        dw,
+        dw_squared_norm,
+    })
+}
+
+/// `dw = grad^T @ x` over the live rows of `g (m, n)` and `x (m, k)`, into a zeroed `dw (n, k)`.
+fn weight_product(dw: &mut [f32], g: &[f32], x: &[f32], n: usize, k: usize, live: &[Range<usize>]) {
+    for (i, r) in live.iter().enumerate() {
+        let rows = View::rows(&g[r.start * n..r.end * n], r.len(), n, n);
+        let inputs = View::rows(&x[r.start * k..r.end * k], r.len(), k, k);
+        matmul_threaded(dw, rows.t(), inputs, i > 0);
+    }
+}
+
+/// `|grad^T @ x|^2` over the live rows of `g (m, n)` and `x (m, k)`. With `l` live rows it is
+/// `sum_ij (g g^T)_ij (x x^T)_ij`, two `l x l` Gram matrices costing `l^2 (n + k)` against the
+/// gradient's `l n k`: the cheaper of the two is taken.
+fn squared_norm(g: &[f32], x: &[f32], n: usize, k: usize, live: &[Range<usize>]) -> f64 {
+    let l: usize = live.iter().map(|r| r.len()).sum();
+    if l == 0 {
+        return 0.0;
+    }
+    if l * (n + k) >= n * k {
+        let mut dw = vec![0f32; n * k];
+        weight_product(&mut dw, g, x, n, k, live);
+        return super::fused::squared_sum(&dw);
+    }
+    let gram = |data: &[f32], width: usize| -> Vec<f32> {
+        let rows: Vec<f32> = live
+            .iter()
+            .flat_map(|r| &data[r.start * width..r.end * width])
+            .copied()
+            .collect();
+        let a = View::rows(&rows, l, width, width);
+        let mut out = vec![0f32; l * l];
+        matmul_threaded(&mut out, a, a.t(), false);
+        out
+    };
+    let (gg, xx) = (gram(g, n), gram(x, k));
+    gg.iter()
+        .zip(&xx)
+        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+        .sum()
 }
 
 /// The `(m, n)` gradient of a linear layer's output, with its sizes, checked against its live
@@ -126,13 +210,8 @@ impl CustomOp2 for GradW<'_> {
         if m != m2 {
             bail!("linear backward: {m} gradient rows for {m2} input rows");
         }
-        let x = slice(s2, l2, "linear input")?;
         let mut dw = vec![0f32; n * k];
-        for (i, r) in self.live.iter().enumerate() {
-            let rows = View::rows(&g[r.start * n..r.end * n], r.len(), n, n);
-            let inputs = View::rows(&x[r.start * k..r.end * k], r.len(), k, k);
-            matmul_threaded(&mut dw, rows.t(), inputs, i > 0);
-        }
+        weight_product(&mut dw, g, slice(s2, l2, "linear input")?, n, k, self.live);
         Ok((CpuStorage::F32(dw), Shape::from((n, k))))
     }
 }
@@ -178,11 +257,54 @@ mod tests {
             let diff = |a: Tensor, b: Tensor| -> Result<f32> {
                 (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
             };
-            let (Some(dx), Some(dw)) = products(&g, &x, &w, true, true)? else {
+            let p = products(&g, &x, &w, true, Weight::Gradient)?;
+            let (Some(dx), Some(dw)) = (p.dx, p.dw) else {
                 panic!("both gradients were asked for");
             };
             assert!(diff(dx, g.matmul(&w)?)? < 1e-6);
             assert!(diff(dw, g.t()?.matmul(&x)?)? < 1e-6);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn squared_norms_without_the_gradient_equal_the_gradients_norms() -> Result<()> {
+        use candle_core::Device;
+        let (m, n, k) = (40, 32, 24);
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7919 + seed * 104729) % 1009) as f32 / 1009.0 - 0.5)
+                .collect()
+        };
+        let w = Tensor::from_vec(values(n * k, 2), (n, k), &Device::Cpu)?;
+        let x = Tensor::from_vec(values(m * k, 3), (m, k), &Device::Cpu)?;
+        // Up to 13 live rows take the Gram matrices (13 x (32 + 24) < 32 x 24), more the
+        // product; in one run or two (gathered); none, a zero norm.
+        let runs = |a: std::ops::Range<usize>, b: std::ops::Range<usize>| a.chain(b).collect();
+        for live in [
+            vec![3, 4],
+            runs(1..4, 30..32),
+            runs(0..8, 26..40),
+            (0..m).collect(),
+            vec![],
+        ] {
+            let mut g = values(m * n, 1);
+            for (i, row) in g.chunks_mut(n).enumerate() {
+                if !live.contains(&i) {
+                    row.fill(0.0);
+                }
+            }
+            let g = Tensor::from_vec(g, (m, n), &Device::Cpu)?;
+            let p = products(&g, &x, &w, false, Weight::SquaredNorm)?;
+            assert!(p.dx.is_none() && p.dw.is_none());
+            let got = p.dw_squared_norm.expect("a norm was asked for");
+            let dense: Vec<f32> = g.t()?.matmul(&x)?.flatten_all()?.to_vec1()?;
+            let want: f64 = dense.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            assert!(
+                (got - want).abs() <= 1e-5 * want.max(1e-30),
+                "live rows {live:?}: {got} against {want}"
+            );
+            assert_eq!(want == 0.0, live.is_empty());
         }
         Ok(())
     }
