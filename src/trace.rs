@@ -68,7 +68,7 @@ pub fn span_and_full_loss(
 pub fn param_squared_norms(
     model: &Model,
     params: &Params,
-    grads: &impl GradNorms,
+    grads: &(impl GradNorms + ?Sized),
 ) -> Result<BTreeMap<String, f64>> {
     model
         .vars
@@ -81,7 +81,7 @@ pub fn param_squared_norms(
 pub fn squared_norms(
     model: &Model,
     params: &Params,
-    grads: &impl GradNorms,
+    grads: &(impl GradNorms + ?Sized),
 ) -> Result<SquaredNorms> {
     let mut out = SquaredNorms::default();
     for (name, sq) in param_squared_norms(model, params, grads)? {

@@ -409,6 +409,30 @@ fn span_weight_changes_the_update() {
 }
 
 #[test]
+fn a_trace_without_span_gradients_measures_the_same_norms() {
+    // Without a span weight the span backward keeps only the linear layers' norms; with one it
+    // builds the gradients the update adds. The first step's norms come before any update.
+    let relative = |w: f64| {
+        let cfg = LearnConfig {
+            span_weight: w,
+            ..config("tgl-fp")
+        };
+        let mut l = Learner::new(tiny(), cfg, vec![], 0).unwrap();
+        let r = l.step(&docs()).unwrap();
+        assert!(r.traced, "{r:?}");
+        r.groups
+            .iter()
+            .map(|g| g.relative.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (norms_only, gradients) = (relative(0.0), relative(1.0));
+    assert_eq!(norms_only.len(), gradients.len());
+    for (a, b) in norms_only.iter().zip(&gradients) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} against {b}");
+    }
+}
+
+#[test]
 fn trending_weighs_down_the_names_it_passes_over() {
     use locus::learn::batch::{Kind, Row, RowRules};
     use locus::spans::{Mentions, SpanRule};

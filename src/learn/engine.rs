@@ -17,7 +17,8 @@ use super::rehearsal::{reorder, Entry, Rehearsal};
 use super::strategy::{LearnConfig, Localization, Selection};
 use super::units::{self, Units};
 use crate::error::{Error, Result};
-use crate::model::{grads, GroupId, Model, Module, ParamKind, Params};
+use crate::model::grads::{self, GradNorms};
+use crate::model::{GroupId, Model, Module, ParamKind, Params};
 use crate::select::{self, Rule};
 use crate::spans::{Mentions, SpanRule};
 use crate::trace::{span_and_full_loss, squared_norms, GroupStat};
@@ -625,13 +626,19 @@ impl Learner {
         // Norms are read off the variables: under LoRA `params` holds `W + BA`, whose gradient
         // candle does not keep.
         let variables = model.params(|_| true);
-        let span_grads = grads::backward(&losses.span)?;
-        let span_sq = match refresh {
-            true => Some(squared_norms(&model, &variables, &span_grads)?),
-            false => None,
+        // The span gradients are held through the full backward only when the units or the
+        // update still need them; otherwise the linear layers keep only their norms.
+        let norms = |g: &dyn GradNorms| {
+            refresh
+                .then(|| squared_norms(&model, &variables, g))
+                .transpose()
         };
-        // Held through the full backward only when the units or the update still need them.
-        let span_grads = (weight > 0.0 || self.units.is_some()).then_some(span_grads);
+        let (span_sq, span_grads) = if weight > 0.0 || self.units.is_some() {
+            let g = grads::backward(&losses.span)?;
+            (norms(&g)?, Some(g))
+        } else {
+            (norms(&grads::backward_norms(&losses.span)?)?, None)
+        };
         let full_grads = grads::backward(&losses.full)?;
         let ema = self.ema();
         if let (Some(units), Some(span_grads)) = (self.units.as_mut(), &span_grads) {
