@@ -124,11 +124,10 @@ fn squared_norm(g: &[f32], x: &[f32], n: usize, k: usize, live: &[Range<usize>])
         return super::fused::squared_sum(&dw);
     }
     let gram = |data: &[f32], width: usize| -> Vec<f32> {
-        let rows: Vec<f32> = live
-            .iter()
-            .flat_map(|r| &data[r.start * width..r.end * width])
-            .copied()
-            .collect();
+        let mut rows = Vec::with_capacity(l * width);
+        for r in live {
+            rows.extend_from_slice(&data[r.start * width..r.end * width]);
+        }
         let a = View::rows(&rows, l, width, width);
         let mut out = vec![0f32; l * l];
         matmul_threaded(&mut out, a, a.t(), false);
