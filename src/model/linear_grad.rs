@@ -233,26 +233,30 @@ mod tests {
         assert_eq!(live_rows(&g, 100, 3), vec![2..6, 40..42, 60..76]);
     }
 
+    /// `(rows, cols)` pseudo-random values in [-0.5, 0.5), the same for the same `seed`.
+    fn values(rows: usize, cols: usize, seed: usize) -> Result<Tensor> {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 + seed * 104729) % 1009) as f32 / 1009.0 - 0.5)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &candle_core::Device::Cpu)
+    }
+
+    /// A `(m, n)` gradient of pseudo-random values on the rows `live`, zero on the others.
+    fn gradient_on(m: usize, n: usize, live: &[usize]) -> Result<Tensor> {
+        let keep: Vec<f32> = (0..m)
+            .map(|i| f32::from(u8::from(live.contains(&i))))
+            .collect();
+        let keep = Tensor::from_vec(keep, (m, 1), &candle_core::Device::Cpu)?;
+        values(m, n, 1)?.broadcast_mul(&keep)
+    }
+
     #[test]
     fn products_that_skip_zero_runs_equal_the_dense_ones() -> Result<()> {
-        use candle_core::Device;
         let (m, n, k) = (100, 8, 5);
-        let values = |len: usize, seed: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i * 7919 + seed * 104729) % 1009) as f32 / 1009.0 - 0.5)
-                .collect()
-        };
+        let (w, x) = (values(n, k, 2)?, values(m, k, 3)?);
         // Rows 2, 5, 40, 41, 60 and 75 live, as in the test above, then an all-zero gradient.
-        let mut dense = values(m * n, 1);
-        for (i, row) in dense.chunks_mut(n).enumerate() {
-            if ![2, 5, 40, 41, 60, 75].contains(&i) {
-                row.fill(0.0);
-            }
-        }
-        let w = Tensor::from_vec(values(n * k, 2), (n, k), &Device::Cpu)?;
-        let x = Tensor::from_vec(values(m * k, 3), (m, k), &Device::Cpu)?;
-        for g in [dense, vec![0.0; m * n]] {
-            let g = Tensor::from_vec(g, (m, n), &Device::Cpu)?;
+        for live in [&[2, 5, 40, 41, 60, 75][..], &[]] {
+            let g = gradient_on(m, n, live)?;
             let diff = |a: Tensor, b: Tensor| -> Result<f32> {
                 (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
             };
@@ -268,15 +272,8 @@ mod tests {
 
     #[test]
     fn squared_norms_without_the_gradient_equal_the_gradients_norms() -> Result<()> {
-        use candle_core::Device;
         let (m, n, k) = (40, 32, 24);
-        let values = |len: usize, seed: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i * 7919 + seed * 104729) % 1009) as f32 / 1009.0 - 0.5)
-                .collect()
-        };
-        let w = Tensor::from_vec(values(n * k, 2), (n, k), &Device::Cpu)?;
-        let x = Tensor::from_vec(values(m * k, 3), (m, k), &Device::Cpu)?;
+        let (w, x) = (values(n, k, 2)?, values(m, k, 3)?);
         // Up to 13 live rows take the Gram matrices (13 x (32 + 24) < 32 x 24), more the
         // product; in one run or two (gathered); none, a zero norm.
         let runs = |a: std::ops::Range<usize>, b: std::ops::Range<usize>| a.chain(b).collect();
@@ -287,13 +284,7 @@ mod tests {
             (0..m).collect(),
             vec![],
         ] {
-            let mut g = values(m * n, 1);
-            for (i, row) in g.chunks_mut(n).enumerate() {
-                if !live.contains(&i) {
-                    row.fill(0.0);
-                }
-            }
-            let g = Tensor::from_vec(g, (m, n), &Device::Cpu)?;
+            let g = gradient_on(m, n, &live)?;
             let p = products(&g, &x, &w, false, Weight::SquaredNorm)?;
             assert!(p.dx.is_none() && p.dw.is_none());
             let got = p.dw_squared_norm.expect("a norm was asked for");
