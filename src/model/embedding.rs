@@ -1,5 +1,6 @@
 //! The token embedding lookup with a backward that adds its rows into the weight's gradient (the
-//! tied head's, in a [`super::grads::backward`] call) rather than building a dense one of its own.
+//! tied head's, in a [`super::grads::backward`] call), or into its norm (in a
+//! [`super::grads::backward_norms`] call), rather than building a dense one of its own.
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -40,7 +41,10 @@ impl CustomOp2 for Embedding {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !table.track_op() || super::grads::add_rows(table, ids, grad)? {
+        if !table.track_op()
+            || super::grads::add_rows(table, ids, grad)?
+            || super::grads::add_rows_norm(table, ids, grad)?
+        {
             return Ok((None, None));
         }
         let dense = table.zeros_like()?.index_add(ids, &grad.contiguous()?, 0)?;

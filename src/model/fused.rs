@@ -273,7 +273,7 @@ impl CustomOp2 for Linear {
             };
             let p = products(&grad, &x2, &w2, x.track_op(), weight)?;
             if let Some(sq) = p.dw_squared_norm {
-                super::grads::offer_norm(w, sq)?;
+                super::grads::offer_norm(w.id(), sq, None)?;
             }
             (p.dx, p.dw)
         } else {

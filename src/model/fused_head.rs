@@ -10,7 +10,9 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, TensorId,
+};
 use rayon::prelude::*;
 
 use super::fused::{check_targets, few_rows, log_sum_exp, slice};
@@ -135,11 +137,14 @@ impl CustomOp2 for HeadNll {
                 targets: &self.targets,
                 chunk: self.chunk,
                 weight,
+                norm_of: (weight && super::grads::norm_only(w)).then(|| w.id()),
                 kept: self.kept.get().map(|k| &k[..]),
             },
         )?;
         let n = x.dim(0)?;
-        let dw = weight.then(|| both.narrow(0, n, w.dim(0)?)).transpose()?;
+        // A norms-only backward may have taken the weight's norm in place of its gradient.
+        let built = both.dim(0)? > n;
+        let dw = built.then(|| both.narrow(0, n, w.dim(0)?)).transpose()?;
         let dw = dw.map(|g| super::grads::offer(w, g)).transpose()?.flatten();
         Ok((Some(both.narrow(0, 0, n)?), dw))
     }
@@ -154,6 +159,9 @@ struct HeadNllGrad<'a> {
     chunk: usize,
     /// Whether the head weight's gradient is wanted.
     weight: bool,
+    /// In a norms-only backward, the weight whose gradient's squared norm may be handed over
+    /// instead of the gradient, where that is cheaper (`grads::offer_norm`).
+    norm_of: Option<TensorId>,
     /// The forward's logits `(n, vocab)`, if it kept them.
     kept: Option<&'a [f32]>,
 }
@@ -178,11 +186,24 @@ impl CustomOp3 for HeadNllGrad<'_> {
         let w = View::rows(slice(s2, l2, "head weight")?, v, h, h);
         let ng = slice(s3, l3, "nll and grad")?;
         let live: Vec<usize> = (0..n).filter(|&i| ng[2 * i + 1] != 0.0).collect();
-        let wanted = if self.weight { v } else { 0 };
+        // The norm from the live rows' Gram matrices, where they cost at most half the product;
+        // their logit gradients and hidden states are kept for the embedding lookup's rows.
+        let norm_of = self.norm_of.filter(|_| 2 * live.len() * (v + h) < v * h);
+        let mut factors = norm_of.map(|_| {
+            (
+                Vec::with_capacity(live.len() * v),
+                Vec::with_capacity(live.len() * h),
+            )
+        });
+        let wanted = if self.weight && norm_of.is_none() {
+            v
+        } else {
+            0
+        };
         let mut out = vec![0f32; (n + wanted) * h];
         let (dx, dw) = out.split_at_mut(n * h);
         let rows = self.chunk.max(1).min(live.len());
-        let (mut logits, mut xs, mut dxs) = (
+        let (mut logits, mut x_rows, mut dxs) = (
             vec![0f32; rows * v],
             vec![0f32; rows * h],
             vec![0f32; rows * h],
@@ -190,10 +211,10 @@ impl CustomOp3 for HeadNllGrad<'_> {
         for (k, chunk) in live.chunks(rows.max(1)).enumerate() {
             super::turns::yield_to_foreground();
             let c = chunk.len();
-            for (dst, &i) in xs.chunks_mut(h).zip(chunk) {
+            for (dst, &i) in x_rows.chunks_mut(h).zip(chunk) {
                 dst.copy_from_slice(&x[i * h..(i + 1) * h]);
             }
-            let (xs, d) = (View::rows(&xs[..c * h], c, h, h), &mut logits[..c * v]);
+            let (xs, d) = (View::rows(&x_rows[..c * h], c, h, h), &mut logits[..c * v]);
             match self.kept {
                 // A second backward (the trace's full loss after its span loss) reads them too.
                 Some(kept) => {
@@ -209,14 +230,22 @@ impl CustomOp3 for HeadNllGrad<'_> {
                 super::exp::exp_in_place(row, lse, g);
                 row[t] -= g;
             });
+            if let Some((ds, x_kept)) = factors.as_mut() {
+                ds.extend_from_slice(d);
+                x_kept.extend_from_slice(&x_rows[..c * h]);
+            }
             let d = View::rows(d, c, v, v);
             matmul(&mut dxs[..c * h], d, w, false);
             for (src, &i) in dxs.chunks(h).zip(chunk) {
                 dx[i * h..(i + 1) * h].copy_from_slice(src);
             }
-            if self.weight {
+            if self.weight && norm_of.is_none() {
                 matmul(dw, d.t(), xs, k > 0);
             }
+        }
+        if let (Some(id), Some((d, x))) = (norm_of, factors) {
+            let squared = super::linear_grad::gram_norm(&d, v, &x, h);
+            super::grads::offer_norm(id, squared, Some(super::grads::HeadRows { d, x, vocab: v }))?;
         }
         Ok((CpuStorage::F32(out), Shape::from((n + wanted, h))))
     }

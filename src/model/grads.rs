@@ -28,6 +28,20 @@ struct Sink {
     grads: HashMap<TensorId, Tensor>,
     /// Squared norms of weight gradients, in a [`backward_norms`] call.
     norms: Option<HashMap<TensorId, f64>>,
+    /// The head's part of a tied embedding's gradient, for the lookup's rows to complete the
+    /// norm of, in a [`backward_norms`] call.
+    head_rows: HashMap<TensorId, HeadRows>,
+}
+
+/// The head's part `H = d^T x` of a tied embedding's gradient, kept as its factors: the logit
+/// gradients `d (l, vocab)` and hidden states `x (l, h)` of the head's live rows.
+pub(crate) struct HeadRows {
+    /// `(l, vocab)`.
+    pub d: Vec<f32>,
+    /// `(l, h)`.
+    pub x: Vec<f32>,
+    /// The vocabulary size.
+    pub vocab: usize,
 }
 
 thread_local! {
@@ -65,8 +79,8 @@ pub fn backward_norms(loss: &Tensor) -> Result<Norms> {
 fn run(loss: &Tensor, norms: bool) -> Result<(GradStore, HashMap<TensorId, f64>)> {
     SINK.with(|s| {
         *s.borrow_mut() = Some(Sink {
-            grads: HashMap::new(),
             norms: norms.then(HashMap::new),
+            ..Sink::default()
         })
     });
     let scope = Scope;
@@ -118,17 +132,96 @@ pub(crate) fn norm_only(w: &Tensor) -> bool {
     w.is_variable() && SINK.with(|s| s.borrow().as_ref().is_some_and(|s| s.norms.is_some()))
 }
 
-/// Records the squared norm of the gradient of `w`, for which [`norm_only`] holds.
-pub(crate) fn offer_norm(w: &Tensor, squared: f64) -> Result<()> {
+/// Records the squared norm of the gradient of the weight `id`, for which [`norm_only`] holds,
+/// and for a tied head the factors of its gradient, which the embedding lookup completes
+/// ([`add_rows_norm`]).
+pub(crate) fn offer_norm(id: TensorId, squared: f64, head: Option<HeadRows>) -> Result<()> {
     SINK.with(|s| {
         let mut sink = s.borrow_mut();
-        let Some(norms) = sink.as_mut().and_then(|s| s.norms.as_mut()) else {
+        let Some(sink) = sink.as_mut().filter(|s| s.norms.is_some()) else {
             bail!("a gradient norm offered outside a norms-only backward");
         };
-        if norms.insert(w.id(), squared).is_some() {
-            bail!("a weight read by two linear layers: the norm of its gradient needs the gradient itself");
+        if let Some(head) = head {
+            sink.head_rows.insert(id, head);
+        }
+        let norms = sink.norms.get_or_insert_with(HashMap::new);
+        if norms.insert(id, squared).is_some() {
+            bail!("a weight read by two ops: the norm of its gradient needs the gradient itself");
         }
         Ok(())
+    })
+}
+
+/// In a [`backward_norms`] call, adds the lookup's rows `rows (n, h)` at `ids (n)` into the norm
+/// of the gradient of the embedding `table`: completing the tied head's, or as the whole
+/// gradient of an untied one. False, with nothing done, outside one or where the table's gradient
+/// is being built.
+pub(crate) fn add_rows_norm(table: &Tensor, ids: &Tensor, rows: &Tensor) -> Result<bool> {
+    if !table.is_variable() || !table.device().is_cpu() {
+        return Ok(false);
+    }
+    let h = table.dim(1)?;
+    SINK.with(|s| {
+        let mut sink = s.borrow_mut();
+        let Some(sink) = sink.as_mut().filter(|s| s.norms.is_some()) else {
+            return Ok(false);
+        };
+        if sink.grads.contains_key(&table.id()) {
+            return Ok(false);
+        }
+        let head = sink.head_rows.remove(&table.id());
+        let norms = sink.norms.get_or_insert_with(HashMap::new);
+        if head.is_none() && norms.contains_key(&table.id()) {
+            bail!(
+                "an embedding read by two ops: the norm of its gradient needs the gradient itself"
+            );
+        }
+        let (ids, rows) = (
+            ids.flatten_all()?.to_vec1::<u32>()?,
+            rows.flatten_all()?.to_vec1::<f32>()?,
+        );
+        if rows.len() != ids.len() * h {
+            bail!(
+                "embedding norm: {} ids for {} values of width {h}",
+                ids.len(),
+                rows.len()
+            );
+        }
+        // The lookup's gradient, summed per id.
+        let mut sums: HashMap<u32, Vec<f64>> = HashMap::new();
+        for (&id, row) in ids.iter().zip(rows.chunks_exact(h.max(1))) {
+            let sum = sums.entry(id).or_insert_with(|| vec![0.0; h]);
+            sum.iter_mut()
+                .zip(row)
+                .for_each(|(s, &r)| *s += f64::from(r));
+        }
+        // |H + S|^2 = |H|^2 + sum over the ids r of 2 <H_r, S_r> + |S_r|^2, H_r = d[:, r]^T x.
+        let mut added = 0f64;
+        for (&id, sum) in &sums {
+            added += sum.iter().map(|s| s * s).sum::<f64>();
+            let Some(head) = &head else { continue };
+            let r = id as usize;
+            if r >= head.vocab {
+                bail!(
+                    "embedding norm: id {id} outside a vocabulary of {}",
+                    head.vocab
+                );
+            }
+            let mut hr = vec![0f64; h];
+            for (d, x) in head
+                .d
+                .chunks_exact(head.vocab)
+                .zip(head.x.chunks_exact(h.max(1)))
+            {
+                let w = f64::from(d[r]);
+                hr.iter_mut()
+                    .zip(x)
+                    .for_each(|(a, &v)| *a += w * f64::from(v));
+            }
+            added += 2.0 * hr.iter().zip(sum).map(|(a, b)| a * b).sum::<f64>();
+        }
+        *norms.entry(table.id()).or_insert(0.0) += added;
+        Ok(true)
     })
 }
 

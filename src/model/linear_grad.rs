@@ -123,19 +123,29 @@ fn squared_norm(g: &[f32], x: &[f32], n: usize, k: usize, live: &[Range<usize>])
         weight_product(&mut dw, g, x, n, k, live);
         return super::fused::squared_sum(&dw);
     }
-    let gram = |data: &[f32], width: usize| -> Vec<f32> {
+    let gather = |data: &[f32], width: usize| -> Vec<f32> {
         let mut rows = Vec::with_capacity(l * width);
         for r in live {
             rows.extend_from_slice(&data[r.start * width..r.end * width]);
         }
-        let a = View::rows(&rows, l, width, width);
+        rows
+    };
+    gram_norm(&gather(g, n), n, &gather(x, k), k)
+}
+
+/// `|a^T @ b|^2` for row-major `a (l, n)` and `b (l, k)` with as many rows, from their Gram
+/// matrices: `sum_ij (a a^T)_ij (b b^T)_ij`.
+pub(crate) fn gram_norm(a: &[f32], n: usize, b: &[f32], k: usize) -> f64 {
+    let l = a.len() / n.max(1);
+    let gram = |data: &[f32], width: usize| -> Vec<f32> {
+        let m = View::rows(data, l, width, width);
         let mut out = vec![0f32; l * l];
-        matmul_threaded(&mut out, a, a.t(), false);
+        matmul_threaded(&mut out, m, m.t(), false);
         out
     };
-    let (gg, xx) = (gram(g, n), gram(x, k));
-    gg.iter()
-        .zip(&xx)
+    let (aa, bb) = (gram(a, n), gram(b, k));
+    aa.iter()
+        .zip(&bb)
         .map(|(&a, &b)| f64::from(a) * f64::from(b))
         .sum()
 }
