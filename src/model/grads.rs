@@ -9,9 +9,10 @@
 //! in place, and the gradient store gets them at the end.
 //!
 //! The paper's measurement needs only the norms of a text's gradients. In a [`backward_norms`]
-//! call the fused linear layers hand over the squared norm of their weight's gradient and never
-//! build the gradient: for a short text, from the Gram matrices of its rows, a fraction of the
-//! product, and without the weight-sized buffer whose pages would fault in (`linear_grad`).
+//! call the fused linear layers and the head hand over the squared norm of their weight's
+//! gradient and never build the gradient: for a short text, from the Gram matrices of its rows, a
+//! fraction of the product, and without the weight-sized buffer whose pages would fault in
+//! (`linear_grad`). The embedding lookup then adds its rows' part to the tied head's norm.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
