@@ -187,7 +187,7 @@ pub struct TextTrace {
 }
 
 /// Traces one text: one forward, the span backward, the full backward, each backward keeping
-/// only the norms of the linear layers' weight gradients.
+/// only the norms of the linear layers', the head's and the embedding's weight gradients.
 pub fn trace_text(model: &Model, params: &Params, text: &Prepared) -> Result<TextTrace> {
     let dev = model.device();
     let n = text.ids.len();

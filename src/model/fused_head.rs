@@ -195,11 +195,8 @@ impl CustomOp3 for HeadNllGrad<'_> {
                 Vec::with_capacity(live.len() * h),
             )
         });
-        let wanted = if self.weight && norm_of.is_none() {
-            v
-        } else {
-            0
-        };
+        let build = self.weight && norm_of.is_none();
+        let wanted = if build { v } else { 0 };
         let mut out = vec![0f32; (n + wanted) * h];
         let (dx, dw) = out.split_at_mut(n * h);
         let rows = self.chunk.max(1).min(live.len());
@@ -239,7 +236,7 @@ impl CustomOp3 for HeadNllGrad<'_> {
             for (src, &i) in dxs.chunks(h).zip(chunk) {
                 dx[i * h..(i + 1) * h].copy_from_slice(src);
             }
-            if self.weight && norm_of.is_none() {
+            if build {
                 matmul(dw, d.t(), xs, k > 0);
             }
         }

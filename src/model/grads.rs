@@ -27,10 +27,17 @@ use super::fused::{slice, slice_mut, u32_slice};
 struct Sink {
     /// Weight gradients.
     grads: HashMap<TensorId, Tensor>,
-    /// Squared norms of weight gradients, in a [`backward_norms`] call.
-    norms: Option<HashMap<TensorId, f64>>,
+    /// What a [`backward_norms`] call takes in place of gradients.
+    norms: Option<NormSink>,
+}
+
+/// The norms a [`backward_norms`] call took in place of gradients.
+#[derive(Default)]
+struct NormSink {
+    /// Squared norms of weight gradients.
+    squared: HashMap<TensorId, f64>,
     /// The head's part of a tied embedding's gradient, for the lookup's rows to complete the
-    /// norm of, in a [`backward_norms`] call.
+    /// norm of.
     head_rows: HashMap<TensorId, HeadRows>,
 }
 
@@ -66,8 +73,8 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
     Ok(run(loss, false)?.0)
 }
 
-/// The gradients of `loss` as [`backward`] gives them, except that a fused linear layer's weight
-/// on the CPU gets only the squared norm of its gradient.
+/// The gradients of `loss` as [`backward`] gives them, except that on the CPU the weights of the
+/// fused linear layers, the head and the embedding get only the squared norms of their gradients.
 pub fn backward_norms(loss: &Tensor) -> Result<Norms> {
     let (grads, squared) = run(loss, true)?;
     if squared.keys().any(|&id| grads.get_id(id).is_some()) {
@@ -80,7 +87,7 @@ pub fn backward_norms(loss: &Tensor) -> Result<Norms> {
 fn run(loss: &Tensor, norms: bool) -> Result<(GradStore, HashMap<TensorId, f64>)> {
     SINK.with(|s| {
         *s.borrow_mut() = Some(Sink {
-            norms: norms.then(HashMap::new),
+            norms: norms.then(NormSink::default),
             ..Sink::default()
         })
     });
@@ -96,7 +103,7 @@ fn run(loss: &Tensor, norms: bool) -> Result<(GradStore, HashMap<TensorId, f64>)
         };
         grads.insert_id(id, g);
     }
-    Ok((grads, sink.norms.unwrap_or_default()))
+    Ok((grads, sink.norms.unwrap_or_default().squared))
 }
 
 /// What a [`backward_norms`] call gives: the gradients, and the squared norms of those it did
@@ -139,14 +146,13 @@ pub(crate) fn norm_only(w: &Tensor) -> bool {
 pub(crate) fn offer_norm(id: TensorId, squared: f64, head: Option<HeadRows>) -> Result<()> {
     SINK.with(|s| {
         let mut sink = s.borrow_mut();
-        let Some(sink) = sink.as_mut().filter(|s| s.norms.is_some()) else {
+        let Some(norms) = sink.as_mut().and_then(|s| s.norms.as_mut()) else {
             bail!("a gradient norm offered outside a norms-only backward");
         };
         if let Some(head) = head {
-            sink.head_rows.insert(id, head);
+            norms.head_rows.insert(id, head);
         }
-        let norms = sink.norms.get_or_insert_with(HashMap::new);
-        if norms.insert(id, squared).is_some() {
+        if norms.squared.insert(id, squared).is_some() {
             bail!("a weight read by two ops: the norm of its gradient needs the gradient itself");
         }
         Ok(())
@@ -164,15 +170,18 @@ pub(crate) fn add_rows_norm(table: &Tensor, ids: &Tensor, rows: &Tensor) -> Resu
     let h = table.dim(1)?;
     SINK.with(|s| {
         let mut sink = s.borrow_mut();
-        let Some(sink) = sink.as_mut().filter(|s| s.norms.is_some()) else {
+        let Some(Sink {
+            grads,
+            norms: Some(norms),
+        }) = sink.as_mut()
+        else {
             return Ok(false);
         };
-        if sink.grads.contains_key(&table.id()) {
+        if grads.contains_key(&table.id()) {
             return Ok(false);
         }
-        let head = sink.head_rows.remove(&table.id());
-        let norms = sink.norms.get_or_insert_with(HashMap::new);
-        if head.is_none() && norms.contains_key(&table.id()) {
+        let head = norms.head_rows.remove(&table.id());
+        if head.is_none() && norms.squared.contains_key(&table.id()) {
             bail!(
                 "an embedding read by two ops: the norm of its gradient needs the gradient itself"
             );
@@ -221,7 +230,7 @@ pub(crate) fn add_rows_norm(table: &Tensor, ids: &Tensor, rows: &Tensor) -> Resu
             }
             added += 2.0 * hr.iter().zip(sum).map(|(a, b)| a * b).sum::<f64>();
         }
-        *norms.entry(table.id()).or_insert(0.0) += added;
+        *norms.squared.entry(table.id()).or_insert(0.0) += added;
         Ok(true)
     })
 }
