@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::model::quant::QuantRows;
 use crate::model::{GroupId, Model, ParamKind, Params};
 
 /// How a snapshot came to be.
@@ -34,6 +35,8 @@ pub struct Snapshot {
     /// Architecture and tokenizer; the weights are `tensors`, never the model's live variables.
     model: Arc<Model>,
     tensors: BTreeMap<String, Tensor>,
+    /// The quantized blocks of the tensors that equal the blocks they were loaded from.
+    blocks: BTreeMap<String, Arc<QuantRows>>,
     params: Params,
     created: SystemTime,
     changed: Vec<GroupId>,
@@ -44,24 +47,26 @@ impl Snapshot {
     fn build(
         version: u64,
         model: Arc<Model>,
-        tensors: BTreeMap<String, Tensor>,
+        (tensors, blocks): (BTreeMap<String, Tensor>, BTreeMap<String, Arc<QuantRows>>),
         changed: Vec<GroupId>,
         origin: Origin,
     ) -> Self {
         Snapshot {
             version,
             model,
-            params: Params::from_map(tensors.clone()),
+            params: Params::with_blocks(tensors.clone(), blocks.clone()),
             tensors,
+            blocks,
             created: SystemTime::now(),
             changed,
             origin,
         }
     }
 
-    /// The weights of `model` as version `version`: layer groups copied, the rest shared.
+    /// The weights of `model` as version `version`: layer groups copied, the rest shared; each
+    /// weight that still equals the quantized blocks it was loaded from keeps them.
     pub fn load(model: Arc<Model>, version: u64) -> Result<Self> {
-        let tensors = model
+        let tensors: BTreeMap<String, Tensor> = model
             .vars
             .iter()
             .map(|(name, var)| {
@@ -74,10 +79,25 @@ impl Snapshot {
                 Ok((name.clone(), t))
             })
             .collect::<Result<_>>()?;
+        let mut blocks = BTreeMap::new();
+        for (name, b) in &model.blocks {
+            // A restored checkpoint or any other write since loading leaves the blocks behind.
+            let t = tensors[name].flatten_all()?;
+            let (storage, layout) = t.storage_and_layout();
+            let equal = match (&*storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, z))) => {
+                    b.matches(&v[a..z])
+                }
+                _ => false,
+            };
+            if equal {
+                blocks.insert(name.clone(), Arc::clone(b));
+            }
+        }
         Ok(Self::build(
             version,
             model,
-            tensors,
+            (tensors, blocks),
             Vec::new(),
             Origin::Loaded,
         ))
@@ -93,23 +113,29 @@ impl Snapshot {
         weights: &Params,
     ) -> Result<Self> {
         let set: BTreeSet<GroupId> = changed.iter().copied().collect();
+        let copied = |name: &str| matches!(self.model.arch.kind_of(name), Some(ParamKind::Group(g)) if set.contains(&g));
         let tensors = self
             .tensors
             .iter()
             .map(|(name, t)| {
-                let t = match self.model.arch.kind_of(name) {
-                    Some(ParamKind::Group(g)) if set.contains(&g) => {
-                        weights.get(name)?.detach().copy()?
-                    }
-                    _ => t.clone(),
+                let t = match copied(name) {
+                    true => weights.get(name)?.detach().copy()?,
+                    false => t.clone(),
                 };
                 Ok((name.clone(), t))
             })
             .collect::<Result<_>>()?;
+        // An update changes every weight of a group it trains: their blocks no longer apply.
+        let blocks = self
+            .blocks
+            .iter()
+            .filter(|(name, _)| !copied(name))
+            .map(|(name, b)| (name.clone(), Arc::clone(b)))
+            .collect();
         Ok(Self::build(
             version,
             Arc::clone(&self.model),
-            tensors,
+            (tensors, blocks),
             set.into_iter().collect(),
             Origin::Update,
         ))
@@ -136,7 +162,7 @@ impl Snapshot {
         Ok(Self::build(
             version,
             Arc::clone(&self.model),
-            self.tensors.clone(),
+            (self.tensors.clone(), self.blocks.clone()),
             changed.into_iter().collect(),
             Origin::Rollback(self.version),
         ))

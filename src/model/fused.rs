@@ -5,11 +5,15 @@
 //! whose backward does the same math as the composed version (checked against it in the tests).
 //! They run on contiguous f32 CPU tensors; `ops` falls back to the composed form elsewhere.
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
 };
 use rayon::prelude::*;
+
+use super::quant::QuantRows;
 
 /// The f32 data of a contiguous CPU tensor.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -190,9 +194,17 @@ impl CustomOp3 for CrossEntropyGrad {
 /// many leading axes `x` has (a reshape on either side would be two more nodes, each with its
 /// own zeroed gradient accumulator). The backward yields `dw` directly in `w`'s layout, so no
 /// transposed accumulator is built for every weight.
-pub struct Linear;
+pub struct Linear {
+    /// The weight's quantized blocks, where it equals them: few-row products read those.
+    blocks: Option<Arc<QuantRows>>,
+}
 
 impl Linear {
+    /// The op, reading `blocks` in place of a weight they match for few-row products.
+    pub fn new(blocks: Option<Arc<QuantRows>>) -> Self {
+        Linear { blocks }
+    }
+
     /// The input as a contiguous `(m, k)` matrix, the weight's `(n, k)` and the output shape.
     fn shapes(l1: &Layout, l2: &Layout) -> Result<(Layout, usize, usize, usize, Shape)> {
         let dims = l1.shape().dims();
@@ -235,8 +247,10 @@ impl CustomOp2 for Linear {
         let (rows, m, n, k, out) = Linear::shapes(l1, l2)?;
         if few_rows(m, n, k) {
             let x = slice(s1, &rows, "linear input")?;
-            let w = slice(s2, l2, "linear weight")?;
-            let y = super::tile::few_rows_times_t(x, w, m, n, k);
+            let y = match self.blocks.as_deref().filter(|b| b.dims() == (n, k)) {
+                Some(blocks) => super::tile::few_rows_times_t(x, blocks, m, n, k),
+                None => super::tile::few_rows_times_t(x, slice(s2, l2, "linear weight")?, m, n, k),
+            };
             return Ok((CpuStorage::F32(y), out));
         }
         Linear::fwd(s1, l1, s2, l2)

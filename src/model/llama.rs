@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use serde::Serialize;
 
 use super::cache::KvCache;
-use super::ops::{self, linear, rms_norm};
+use super::ops::{self, rms_norm};
 use super::{cfg_f64, cfg_usize, layer_group, Architecture, ParamKind, Params, UnitSlices};
 
 /// Hyper-parameters of a Llama-family model.
@@ -159,9 +159,9 @@ impl Architecture for Llama {
                 c.eps,
             )?;
             let proj = |name: &str| -> Result<Tensor> {
-                linear(
+                p.linear(
                     &h,
-                    p.get(&at(&format!("{name}.weight")))?,
+                    &at(&format!("{name}.weight")),
                     bias(c.attention_bias, at(&format!("{name}.bias")))?,
                 )
             };
@@ -170,9 +170,9 @@ impl Architecture for Llama {
             let v = ops::split_heads(&proj("v_proj")?, c.kv_heads)?;
             let (k, v) = cache.append(l, k, v)?;
             let a = ops::attention(&q, &k, &v, scale, c.sliding_window, cache.packing())?;
-            let o = linear(
+            let o = p.linear(
                 &a,
-                p.get(&at("o_proj.weight"))?,
+                &at("o_proj.weight"),
                 bias(c.attention_bias, at("o_proj.bias"))?,
             )?;
             x = (x + o)?;
@@ -182,9 +182,9 @@ impl Architecture for Llama {
                 c.eps,
             )?;
             let mproj = |name: &str, input: &Tensor| -> Result<Tensor> {
-                linear(
+                p.linear(
                     input,
-                    p.get(&mp(&format!("{name}.weight")))?,
+                    &mp(&format!("{name}.weight")),
                     bias(c.mlp_bias, mp(&format!("{name}.bias")))?,
                 )
             };

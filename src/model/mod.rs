@@ -16,6 +16,7 @@ pub mod llama;
 pub mod load;
 pub mod ops;
 pub mod packing;
+pub mod quant;
 mod tile;
 pub mod turns;
 
@@ -23,11 +24,13 @@ pub use turns::on_compute_threads;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use quant::QuantRows;
 
 /// Which half of a transformer block a layer group covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -110,6 +113,8 @@ pub struct UnitSlices {
 #[derive(Clone, Default)]
 pub struct Params {
     map: BTreeMap<String, Tensor>,
+    /// Quantized blocks that some of the weights equal exactly.
+    blocks: BTreeMap<String, Arc<QuantRows>>,
 }
 
 impl Params {
@@ -122,7 +127,27 @@ impl Params {
 
     /// Weights from a name-to-tensor map (an immutable serving snapshot, say).
     pub fn from_map(map: BTreeMap<String, Tensor>) -> Self {
-        Params { map }
+        Self::with_blocks(map, BTreeMap::new())
+    }
+
+    /// Weights from a name-to-tensor map and the quantized blocks that some of them equal
+    /// exactly (checked by whoever builds it: [`QuantRows::matches`]).
+    pub fn with_blocks(
+        map: BTreeMap<String, Tensor>,
+        blocks: BTreeMap<String, Arc<QuantRows>>,
+    ) -> Self {
+        Params { map, blocks }
+    }
+
+    /// `x @ w^T + b` for the weight called `name`, from its quantized blocks where it has them
+    /// and the product has few rows.
+    pub fn linear(
+        &self,
+        x: &Tensor,
+        name: &str,
+        b: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        ops::linear_from(x, self.get(name)?, b, self.blocks.get(name))
     }
 }
 
@@ -156,7 +181,7 @@ pub trait Architecture: Send + Sync {
         cache: &mut cache::KvCache,
     ) -> candle_core::Result<Tensor> {
         let x = self.hidden_cached(params, ids, cache)?;
-        ops::linear(&x, params.get(self.head_name())?, None)
+        params.linear(&x, self.head_name(), None)
     }
     /// Logits `(batch, seq, vocab)` for whole sequences of token ids `(batch, seq)`.
     fn forward(&self, params: &Params, ids: &Tensor) -> candle_core::Result<Tensor> {
@@ -240,6 +265,9 @@ pub struct Model {
     pub tokenizer: crate::tokenize::TextTokenizer,
     /// Where the model came from, for reports.
     pub source: ModelSource,
+    /// The quantized blocks weights were loaded from (GGUF), for serving snapshots to read while
+    /// a weight still equals them.
+    pub blocks: BTreeMap<String, Arc<QuantRows>>,
 }
 
 /// Provenance of a loaded model.
@@ -309,6 +337,7 @@ impl Model {
             vars,
             tokenizer,
             source,
+            blocks: BTreeMap::new(),
         })
     }
 
@@ -335,7 +364,7 @@ impl Model {
                 (name.clone(), t)
             })
             .collect();
-        Params { map }
+        Params::from_map(map)
     }
 
     /// Every layer group in order: layer ascending, attention before MLP.

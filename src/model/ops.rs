@@ -4,14 +4,28 @@
 //! candle's own fused kernels (`rms_norm`, `softmax_last_dim`, `rope*`, `layer_norm`) return no
 //! gradient for their inputs, silently; nothing here uses them.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::fused_attention::FusedAttention;
 use super::packing::Packing;
+use super::quant::QuantRows;
 use super::{fused, fused_head, fused_mlp};
 
 /// `x @ w^T + b` for a weight stored `(out, in)`, as torch's `nn.Linear`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_from(x, w, b, None)
+}
+
+/// [`linear`] for a weight that may also be held as the quantized blocks it equals, which
+/// few-row products read instead of the f32 tensor.
+pub fn linear_from(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    blocks: Option<&Arc<QuantRows>>,
+) -> Result<Tensor> {
     let y = if x.device().is_metal() {
         let mut shape = x.dims().to_vec();
         if let Some(last) = shape.last_mut() {
@@ -21,7 +35,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
             .matmul(&w.t()?)?
             .reshape(shape)?
     } else {
-        x.contiguous()?.apply_op2(&w.contiguous()?, fused::Linear)?
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, fused::Linear::new(blocks.cloned()))?
     };
     match b {
         Some(b) => y.broadcast_add(b),

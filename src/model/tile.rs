@@ -218,15 +218,34 @@ fn product(
     }
 }
 
+/// Rows of a weight `(n, k)` as f32, for [`few_rows_times_t`]: a plain weight lends its own rows,
+/// a quantized one decodes them into the caller's buffer.
+pub(crate) trait WeightRows: Sync {
+    /// Rows `first..first + count`, `count * k` values, in `buf` or borrowed from `self`.
+    fn rows<'a>(&'a self, first: usize, count: usize, k: usize, buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl WeightRows for [f32] {
+    fn rows<'a>(&'a self, first: usize, count: usize, k: usize, _: &'a mut [f32]) -> &'a [f32] {
+        &self[first * k..(first + count) * k]
+    }
+}
+
 /// `x @ w^T` for a few rows `x (m, k)` and a row-major weight `w (n, k)`, as a row-major `(m, n)`.
 /// Each weight row is read once and dotted with every row of `x`, in parallel over weight rows.
 /// At a handful of rows (generation feeds one token per pass) a general product spends most of
 /// its time packing the weight, as much memory traffic as the product itself.
-pub(crate) fn few_rows_times_t(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+pub(crate) fn few_rows_times_t(
+    x: &[f32],
+    w: &(impl WeightRows + ?Sized),
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     use rayon::prelude::*;
     assert!(
-        x.len() >= m * k && w.len() >= n * k,
-        "few-rows product: a slice is shorter than its shape"
+        x.len() >= m * k,
+        "few-rows product: the input is shorter than its shape"
     );
     // A piece per worker and then some, so a late worker still finds work. Inside
     // [`super::on_compute_threads`] the calling thread takes pieces itself instead of waiting for a
@@ -238,9 +257,10 @@ pub(crate) fn few_rows_times_t(x: &[f32], w: &[f32], m: usize, n: usize, k: usiz
         .enumerate()
         .for_each(|(p, piece)| {
             let first_row = p * per_piece;
+            let mut buf = vec![0f32; 4 * k];
             for (b, out) in piece.chunks_mut(4 * m).enumerate() {
                 let (j, r) = (first_row + 4 * b, out.len() / m);
-                let rows = &w[j * k..(j + r) * k];
+                let rows = w.rows(j, r, k, &mut buf);
                 for first in (0..m).step_by(4) {
                     let take = (m - first).min(4);
                     let sums = dots(&x[first * k..(first + take) * k], take, rows, r);

@@ -5,12 +5,15 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::llama::{Llama, LlamaConfig};
+use crate::model::quant::{Format, QuantRows};
 use crate::model::{Model, ModelSource};
 use crate::tokenize::{TextTokenizer, TokenizerInfo};
 
@@ -43,6 +46,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
     cfg.validate().map_err(|r| Error::model(path, r))?;
     let mut tensors = BTreeMap::new();
     let mut dtypes = std::collections::BTreeSet::new();
+    let mut blocks = BTreeMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -59,12 +63,21 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
         let t = q.dequantize(device)?;
         let hf =
             hf_name(name).ok_or_else(|| Error::model(path, format!("unexpected tensor {name}")))?;
-        let t = if name.ends_with("attn_q.weight") {
-            unpermute(&t, cfg.heads)?
+        let heads = if name.ends_with("attn_q.weight") {
+            Some(cfg.heads)
         } else if name.ends_with("attn_k.weight") {
-            unpermute(&t, cfg.kv_heads)?
+            Some(cfg.kv_heads)
         } else {
-            t
+            None
+        };
+        if device.is_cpu() {
+            if let Some(b) = quant_rows(&q, heads)? {
+                blocks.insert(hf.clone(), Arc::new(b));
+            }
+        }
+        let t = match heads {
+            Some(h) => unpermute(&t, h)?,
+            None => t,
         };
         tensors.insert(hf, t);
     }
@@ -79,7 +92,37 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
         format: "gguf",
         stored_dtype: dtypes.into_iter().collect::<Vec<_>>().join(","),
     };
-    Model::new(Box::new(arch), tensors, tokenizer, source)
+    let mut model = Model::new(Box::new(arch), tensors, tokenizer, source)?;
+    model.blocks = blocks;
+    Ok(model)
+}
+
+/// The blocks of a Q4_1 or Q8_0 matrix, its rows in the order [`unpermute`] gives them for a Q/K
+/// projection of `heads` heads; `None` for other formats and shapes.
+fn quant_rows(q: &QTensor, heads: Option<usize>) -> Result<Option<QuantRows>> {
+    let format = match q.dtype() {
+        GgmlDType::Q4_1 => Format::Q4_1,
+        GgmlDType::Q8_0 => Format::Q8_0,
+        _ => return Ok(None),
+    };
+    let Ok((rows, cols)) = q.shape().dims2() else {
+        return Ok(None);
+    };
+    let Some(b) = QuantRows::new(format, rows, cols, q.data()?.into_owned()) else {
+        return Ok(None);
+    };
+    let Some(heads) = heads.filter(|&h| h > 0 && rows.is_multiple_of(2 * h)) else {
+        return Ok(heads.is_none().then_some(b));
+    };
+    // Row (head, j, i) after un-permuting is row (head, i, j) of the file, i < half, j < 2.
+    let (per_head, half) = (rows / heads, rows / heads / 2);
+    let order: Vec<usize> = (0..rows)
+        .map(|r| {
+            let (head, within) = (r / per_head, r % per_head);
+            head * per_head + (within % half) * 2 + within / half
+        })
+        .collect();
+    Ok(b.reorder_rows(&order))
 }
 
 /// Typed access to GGUF metadata with errors that name the key.
