@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::model::quant::QuantRows;
@@ -79,21 +80,22 @@ impl Snapshot {
                 Ok((name.clone(), t))
             })
             .collect::<Result<_>>()?;
-        let mut blocks = BTreeMap::new();
-        for (name, b) in &model.blocks {
-            // A restored checkpoint or any other write since loading leaves the blocks behind.
-            let t = tensors[name].flatten_all()?;
-            let (storage, layout) = t.storage_and_layout();
-            let equal = match (&*storage, layout.contiguous_offsets()) {
+        // A restored checkpoint or any other write since loading leaves the blocks behind.
+        let equal = |name: &str, b: &QuantRows| {
+            let (storage, layout) = tensors[name].storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
                 (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, z))) => {
                     b.matches(&v[a..z])
                 }
                 _ => false,
-            };
-            if equal {
-                blocks.insert(name.clone(), Arc::clone(b));
             }
-        }
+        };
+        let blocks = model
+            .blocks
+            .par_iter()
+            .filter(|(name, b)| tensors.contains_key(*name) && equal(name, b))
+            .map(|(name, b)| (name.clone(), Arc::clone(b)))
+            .collect();
         Ok(Self::build(
             version,
             model,
@@ -221,6 +223,11 @@ impl Snapshot {
     /// The weights as the model's parameters, to compute on (see [`crate::infer`]).
     pub fn params(&self) -> &Params {
         &self.params
+    }
+
+    /// How many weights few-row products read from the quantized blocks they were loaded from.
+    pub fn quantized_weights(&self) -> usize {
+        self.blocks.len()
     }
 }
 

@@ -77,6 +77,8 @@ fn default_model_serves_from_its_quantized_blocks_exactly() {
         Snapshot::load(Arc::clone(&model), 0).unwrap(),
         Snapshot::load(Arc::new(plain), 0).unwrap(),
     );
+    assert_eq!(blocks.quantized_weights(), 211);
+    assert_eq!(plain.quantized_weights(), 0);
     let prompt = model
         .tokenizer
         .encode("The history of the city began")
@@ -122,6 +124,8 @@ fn default_model_serves_from_its_quantized_blocks_exactly() {
             .unwrap()
     };
     let (blocks, plain) = (changed(&blocks), changed(&plain));
+    // Gate, up and down of layer 3 read their new f32 weights.
+    assert_eq!(blocks.quantized_weights(), 211 - 3);
     assert!(
         bits(&blocks) == bits(&plain),
         "logits after an update differ"

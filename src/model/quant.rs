@@ -115,8 +115,15 @@ impl QuantRows {
 }
 
 impl WeightRows for QuantRows {
-    fn rows<'a>(&'a self, first: usize, count: usize, k: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    fn rows<'a>(
+        &'a self,
+        first: usize,
+        count: usize,
+        k: usize,
+        buf: &'a mut Vec<f32>,
+    ) -> &'a [f32] {
         assert_eq!(k, self.cols, "quantized rows: width {k} for {}", self.cols);
+        buf.resize(buf.len().max(count * k), 0.0);
         self.decode(first, count, buf);
         &buf[..count * k]
     }

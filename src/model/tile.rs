@@ -222,11 +222,12 @@ fn product(
 /// a quantized one decodes them into the caller's buffer.
 pub(crate) trait WeightRows: Sync {
     /// Rows `first..first + count`, `count * k` values, in `buf` or borrowed from `self`.
-    fn rows<'a>(&'a self, first: usize, count: usize, k: usize, buf: &'a mut [f32]) -> &'a [f32];
+    fn rows<'a>(&'a self, first: usize, count: usize, k: usize, buf: &'a mut Vec<f32>)
+        -> &'a [f32];
 }
 
 impl WeightRows for [f32] {
-    fn rows<'a>(&'a self, first: usize, count: usize, k: usize, _: &'a mut [f32]) -> &'a [f32] {
+    fn rows<'a>(&'a self, first: usize, count: usize, k: usize, _: &'a mut Vec<f32>) -> &'a [f32] {
         &self[first * k..(first + count) * k]
     }
 }
@@ -257,7 +258,7 @@ pub(crate) fn few_rows_times_t(
         .enumerate()
         .for_each(|(p, piece)| {
             let first_row = p * per_piece;
-            let mut buf = vec![0f32; 4 * k];
+            let mut buf = Vec::new();
             for (b, out) in piece.chunks_mut(4 * m).enumerate() {
                 let (j, r) = (first_row + 4 * b, out.len() / m);
                 let rows = w.rows(j, r, k, &mut buf);
