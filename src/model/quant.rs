@@ -8,6 +8,8 @@
 //! the product from the f32 tensor bit for bit. A serving snapshot keeps a weight's blocks only
 //! while its tensor equals them (`matches`); learning that changes a weight drops them.
 
+use std::sync::Arc;
+
 use half::f16;
 
 use super::tile::WeightRows;
@@ -39,7 +41,9 @@ pub struct QuantRows {
     format: Format,
     rows: usize,
     cols: usize,
-    bytes: Vec<u8>,
+    /// The buffer that holds the blocks, from `start` on; possibly shared with other weights.
+    data: Arc<Vec<u8>>,
+    start: usize,
 }
 
 impl QuantRows {
@@ -53,8 +57,40 @@ impl QuantRows {
             format,
             rows,
             cols,
-            bytes,
+            data: Arc::new(bytes),
+            start: 0,
         })
+    }
+
+    /// The same weights with their blocks moved into one buffer. The buffer of a whole model is
+    /// larger than glibc's largest mmap threshold, so it is a mapping of its own: a few hundred
+    /// separate buffers would sit in the heap among those a training step frees and reuses,
+    /// which made the step measurably slower (docs/benchmarks.md).
+    pub fn into_one_buffer<K>(weights: Vec<(K, QuantRows)>) -> Vec<(K, QuantRows)> {
+        let total = weights.iter().map(|(_, w)| w.bytes().len()).sum();
+        let mut data = Vec::with_capacity(total);
+        let starts: Vec<usize> = weights
+            .iter()
+            .map(|(_, w)| {
+                let start = data.len();
+                data.extend_from_slice(w.bytes());
+                start
+            })
+            .collect();
+        let data = Arc::new(data);
+        weights
+            .into_iter()
+            .zip(starts)
+            .map(|((k, w), start)| {
+                let data = Arc::clone(&data);
+                (k, QuantRows { data, start, ..w })
+            })
+            .collect()
+    }
+
+    /// This weight's blocks.
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.start..self.start + self.rows * self.row_bytes()]
     }
 
     /// The same weight with its rows reordered: row `i` of the result is row `order[i]` of this.
@@ -63,12 +99,13 @@ impl QuantRows {
         if order.len() != self.rows || order.iter().any(|&r| r >= self.rows) {
             return None;
         }
+        let bytes = self.bytes();
         let bytes = order
             .iter()
-            .flat_map(|&r| &self.bytes[r * width..(r + 1) * width])
+            .flat_map(|&r| &bytes[r * width..(r + 1) * width])
             .copied()
             .collect();
-        Some(QuantRows { bytes, ..*self })
+        QuantRows::new(self.format, self.rows, self.cols, bytes)
     }
 
     /// `(rows, cols)`.
@@ -83,7 +120,7 @@ impl QuantRows {
     /// Decodes rows `first..first + count` into `out` (`count * cols` values).
     fn decode(&self, first: usize, count: usize, out: &mut [f32]) {
         let width = self.row_bytes();
-        let blocks = &self.bytes[first * width..(first + count) * width];
+        let blocks = &self.bytes()[first * width..(first + count) * width];
         let out = &mut out[..count * self.cols];
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("f16c") {
@@ -245,7 +282,7 @@ mod tests {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (q, w) = quantized(dtype, 3, 64);
             let mut out = vec![0f32; w.len()];
-            decode_portable(q.format, &q.bytes, &mut out);
+            decode_portable(q.format, q.bytes(), &mut out);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&out), bits(&w), "{dtype:?}");
         }
@@ -278,6 +315,11 @@ mod tests {
             .collect();
         assert!(swapped.matches(&want));
         assert!(q.reorder_rows(&[0, 1, 2]).is_none());
+        // In one buffer each weight still decodes to its own values.
+        let (q8, w8) = quantized(GgmlDType::Q8_0, 3, 64);
+        let one = QuantRows::into_one_buffer(vec![(0, swapped), (1, q8)]);
+        assert!(one[0].1.matches(&want) && one[1].1.matches(&w8));
+        assert!(Arc::ptr_eq(&one[0].1.data, &one[1].1.data));
         assert!(q.reorder_rows(&[0, 1, 2, 4]).is_none());
         assert!(QuantRows::new(Format::Q4_1, 4, 33, vec![0; 80]).is_none());
         assert!(QuantRows::new(Format::Q8_0, 4, 32, vec![0; 80]).is_none());

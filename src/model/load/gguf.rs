@@ -46,7 +46,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
     cfg.validate().map_err(|r| Error::model(path, r))?;
     let mut tensors = BTreeMap::new();
     let mut dtypes = std::collections::BTreeSet::new();
-    let mut blocks = BTreeMap::new();
+    let mut blocks = Vec::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -72,7 +72,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
         };
         if device.is_cpu() {
             if let Some(b) = quant_rows(&q, heads)? {
-                blocks.insert(hf.clone(), Arc::new(b));
+                blocks.push((hf.clone(), b));
             }
         }
         let t = match heads {
@@ -93,7 +93,10 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
         stored_dtype: dtypes.into_iter().collect::<Vec<_>>().join(","),
     };
     let mut model = Model::new(Box::new(arch), tensors, tokenizer, source)?;
-    model.blocks = blocks;
+    model.blocks = QuantRows::into_one_buffer(blocks)
+        .into_iter()
+        .map(|(name, b)| (name, Arc::new(b)))
+        .collect();
     Ok(model)
 }
 
