@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::model::fused::cpu_data;
 use crate::model::quant::QuantRows;
 use crate::model::{GroupId, Model, ParamKind, Params};
 
@@ -83,12 +84,7 @@ impl Snapshot {
         // A restored checkpoint or any other write since loading leaves the blocks behind.
         let equal = |name: &str, b: &QuantRows| {
             let (storage, layout) = tensors[name].storage_and_layout();
-            match (&*storage, layout.contiguous_offsets()) {
-                (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, z))) => {
-                    b.matches(&v[a..z])
-                }
-                _ => false,
-            }
+            cpu_data(&storage, layout, name).is_ok_and(|v| b.matches(v))
         };
         let blocks = model
             .blocks

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::tile::WeightRows;
@@ -27,6 +28,15 @@ pub enum Format {
 }
 
 impl Format {
+    /// The format of GGUF's `dtype`, if it is one kept.
+    pub fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        }
+    }
+
     /// Bytes of one block.
     fn block_bytes(self) -> usize {
         match self {
@@ -242,7 +252,7 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
     use super::*;
@@ -255,10 +265,7 @@ mod tests {
         let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
         let f32s = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
-        let format = match dtype {
-            GgmlDType::Q4_1 => Format::Q4_1,
-            _ => Format::Q8_0,
-        };
+        let format = Format::of(dtype).unwrap();
         let rows_ = QuantRows::new(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
         (rows_, f32s.to_vec1().unwrap())
     }
@@ -315,13 +322,13 @@ mod tests {
             .collect();
         assert!(swapped.matches(&want));
         assert!(q.reorder_rows(&[0, 1, 2]).is_none());
+        assert!(q.reorder_rows(&[0, 1, 2, 4]).is_none());
+        assert!(QuantRows::new(Format::Q4_1, 4, 33, vec![0; 80]).is_none());
+        assert!(QuantRows::new(Format::Q8_0, 4, 32, vec![0; 80]).is_none());
         // In one buffer each weight still decodes to its own values.
         let (q8, w8) = quantized(GgmlDType::Q8_0, 3, 64);
         let one = QuantRows::into_one_buffer(vec![(0, swapped), (1, q8)]);
         assert!(one[0].1.matches(&want) && one[1].1.matches(&w8));
         assert!(Arc::ptr_eq(&one[0].1.data, &one[1].1.data));
-        assert!(q.reorder_rows(&[0, 1, 2, 4]).is_none());
-        assert!(QuantRows::new(Format::Q4_1, 4, 33, vec![0; 80]).is_none());
-        assert!(QuantRows::new(Format::Q8_0, 4, 32, vec![0; 80]).is_none());
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -103,10 +103,8 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
 /// The blocks of a Q4_1 or Q8_0 matrix, its rows in the order [`unpermute`] gives them for a Q/K
 /// projection of `heads` heads; `None` for other formats and shapes.
 fn quant_rows(q: &QTensor, heads: Option<usize>) -> Result<Option<QuantRows>> {
-    let format = match q.dtype() {
-        GgmlDType::Q4_1 => Format::Q4_1,
-        GgmlDType::Q8_0 => Format::Q8_0,
-        _ => return Ok(None),
+    let Some(format) = Format::of(q.dtype()) else {
+        return Ok(None);
     };
     let Ok((rows, cols)) = q.shape().dims2() else {
         return Ok(None);
@@ -114,17 +112,13 @@ fn quant_rows(q: &QTensor, heads: Option<usize>) -> Result<Option<QuantRows>> {
     let Some(b) = QuantRows::new(format, rows, cols, q.data()?.into_owned()) else {
         return Ok(None);
     };
-    let Some(heads) = heads.filter(|&h| h > 0 && rows.is_multiple_of(2 * h)) else {
-        return Ok(heads.is_none().then_some(b));
+    let Some(heads) = heads else {
+        return Ok(Some(b));
     };
-    // Row (head, j, i) after un-permuting is row (head, i, j) of the file, i < half, j < 2.
-    let (per_head, half) = (rows / heads, rows / heads / 2);
-    let order: Vec<usize> = (0..rows)
-        .map(|r| {
-            let (head, within) = (r / per_head, r % per_head);
-            head * per_head + (within % half) * 2 + within / half
-        })
-        .collect();
+    // The file's row index of every un-permuted row: `unpermute` applied to the indices.
+    let index = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?;
+    let order: Vec<u32> = unpermute(&index, heads)?.flatten_all()?.to_vec1()?;
+    let order: Vec<usize> = order.into_iter().map(|r| r as usize).collect();
     Ok(b.reorder_rows(&order))
 }
 
