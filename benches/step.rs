@@ -1,4 +1,6 @@
 //! Benchmark of one trace step and one plain training step on the default model, CPU, 4 x 128 tokens.
+//! The trace step runs twice: building both backwards' gradients, as PyTorch's baseline does, and
+//! keeping only their norms, as `locus trace` does.
 //!
 //! `cargo bench --bench step` prints one JSON object; `scripts/bench.sh` runs it beside the PyTorch
 //! baseline (scripts/reference/bench_torch.py) on the same machine and prints the ratios.
@@ -78,17 +80,26 @@ fn main() -> anyhow::Result<()> {
         squared_norms(&model, &tracked, &grads::backward(&full)?)?;
         Ok(())
     })?;
+    // The same norms as `locus trace` takes them: no weight gradient is built.
+    let (trace_norms_s, trace_norms_rss) = timed(&device, || {
+        let nll = model.arch.next_token_nll(&tracked, &ids)?;
+        let (span, full) = span_and_full_loss(&nll, &mask)?;
+        squared_norms(&model, &tracked, &grads::backward_norms(&span)?)?;
+        squared_norms(&model, &tracked, &grads::backward_norms(&full)?)?;
+        Ok(())
+    })?;
     let tokens = (BATCH * SEQ) as f64;
     let cpu = machine::machine();
     let out = serde_json::json!({
         "machine": {"cpu": cpu, "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
         "device": locus::model::device::name(&device),
         "batch": BATCH, "seq": SEQ, "reps": REPS,
-        "forward_s": forward_s, "fwd_bwd_s": fwd_bwd_s, "trace_step_s": trace_s,
+        "forward_s": forward_s, "fwd_bwd_s": fwd_bwd_s, "trace_step_s": trace_s, "trace_norms_s": trace_norms_s,
         "tokens_per_s_fwd": tokens / forward_s,
         "tokens_per_s_fwd_bwd": tokens / fwd_bwd_s,
         "tokens_per_s_trace": tokens / trace_s,
-        "peak_rss_mb": {"forward": forward_rss, "fwd_bwd": fwd_bwd_rss, "trace_step": trace_rss},
+        "tokens_per_s_trace_norms": tokens / trace_norms_s,
+        "peak_rss_mb": {"forward": forward_rss, "fwd_bwd": fwd_bwd_rss, "trace_step": trace_rss, "trace_norms": trace_norms_rss},
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # locus against PyTorch on this machine, one benchmark after the other (never concurrently), 2
 # threads each, SmolLM2-135M f32: the training steps on 4 x 128 tokens (forward, forward +
-# backward, trace step, the per-batch TGL step, traced every batch and as served, against PyTorch's
+# backward, trace step, building the gradients and keeping only their norms, the per-batch TGL step, traced every batch and as served, against PyTorch's
 # naive trace-then-train loop),
 # scoring and greedy generation (locus through gRPC, PyTorch through transformers), query p99
 # under ingest against idle, and peak memory. Prints one table with the machine, and keeps every
@@ -38,6 +38,7 @@ def row(name, mine, theirs, unit, faster_is_lower=True):
 row("forward", l["forward_s"], t["forward_s"], "s")
 row("forward + backward", l["fwd_bwd_s"], t["fwd_bwd_s"], "s")
 row("trace step", l["trace_step_s"], t["trace_step_s"], "s")
+row("trace step keeping only the norms, as `locus trace` (PyTorch: the trace step)", l["trace_norms_s"], t["trace_step_s"], "s")
 row("per-batch TGL step, traced every batch (PyTorch: trace step + train step)", traced["seconds_per_batch"], t["tgl_step_s"], "s")
 row("per-batch TGL step as served, re-selected every 4th batch (mean of 4)", served["seconds_per_batch"], t["tgl_step_s"], "s")
 row("score 2 candidates (locus p50 through gRPC)", q["idle"]["p50_ms"], t["score_ms"], "ms")

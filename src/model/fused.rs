@@ -282,7 +282,7 @@ impl CustomOp2 for Linear {
             use super::linear_grad::{products, Weight};
             let weight = match w.track_op() {
                 false => Weight::Frozen,
-                true if super::grads::norm_only(w) => Weight::SquaredNorm,
+                true if super::grads::norm_only(w) => Weight::SquaredNorm { input: x.id() },
                 true => Weight::Gradient,
             };
             let p = products(&grad, &x2, &w2, x.track_op(), weight)?;

@@ -188,7 +188,10 @@ impl CustomOp3 for HeadNllGrad<'_> {
         let live: Vec<usize> = (0..n).filter(|&i| ng[2 * i + 1] != 0.0).collect();
         // The norm from the live rows' Gram matrices, where they cost at most half the product;
         // their logit gradients and hidden states are kept for the embedding lookup's rows.
-        let norm_of = self.norm_of.filter(|_| 2 * live.len() * (v + h) < v * h);
+        let gram = super::linear_grad::Gram::entries(live.len());
+        let norm_of = self
+            .norm_of
+            .filter(|_| 2 * gram * (v + h) < live.len() * v * h);
         let mut factors = norm_of.map(|_| {
             (
                 Vec::with_capacity(live.len() * v),
@@ -241,7 +244,8 @@ impl CustomOp3 for HeadNllGrad<'_> {
             }
         }
         if let (Some(id), Some((d, x))) = (norm_of, factors) {
-            let squared = super::linear_grad::gram_norm(&d, v, &x, h);
+            use super::linear_grad::Gram;
+            let squared = Gram::of(&d, v).dot(&Gram::of(&x, h));
             super::grads::offer_norm(id, squared, Some(super::grads::HeadRows { d, x, vocab: v }))?;
         }
         Ok((CpuStorage::F32(out), Shape::from((n + wanted, h))))

@@ -16,11 +16,14 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ops::Range;
+use std::rc::Rc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor, TensorId};
 
 use super::fused::{slice, slice_mut, u32_slice};
+use super::linear_grad::Gram;
 
 /// What the fused ops of a running [`backward`] or [`backward_norms`] call handed over.
 #[derive(Default)]
@@ -39,7 +42,21 @@ struct NormSink {
     /// The head's part of a tied embedding's gradient, for the lookup's rows to complete the
     /// norm of.
     head_rows: HashMap<TensorId, HeadRows>,
+    /// The latest Gram matrices of linear layers' inputs over a gradient's live rows, newest
+    /// last, for the other layers that read the same input.
+    input_grams: Vec<InputGram>,
 }
+
+/// The Gram matrix of a linear layer's input over the live rows of its output's gradient.
+struct InputGram {
+    input: TensorId,
+    live: Vec<Range<usize>>,
+    gram: Rc<Gram>,
+}
+
+/// How many input Gram matrices a norms-only backward keeps: the layers that share an input
+/// (query, key and value; gate and up) run their backward one after another.
+const INPUT_GRAMS: usize = 2;
 
 /// The head's part `H = d^T x` of a tied embedding's gradient, kept as its factors: the logit
 /// gradients `d (l, vocab)` and hidden states `x (l, h)` of the head's live rows.
@@ -156,6 +173,38 @@ pub(crate) fn offer_norm(id: TensorId, squared: f64, head: Option<HeadRows>) -> 
             bail!("a weight read by two ops: the norm of its gradient needs the gradient itself");
         }
         Ok(())
+    })
+}
+
+/// In a [`backward_norms`] call, the Gram matrix of the linear input `input` over the rows `live`,
+/// if another layer reading that input took it.
+pub(crate) fn input_gram(input: TensorId, live: &[Range<usize>]) -> Option<Rc<Gram>> {
+    SINK.with(|s| {
+        let sink = s.borrow();
+        let grams = &sink.as_ref()?.norms.as_ref()?.input_grams;
+        grams
+            .iter()
+            .find(|g| g.input == input && g.live == live)
+            .map(|g| Rc::clone(&g.gram))
+    })
+}
+
+/// In a [`backward_norms`] call, keeps the Gram matrix of the linear input `input` over the rows
+/// `live` for the other layers that read it, in place of the oldest kept.
+pub(crate) fn keep_input_gram(input: TensorId, live: &[Range<usize>], gram: Rc<Gram>) {
+    SINK.with(|s| {
+        let mut sink = s.borrow_mut();
+        let Some(norms) = sink.as_mut().and_then(|s| s.norms.as_mut()) else {
+            return;
+        };
+        if norms.input_grams.len() == INPUT_GRAMS {
+            norms.input_grams.remove(0);
+        }
+        norms.input_grams.push(InputGram {
+            input,
+            live: live.to_vec(),
+            gram,
+        });
     })
 }
 

@@ -8,10 +8,14 @@
 //!
 //! Where only the weight gradient's norm is wanted (`grads::backward_norms`) and the live rows are
 //! fewer than the layer is wide, the norm comes from the rows' Gram matrices without the gradient.
+//! A Gram matrix is symmetric, so only its blocks on and below the diagonal are computed, and the
+//! input's is computed once for the layers that read the same input (query, key and value; gate
+//! and up).
 
 use std::ops::Range;
+use std::rc::Rc;
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, TensorId};
 
 use super::fused::{cpu_data, slice};
 use super::tile::{matmul_threaded, View};
@@ -43,8 +47,12 @@ pub(crate) enum Weight {
     Frozen,
     /// Its gradient.
     Gradient,
-    /// Only its gradient's squared norm.
-    SquaredNorm,
+    /// Only its gradient's squared norm; the layer's input is the tensor `input`, whose Gram
+    /// matrix other layers reading it may share.
+    SquaredNorm {
+        /// The layer's input, as the graph holds it.
+        input: TensorId,
+    },
 }
 
 /// A linear layer's backward products, each only where it was wanted.
@@ -78,7 +86,7 @@ pub(crate) fn products(
         .then(|| grad.apply_op2_no_bwd(x, &GradW { live: &live }))
         .transpose()?;
     let dw_squared_norm = match weight {
-        Weight::SquaredNorm => {
+        Weight::SquaredNorm { input } => {
             let (rows, k) = x.dims2()?;
             if rows != m {
                 bail!("linear backward: {m} gradient rows for {rows} input rows");
@@ -86,7 +94,7 @@ pub(crate) fn products(
             let (xs, xl) = x.storage_and_layout();
             Some(squared_norm(
                 g,
-                cpu_data(&xs, xl, "linear input")?,
+                (cpu_data(&xs, xl, "linear input")?, input),
                 n,
                 k,
                 &live,
@@ -110,15 +118,24 @@ fn weight_product(dw: &mut [f32], g: &[f32], x: &[f32], n: usize, k: usize, live
     }
 }
 
-/// `|grad^T @ x|^2` over the live rows of `g (m, n)` and `x (m, k)`. With `l` live rows it is
-/// `sum_ij (g g^T)_ij (x x^T)_ij`, two `l x l` Gram matrices costing `l^2 (n + k)` against the
-/// gradient's `l n k`: the cheaper of the two is taken.
-fn squared_norm(g: &[f32], x: &[f32], n: usize, k: usize, live: &[Range<usize>]) -> f64 {
+/// `|grad^T @ x|^2` over the live rows of `g (m, n)` and `x (m, k)`, `x` being the graph's tensor
+/// `input`. With `l` live rows it is `sum_ij (g g^T)_ij (x x^T)_ij`, two `l x l` Gram matrices
+/// costing about `0.6 l^2 (n + k)` against the gradient's `l n k` (less where another layer already
+/// took the input's Gram): the cheaper of the two is taken.
+fn squared_norm(
+    g: &[f32],
+    (x, input): (&[f32], TensorId),
+    n: usize,
+    k: usize,
+    live: &[Range<usize>],
+) -> f64 {
     let l: usize = live.iter().map(|r| r.len()).sum();
     if l == 0 {
         return 0.0;
     }
-    if l * (n + k) >= n * k {
+    let shared = super::grads::input_gram(input, live);
+    let input_cost = if shared.is_some() { 0 } else { k };
+    if Gram::entries(l) * (n + input_cost) >= l * n * k {
         let mut dw = vec![0f32; n * k];
         weight_product(&mut dw, g, x, n, k, live);
         return super::fused::squared_sum(&dw);
@@ -130,24 +147,77 @@ fn squared_norm(g: &[f32], x: &[f32], n: usize, k: usize, live: &[Range<usize>])
         }
         rows
     };
-    gram_norm(&gather(g, n), n, &gather(x, k), k)
+    let xx = shared.unwrap_or_else(|| {
+        let gram = Rc::new(Gram::of(&gather(x, k), k));
+        super::grads::keep_input_gram(input, live, Rc::clone(&gram));
+        gram
+    });
+    Gram::of(&gather(g, n), n).dot(&xx)
 }
 
-/// `|a^T @ b|^2` for row-major `a (l, n)` and `b (l, k)` with as many rows, from their Gram
-/// matrices: `sum_ij (a a^T)_ij (b b^T)_ij`.
-pub(crate) fn gram_norm(a: &[f32], n: usize, b: &[f32], k: usize) -> f64 {
-    let l = a.len() / n.max(1);
-    let gram = |data: &[f32], width: usize| -> Vec<f32> {
-        let m = View::rows(data, l, width, width);
-        let mut out = vec![0f32; l * l];
-        matmul_threaded(&mut out, m, m.t(), false);
-        out
-    };
-    let (aa, bb) = (gram(a, n), gram(b, k));
-    aa.iter()
-        .zip(&bb)
-        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-        .sum()
+/// Rows per block of a [`Gram`] matrix.
+const GRAM_BLOCK: usize = 128;
+
+/// The Gram matrix `a a^T` of a row-major `(l, width)` matrix `a`, held as its blocks of
+/// [`GRAM_BLOCK`] rows up to and including the diagonal: the blocks above mirror those below, so
+/// they are neither computed nor stored.
+pub(crate) struct Gram {
+    /// `l`.
+    rows: usize,
+    /// Row block `i` (rows `[s, e)`, `s = i * GRAM_BLOCK`) against columns `[0, e)`, the blocks
+    /// one after another, each row-major.
+    packed: Vec<f32>,
+}
+
+impl Gram {
+    /// The row blocks `[s, e)` of an `l`-row matrix.
+    fn blocks(l: usize) -> impl Iterator<Item = (usize, usize)> {
+        (0..l)
+            .step_by(GRAM_BLOCK)
+            .map(move |s| (s, (s + GRAM_BLOCK).min(l)))
+    }
+
+    /// Entries computed for `l` rows, each a dot product of two rows.
+    pub(crate) fn entries(l: usize) -> usize {
+        Self::blocks(l).map(|(s, e)| (e - s) * e).sum()
+    }
+
+    /// The Gram matrix of the row-major `a (l, width)`.
+    pub(crate) fn of(a: &[f32], width: usize) -> Gram {
+        let l = a.len() / width.max(1);
+        let mut packed = vec![0f32; Self::entries(l)];
+        let mut at = 0;
+        for (s, e) in Self::blocks(l) {
+            let block = View::rows(&a[s * width..e * width], e - s, width, width);
+            let upto = View::rows(&a[..e * width], e, width, width);
+            matmul_threaded(&mut packed[at..at + (e - s) * e], block, upto.t(), false);
+            at += (e - s) * e;
+        }
+        Gram { rows: l, packed }
+    }
+
+    /// `sum_ij A_ij B_ij` over the whole matrices `A` (this) and `B`, of as many rows.
+    pub(crate) fn dot(&self, other: &Gram) -> f64 {
+        assert_eq!(self.rows, other.rows, "Gram matrices of different sizes");
+        let mut sum = 0f64;
+        let mut at = 0;
+        for (s, e) in Self::blocks(self.rows) {
+            let block = (&self.packed[at..at + (e - s) * e], &other.packed[at..]);
+            for (a, b) in block.0.chunks_exact(e).zip(block.1.chunks_exact(e)) {
+                let dot = |from: usize, to: usize| -> f64 {
+                    a[from..to]
+                        .iter()
+                        .zip(&b[from..to])
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum()
+                };
+                // Columns left of the diagonal block stand for their mirror images too.
+                sum += 2.0 * dot(0, s) + dot(s, e);
+            }
+            at += (e - s) * e;
+        }
+        sum
+    }
 }
 
 /// The `(m, n)` gradient of a linear layer's output, with its sizes, checked against its live
@@ -295,7 +365,8 @@ mod tests {
             vec![],
         ] {
             let g = gradient_on(m, n, &live)?;
-            let p = products(&g, &x, &w, false, Weight::SquaredNorm)?;
+            let input = Weight::SquaredNorm { input: x.id() };
+            let p = products(&g, &x, &w, false, input)?;
             assert!(p.dx.is_none() && p.dw.is_none());
             let got = p.dw_squared_norm.expect("a norm was asked for");
             let dense: Vec<f32> = g.t()?.matmul(&x)?.flatten_all()?.to_vec1()?;
@@ -305,6 +376,66 @@ mod tests {
                 "live rows {live:?}: {got} against {want}"
             );
             assert_eq!(want == 0.0, live.is_empty());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gram_matrices_held_below_the_diagonal_give_the_whole_matrices_sum() -> Result<()> {
+        // One block, a block and a part, and three whole blocks.
+        for (l, n, k) in [(5, 3, 4), (200, 7, 5), (3 * GRAM_BLOCK, 2, 6)] {
+            let (a, b) = (values(l, n, 4)?, values(l, k, 5)?);
+            let want: f64 = {
+                let (aa, bb) = (a.matmul(&a.t()?)?, b.matmul(&b.t()?)?);
+                let (aa, bb) = (aa.flatten_all()?.to_vec1::<f32>()?, bb.flatten_all()?);
+                aa.iter()
+                    .zip(bb.to_vec1::<f32>()?)
+                    .map(|(&x, y)| f64::from(x) * f64::from(y))
+                    .sum()
+            };
+            let rows = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            let got = Gram::of(&rows(&a)?, n).dot(&Gram::of(&rows(&b)?, k));
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "{l} rows: {got} against {want}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn layers_reading_one_input_share_its_gram_matrix_only_over_the_same_rows() -> Result<()> {
+        use candle_core::{Device, Var};
+        // Three layers read `x`; the first two's gradients live on rows 0..150, the third's on
+        // 20..90 only. 150 rows of width 512 take the Gram matrices, the first layer's input
+        // Gram serving the second but not the third.
+        let (m, n, k) = (300, 512, 512);
+        let x = Var::from_tensor(&values(m, k, 6)?)?;
+        let ws = (0..3)
+            .map(|i| Var::from_tensor(&values(n, k, 7 + i)?))
+            .collect::<Result<Vec<_>>>()?;
+        let mask = |live: Range<usize>| -> Result<Tensor> {
+            let keep: Vec<f32> = (0..m)
+                .map(|i| f32::from(u8::from(live.contains(&i))))
+                .collect();
+            Tensor::from_vec(keep, (m, 1), &Device::Cpu)
+        };
+        let (wide, narrow) = (mask(0..150)?, mask(20..90)?);
+        let loss = |_: ()| -> Result<Tensor> {
+            let mut total = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?;
+            for (w, keep) in ws.iter().zip([&wide, &wide, &narrow]) {
+                let y = super::super::ops::linear_from(x.as_tensor(), w.as_tensor(), None, None)?;
+                let weights = values(m, n, 9)?.broadcast_mul(keep)?;
+                total = (total + (y * weights)?.sum_all()?)?;
+            }
+            Ok(total)
+        };
+        let norms = super::super::grads::backward_norms(&loss(())?)?;
+        let grads = super::super::grads::backward(&loss(())?)?;
+        use super::super::grads::GradNorms;
+        for w in &ws {
+            let (got, want) = (norms.squared_norm(w)?, grads.squared_norm(w)?);
+            assert!((got - want).abs() <= 1e-5 * want, "{got} against {want}");
         }
         Ok(())
     }
