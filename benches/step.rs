@@ -73,21 +73,23 @@ fn main() -> anyhow::Result<()> {
         grads::backward(&nll.mean_all()?)?;
         Ok(())
     })?;
-    let (trace_s, trace_rss) = timed(&device, || {
-        let nll = model.arch.next_token_nll(&tracked, &ids)?;
-        let (span, full) = span_and_full_loss(&nll, &mask)?;
-        squared_norms(&model, &tracked, &grads::backward(&span)?)?;
-        squared_norms(&model, &tracked, &grads::backward(&full)?)?;
-        Ok(())
-    })?;
-    // The same norms as `locus trace` takes them: no weight gradient is built.
-    let (trace_norms_s, trace_norms_rss) = timed(&device, || {
-        let nll = model.arch.next_token_nll(&tracked, &ids)?;
-        let (span, full) = span_and_full_loss(&nll, &mask)?;
-        squared_norms(&model, &tracked, &grads::backward_norms(&span)?)?;
-        squared_norms(&model, &tracked, &grads::backward_norms(&full)?)?;
-        Ok(())
-    })?;
+    // The trace step building both backwards' gradients, as PyTorch's baseline does, or keeping
+    // only their norms, as `locus trace` does.
+    let trace = |norms_only: bool| {
+        timed(&device, || {
+            let nll = model.arch.next_token_nll(&tracked, &ids)?;
+            let (span, full) = span_and_full_loss(&nll, &mask)?;
+            for loss in [&span, &full] {
+                match norms_only {
+                    true => squared_norms(&model, &tracked, &grads::backward_norms(loss)?)?,
+                    false => squared_norms(&model, &tracked, &grads::backward(loss)?)?,
+                };
+            }
+            Ok(())
+        })
+    };
+    let (trace_s, trace_rss) = trace(false)?;
+    let (trace_norms_s, trace_norms_rss) = trace(true)?;
     let tokens = (BATCH * SEQ) as f64;
     let cpu = machine::machine();
     let out = serde_json::json!({
