@@ -16,6 +16,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::fused::{check_targets, few_rows, log_sum_exp, slice};
+use super::linear_grad::Gram;
 use super::tile::{few_rows_times_t, matmul_threaded as matmul, View};
 
 /// Logits per chunk (32 MiB of f32): large enough for full-speed matrix products, small enough
@@ -188,7 +189,7 @@ impl CustomOp3 for HeadNllGrad<'_> {
         let live: Vec<usize> = (0..n).filter(|&i| ng[2 * i + 1] != 0.0).collect();
         // The norm from the live rows' Gram matrices, where they cost at most half the product;
         // their logit gradients and hidden states are kept for the embedding lookup's rows.
-        let gram = super::linear_grad::Gram::entries(live.len());
+        let gram = Gram::entries(live.len());
         let norm_of = self
             .norm_of
             .filter(|_| 2 * gram * (v + h) < live.len() * v * h);
@@ -244,7 +245,6 @@ impl CustomOp3 for HeadNllGrad<'_> {
             }
         }
         if let (Some(id), Some((d, x))) = (norm_of, factors) {
-            use super::linear_grad::Gram;
             let squared = Gram::of(&d, v).dot(&Gram::of(&x, h));
             super::grads::offer_norm(id, squared, Some(super::grads::HeadRows { d, x, vocab: v }))?;
         }

@@ -55,7 +55,7 @@ struct InputGram {
 }
 
 /// How many input Gram matrices a norms-only backward keeps: the layers that share an input
-/// (query, key and value; gate and up) run their backward one after another.
+/// (gate and up; query, key and value) run their backward one after another.
 const INPUT_GRAMS: usize = 2;
 
 /// The head's part `H = d^T x` of a tied embedding's gradient, kept as its factors: the logit

@@ -9,8 +9,7 @@
 //! Where only the weight gradient's norm is wanted (`grads::backward_norms`) and the live rows are
 //! fewer than the layer is wide, the norm comes from the rows' Gram matrices without the gradient.
 //! A Gram matrix is symmetric, so only its blocks on and below the diagonal are computed, and the
-//! input's is computed once for the layers that read the same input (query, key and value; gate
-//! and up).
+//! input's is computed once for the layers that read the same input (the MLP's gate and up).
 
 use std::ops::Range;
 use std::rc::Rc;
@@ -92,13 +91,8 @@ pub(crate) fn products(
                 bail!("linear backward: {m} gradient rows for {rows} input rows");
             }
             let (xs, xl) = x.storage_and_layout();
-            Some(squared_norm(
-                g,
-                (cpu_data(&xs, xl, "linear input")?, input),
-                n,
-                k,
-                &live,
-            ))
+            let x = cpu_data(&xs, xl, "linear input")?;
+            Some(squared_norm(g, x, input, (n, k), &live))
         }
         _ => None,
     };
@@ -124,9 +118,9 @@ fn weight_product(dw: &mut [f32], g: &[f32], x: &[f32], n: usize, k: usize, live
 /// took the input's Gram): the cheaper of the two is taken.
 fn squared_norm(
     g: &[f32],
-    (x, input): (&[f32], TensorId),
-    n: usize,
-    k: usize,
+    x: &[f32],
+    input: TensorId,
+    (n, k): (usize, usize),
     live: &[Range<usize>],
 ) -> f64 {
     let l: usize = live.iter().map(|r| r.len()).sum();
@@ -421,7 +415,7 @@ mod tests {
             Tensor::from_vec(keep, (m, 1), &Device::Cpu)
         };
         let (wide, narrow) = (mask(0..150)?, mask(20..90)?);
-        let loss = |_: ()| -> Result<Tensor> {
+        let loss = || -> Result<Tensor> {
             let mut total = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?;
             for (w, keep) in ws.iter().zip([&wide, &wide, &narrow]) {
                 let y = super::super::ops::linear_from(x.as_tensor(), w.as_tensor(), None, None)?;
@@ -430,8 +424,8 @@ mod tests {
             }
             Ok(total)
         };
-        let norms = super::super::grads::backward_norms(&loss(())?)?;
-        let grads = super::super::grads::backward(&loss(())?)?;
+        let norms = super::super::grads::backward_norms(&loss()?)?;
+        let grads = super::super::grads::backward(&loss()?)?;
         use super::super::grads::GradNorms;
         for w in &ws {
             let (got, want) = (norms.squared_norm(w)?, grads.squared_norm(w)?);
