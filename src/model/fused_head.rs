@@ -189,10 +189,9 @@ impl CustomOp3 for HeadNllGrad<'_> {
         let live: Vec<usize> = (0..n).filter(|&i| ng[2 * i + 1] != 0.0).collect();
         // The norm from the live rows' Gram matrices, where they cost at most half the product;
         // their logit gradients and hidden states are kept for the embedding lookup's rows.
-        let gram = Gram::entries(live.len());
         let norm_of = self
             .norm_of
-            .filter(|_| 2 * gram * (v + h) < live.len() * v * h);
+            .filter(|_| 2 * Gram::cost(live.len(), v + h) < live.len() * v * h);
         let mut factors = norm_of.map(|_| {
             (
                 Vec::with_capacity(live.len() * v),

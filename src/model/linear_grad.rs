@@ -114,8 +114,8 @@ fn weight_product(dw: &mut [f32], g: &[f32], x: &[f32], n: usize, k: usize, live
 
 /// `|grad^T @ x|^2` over the live rows of `g (m, n)` and `x (m, k)`, `x` being the graph's tensor
 /// `input`. With `l` live rows it is `sum_ij (g g^T)_ij (x x^T)_ij`, two `l x l` Gram matrices
-/// costing about `0.6 l^2 (n + k)` against the gradient's `l n k` (less where another layer already
-/// took the input's Gram): the cheaper of the two is taken.
+/// costing about `0.6 l^2 (n + k)` multiply-adds against the gradient's `l n k` (less where another
+/// layer already took the input's Gram): the cheaper of the two, by [`Gram::cost`], is taken.
 fn squared_norm(
     g: &[f32],
     x: &[f32],
@@ -128,8 +128,8 @@ fn squared_norm(
         return 0.0;
     }
     let shared = super::grads::input_gram(input, live);
-    let input_cost = if shared.is_some() { 0 } else { k };
-    if Gram::entries(l) * (n + input_cost) >= l * n * k {
+    let input_width = if shared.is_some() { 0 } else { k };
+    if Gram::cost(l, n + input_width) >= l * n * k {
         let mut dw = vec![0f32; n * k];
         weight_product(&mut dw, g, x, n, k, live);
         return super::fused::squared_sum(&dw);
@@ -152,6 +152,16 @@ fn squared_norm(
 /// Rows per block of a [`Gram`] matrix.
 const GRAM_BLOCK: usize = 128;
 
+/// What one multiply-add of a Gram matrix costs in multiply-adds of a layer's full-width product.
+/// MKL runs the Gram blocks (128 rows against a long inner dimension) about as fast as the product.
+/// The portable kernel runs them at a third to a half of its product's rate (AMD EPYC, 2 cores:
+/// a 300 x 1536 Gram matrix, 0.36 of a 300-row gate product's multiply-adds, took 3.3-4.5 ms
+/// against the product's 3.1-3.4 ms), so there a Gram matrix must be far smaller to pay.
+#[cfg(feature = "mkl")]
+const GRAM_COST: usize = 1;
+#[cfg(not(feature = "mkl"))]
+const GRAM_COST: usize = 3;
+
 /// The Gram matrix `a a^T` of a row-major `(l, width)` matrix `a`, held as its blocks of
 /// [`GRAM_BLOCK`] rows up to and including the diagonal: the blocks above mirror those below, so
 /// they are neither computed nor stored.
@@ -172,8 +182,14 @@ impl Gram {
     }
 
     /// Entries computed for `l` rows, each a dot product of two rows.
-    pub(crate) fn entries(l: usize) -> usize {
+    fn entries(l: usize) -> usize {
         Self::blocks(l).map(|(s, e)| (e - s) * e).sum()
+    }
+
+    /// The Gram matrices of `l` rows, of `widths` columns in all, in multiply-adds of the
+    /// products they stand in for (see [`GRAM_COST`]).
+    pub(crate) fn cost(l: usize, widths: usize) -> usize {
+        GRAM_COST * Self::entries(l) * widths
     }
 
     /// The Gram matrix of the row-major `a (l, width)`.
@@ -346,10 +362,11 @@ mod tests {
 
     #[test]
     fn squared_norms_without_the_gradient_equal_the_gradients_norms() -> Result<()> {
-        let (m, n, k) = (40, 32, 24);
+        let (m, n, k) = (100, 96, 72);
         let (w, x) = (values(n, k, 2)?, values(m, k, 3)?);
-        // Up to 13 live rows take the Gram matrices (13 x (32 + 24) < 32 x 24), more the
-        // product; in one run or two (gathered); none, a zero norm.
+        // A few live rows take the Gram matrices in one run or two (gathered), 22 rows take them
+        // on MKL and the product on the portable kernel (`GRAM_COST`), all rows the product;
+        // none, a zero norm.
         let runs = |a: std::ops::Range<usize>, b: std::ops::Range<usize>| a.chain(b).collect();
         for live in [
             vec![3, 4],
@@ -400,9 +417,9 @@ mod tests {
     #[test]
     fn layers_reading_one_input_share_its_gram_matrix_only_over_the_same_rows() -> Result<()> {
         use candle_core::{Device, Var};
-        // Three layers read `x`; the first two's gradients live on rows 0..150, the third's on
-        // 20..90 only. 150 rows of width 512 take the Gram matrices, the first layer's input
-        // Gram serving the second but not the third.
+        // Three layers read `x`; the first two's gradients live on rows 0..60, the third's on
+        // 20..50 only. Those rows, of width 512, take the Gram matrices on either kernel, the
+        // first layer's input Gram serving the second but not the third.
         let (m, n, k) = (300, 512, 512);
         let x = Var::from_tensor(&values(m, k, 6)?)?;
         let ws = (0..3)
@@ -414,7 +431,7 @@ mod tests {
                 .collect();
             Tensor::from_vec(keep, (m, 1), &Device::Cpu)
         };
-        let (wide, narrow) = (mask(0..150)?, mask(20..90)?);
+        let (wide, narrow) = (mask(0..60)?, mask(20..50)?);
         let loss = || -> Result<Tensor> {
             let mut total = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?;
             for (w, keep) in ws.iter().zip([&wide, &wide, &narrow]) {
