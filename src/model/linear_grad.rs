@@ -156,7 +156,8 @@ const GRAM_BLOCK: usize = 128;
 /// MKL runs the Gram blocks (128 rows against a long inner dimension) about as fast as the product.
 /// The portable kernel runs them at a third to a half of its product's rate (AMD EPYC, 2 cores:
 /// a 300 x 1536 Gram matrix, 0.36 of a 300-row gate product's multiply-adds, took 3.3-4.5 ms
-/// against the product's 3.1-3.4 ms), so there a Gram matrix must be far smaller to pay.
+/// against the product's 3.1-3.4 ms), so there a Gram matrix must be far smaller to pay. The
+/// tied head keeps its own rule (`fused_head`).
 #[cfg(feature = "mkl")]
 const GRAM_COST: usize = 1;
 #[cfg(not(feature = "mkl"))]
@@ -182,7 +183,7 @@ impl Gram {
     }
 
     /// Entries computed for `l` rows, each a dot product of two rows.
-    fn entries(l: usize) -> usize {
+    pub(crate) fn entries(l: usize) -> usize {
         Self::blocks(l).map(|(s, e)| (e - s) * e).sum()
     }
 
