@@ -259,19 +259,25 @@ fn a_reverted_update_leaves_weights_and_moments_as_before_it() {
     assert!(l.revert().is_err(), "nothing kept unless asked");
 }
 
-#[test]
-fn adamw_follows_torch_adamw_step_for_step() {
+/// Three AdamW steps on a parameter of `start` values with gradients `grads[t]`, against
+/// torch.optim.AdamW written out in f64.
+fn check_adamw(start: &[f32], grads: &[Vec<f32>]) {
     use locus::learn::optimizer::AdamW;
     let (lr, b1, b2, eps, wd) = (0.1f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
-    let var = candle_core::Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+    let n = start.len();
+    let var = candle_core::Var::new(start, &Device::Cpu).unwrap();
     let mut opt = AdamW::new((b1, b2), eps, wd);
-    let grads = [[0.3f32, -0.1, 2.0], [0.2, 0.4, -1.0], [-0.5, 0.0, 0.25]];
-    // torch.optim.AdamW written out in f64.
-    let (mut w, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
+    let mut w: Vec<f64> = start.iter().map(|&x| f64::from(x)).collect();
+    let (mut m, mut v) = (vec![0f64; n], vec![0f64; n]);
     for (t, g) in grads.iter().enumerate() {
-        opt.update("w", &var, &Tensor::new(g, &Device::Cpu).unwrap(), lr)
-            .unwrap();
-        for i in 0..3 {
+        opt.update(
+            "w",
+            &var,
+            &Tensor::new(g.as_slice(), &Device::Cpu).unwrap(),
+            lr,
+        )
+        .unwrap();
+        for i in 0..n {
             let gi = f64::from(g[i]);
             w[i] *= 1.0 - lr * wd;
             m[i] = b1 * m[i] + (1.0 - b1) * gi;
@@ -281,15 +287,29 @@ fn adamw_follows_torch_adamw_step_for_step() {
             w[i] -= lr * mh / (vh.sqrt() + eps);
         }
         let got = var.to_vec1::<f32>().unwrap();
-        for i in 0..3 {
+        for i in 0..n {
             assert!(
                 (f64::from(got[i]) - w[i]).abs() < 1e-5,
-                "step {t} element {i}: {} vs {}",
+                "step {t} element {i} of {n}: {} vs {}",
                 got[i],
                 w[i]
             );
         }
     }
+}
+
+#[test]
+fn adamw_follows_torch_adamw_step_for_step() {
+    let grads = [[0.3f32, -0.1, 2.0], [0.2, 0.4, -1.0], [-0.5, 0.0, 0.25]];
+    check_adamw(&[1.0, -2.0, 0.5], &grads.map(|g| g.to_vec()));
+    // A parameter the optimizer's passes split into several pieces run on different threads.
+    let n = 100_003;
+    let wave = |seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * 0.5)
+            .collect()
+    };
+    check_adamw(&wave(0), &[wave(1), wave(2), wave(3)]);
 }
 
 fn recipe() -> LearnConfig {
