@@ -323,15 +323,22 @@ fn chunked_head_nll(hidden: &Tensor, w: &Tensor, ids: &Tensor, chunk: usize, kee
 
 #[test]
 fn head_nll_in_small_chunks_with_rows_outside_the_loss_matches_composed() {
-    // Chunks of 1, 4 (uneven against 12 rows) and more than all rows; the mask zeroes the gradient
-    // of some rows, which the backward skips.
+    // Chunks of 1, 4, 5 (12 rows cut into three chunks of 4) and more than all rows; the mask
+    // zeroes the gradient of some rows, which the backward skips.
     let (hidden, w, ids) = (randn(&[2, 7, 16], 16), randn(&[11, 16], 17), head_ids());
     let mask = Tensor::new(
         &[[0f32, 1., 1., 0., 0., 1.], [1., 0., 0., 0., 1., 1.]],
         &Device::Cpu,
     )
     .unwrap();
-    for (chunk, keep) in [(1, false), (4, false), (64, false), (4, true), (64, true)] {
+    for (chunk, keep) in [
+        (1, false),
+        (4, false),
+        (5, false),
+        (64, false),
+        (5, true),
+        (64, true),
+    ] {
         check(
             &format!("chunked head_nll, {chunk} rows a chunk, logits kept: {keep}"),
             &[&hidden, &w],

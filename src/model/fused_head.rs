@@ -33,6 +33,14 @@ pub fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_LOGITS / vocab.max(1)).max(1)
 }
 
+/// Rows per chunk when `n` rows are cut into as few chunks of at most `chunk` rows as possible,
+/// all of about the same size: every chunk's product packs the whole head weight, so a chunk of a
+/// few left-over rows would cost nearly as much as a full one.
+fn balanced(n: usize, chunk: usize) -> usize {
+    let chunks = n.div_ceil(chunk.max(1)).max(1);
+    n.div_ceil(chunks).max(1)
+}
+
 /// `nll[i] = logsumexp(x[i] @ w^T) - (x[i] @ w^T)[targets[i]]` for hidden states `x (n, h)` and a
 /// head weight `w (vocab, h)`; differentiable in both.
 pub struct HeadNll {
@@ -85,13 +93,14 @@ impl CustomOp2 for HeadNll {
         let x = slice(s1, l1, "hidden states")?;
         let weight = slice(s2, l2, "head weight")?;
         let w = View::rows(weight, v, h, h);
-        let rows = self.chunk.max(1).min(n);
         let keep = self.keep && n * v <= KEEP_LOGITS;
+        // Kept logits are all in memory anyway: one product computes them, packing the head once.
+        let rows = if keep { n } else { balanced(n, self.chunk) };
         // The general product's buffer (all logits when kept), allocated only if a chunk takes
         // that path.
         let mut logits = Vec::with_capacity(if keep { n * v } else { 0 });
         let mut out = Vec::with_capacity(n);
-        for start in (0..n).step_by(rows.max(1)) {
+        for start in (0..n).step_by(rows) {
             super::turns::yield_to_foreground();
             let c = rows.min(n - start);
             let xs = &x[start * h..(start + c) * h];
@@ -205,13 +214,13 @@ impl CustomOp3 for HeadNllGrad<'_> {
         let wanted = if build { v } else { 0 };
         let mut out = vec![0f32; (n + wanted) * h];
         let (dx, dw) = out.split_at_mut(n * h);
-        let rows = self.chunk.max(1).min(live.len());
+        let rows = balanced(live.len(), self.chunk);
         let (mut logits, mut x_rows, mut dxs) = (
             vec![0f32; rows * v],
             vec![0f32; rows * h],
             vec![0f32; rows * h],
         );
-        for (k, chunk) in live.chunks(rows.max(1)).enumerate() {
+        for (k, chunk) in live.chunks(rows).enumerate() {
             super::turns::yield_to_foreground();
             let c = chunk.len();
             for (dst, &i) in x_rows.chunks_mut(h).zip(chunk) {
