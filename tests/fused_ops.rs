@@ -281,6 +281,48 @@ fn swiglu_matches_silu_times_up() {
 }
 
 #[test]
+fn gated_up_matches_swiglu_of_two_linears_for_few_and_many_rows_and_a_frozen_weight() {
+    let (wg, wu) = (randn(&[24, 16], 20), randn(&[24, 16], 21));
+    let composed = |x: &Tensor, wg: &Tensor, wu: &Tensor| {
+        composed::swiglu(
+            &composed::linear(x, wg, None).unwrap(),
+            &composed::linear(x, wu, None).unwrap(),
+        )
+        .unwrap()
+    };
+    for (i, rows) in [1, 3, 40].into_iter().enumerate() {
+        let x = randn(&[2, rows, 16], 22 + i as u64);
+        check(
+            &format!("gated_up, {rows} rows a sequence"),
+            &[&x, &wg, &wu],
+            || ops::gated_up(&x, (&wg, None), (&wu, None), (None, None)).unwrap(),
+            || composed(&x, &wg, &wu),
+        );
+    }
+    // A frozen gate weight gets no gradient; the input's still sums both projections.
+    let (x, frozen) = (randn(&[2, 40, 16], 25), wg.as_tensor().detach());
+    check(
+        "gated_up, gate weight frozen",
+        &[&x, &wu],
+        || ops::gated_up(&x, (&frozen, None), (&wu, None), (None, None)).unwrap(),
+        || composed(&x, &frozen, &wu),
+    );
+}
+
+#[test]
+fn gated_up_rejects_weights_of_different_shapes() {
+    let (x, wg, wu) = (
+        randn(&[2, 5, 16], 26),
+        randn(&[24, 16], 27),
+        randn(&[12, 16], 28),
+    );
+    let err = ops::gated_up(&x, (&wg, None), (&wu, None), (None, None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("differ in shape"), "{err}");
+}
+
+#[test]
 fn swiglu_rejects_mismatched_shapes() {
     let (gate, up) = (randn(&[2, 6], 12), randn(&[3, 4], 13));
     let err = ops::swiglu(&gate, &up).unwrap_err().to_string();

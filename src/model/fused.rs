@@ -273,6 +273,18 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Linear::backward(x, w, grad)
+    }
+}
+
+impl Linear {
+    /// The gradients of `x @ w^T` for `x` and `w` given the output's gradient `grad`, each only
+    /// where its tensor records gradients; `w`'s goes through `grads::offer`.
+    pub(crate) fn backward(
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         super::turns::yield_to_foreground();
         // A frozen weight (or an input that depends on no variable) gets no gradient: the
         // backward still visits this op for the other argument, and its product would be dropped.

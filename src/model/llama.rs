@@ -181,15 +181,16 @@ impl Architecture for Llama {
                 p.get(&format!("model.layers.{l}.post_attention_layernorm.weight"))?,
                 c.eps,
             )?;
-            let mproj = |name: &str, input: &Tensor| -> Result<Tensor> {
-                p.linear(
-                    input,
-                    &mp(&format!("{name}.weight")),
+            let weight = |name: &str| -> Result<(String, Option<&Tensor>)> {
+                Ok((
+                    mp(&format!("{name}.weight")),
                     bias(c.mlp_bias, mp(&format!("{name}.bias")))?,
-                )
+                ))
             };
-            let gated = ops::swiglu(&mproj("gate_proj", &h)?, &mproj("up_proj", &h)?)?;
-            x = (x + mproj("down_proj", &gated)?)?;
+            let ((gate, b_gate), (up, b_up)) = (weight("gate_proj")?, weight("up_proj")?);
+            let gated = p.gated_up(&h, (&gate, b_gate), (&up, b_up))?;
+            let (down, b_down) = weight("down_proj")?;
+            x = (x + p.linear(&gated, &down, b_down)?)?;
         }
         rms_norm(&x, p.get("model.norm.weight")?, c.eps)
     }

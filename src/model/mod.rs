@@ -149,6 +149,21 @@ impl Params {
     ) -> candle_core::Result<Tensor> {
         ops::linear_from(x, self.get(name)?, b, self.blocks.get(name))
     }
+
+    /// [`ops::gated_up`] with the weights called `gate` and `up` and their biases, if any.
+    pub fn gated_up(
+        &self,
+        x: &Tensor,
+        (gate, b_gate): (&str, Option<&Tensor>),
+        (up, b_up): (&str, Option<&Tensor>),
+    ) -> candle_core::Result<Tensor> {
+        ops::gated_up(
+            x,
+            (self.get(gate)?, b_gate),
+            (self.get(up)?, b_up),
+            (self.blocks.get(gate), self.blocks.get(up)),
+        )
+    }
 }
 
 /// The architecture-specific part of a model: its forward pass and how its parameters group.

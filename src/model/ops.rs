@@ -235,6 +235,27 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     composed::swiglu(gate, up)
 }
 
+/// The SwiGLU MLP's input side, `swiglu(linear(x, w_gate, b_gate), linear(x, w_up, b_up))`, as
+/// one graph node on the CPU where the projections have no biases; `blocks` are the weights'
+/// quantized blocks, where they have them, for few-row products.
+pub fn gated_up(
+    x: &Tensor,
+    (w_gate, b_gate): (&Tensor, Option<&Tensor>),
+    (w_up, b_up): (&Tensor, Option<&Tensor>),
+    blocks: (Option<&Arc<QuantRows>>, Option<&Arc<QuantRows>>),
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || b_gate.is_some() || b_up.is_some() {
+        return swiglu(
+            &linear_from(x, w_gate, b_gate, blocks.0)?,
+            &linear_from(x, w_up, b_up, blocks.1)?,
+        );
+    }
+    let keep = x.track_op() || w_gate.track_op() || w_up.track_op();
+    let op = fused_mlp::GatedUp::new(blocks.0.cloned(), blocks.1.cloned(), keep);
+    x.contiguous()?
+        .apply_op3(&w_gate.contiguous()?, &w_up.contiguous()?, op)
+}
+
 /// Next-token negative log-likelihoods `(b, t - 1)` from final hidden states `(b, t, h)` and an
 /// output head `w (vocab, h)`, as `next_token_nll(linear(hidden, w))`; on the CPU without ever
 /// holding the logits of every position.
