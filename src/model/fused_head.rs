@@ -95,7 +95,11 @@ impl CustomOp2 for HeadNll {
         let w = View::rows(weight, v, h, h);
         let keep = self.keep && n * v <= KEEP_LOGITS;
         // Kept logits are all in memory anyway: one product computes them, packing the head once.
-        let rows = if keep { n } else { balanced(n, self.chunk) };
+        let rows = if keep {
+            n.max(1)
+        } else {
+            balanced(n, self.chunk)
+        };
         // The general product's buffer (all logits when kept), allocated only if a chunk takes
         // that path.
         let mut logits = Vec::with_capacity(if keep { n * v } else { 0 });

@@ -15,11 +15,14 @@ use super::quant::QuantRows;
 /// Elements per parallel task.
 const TASK: usize = 1 << 14;
 
-fn same_shape(l1: &Layout, l2: &Layout) -> Result<()> {
+/// Fails unless `l1` and `l2`, the tensors `what` names in the op `op`, have one shape.
+fn same_shape(op: &str, what: (&str, &str), l1: &Layout, l2: &Layout) -> Result<()> {
     if l1.shape() != l2.shape() {
         bail!(
-            "swiglu: gate {:?} and up {:?} differ in shape",
+            "{op}: {} {:?} and {} {:?} differ in shape",
+            what.0,
             l1.shape(),
+            what.1,
             l2.shape()
         );
     }
@@ -41,7 +44,7 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        same_shape(l1, l2)?;
+        same_shape("swiglu", ("gate", "up"), l1, l2)?;
         let (g, u) = (slice(s1, l1, "gate")?, slice(s2, l2, "up")?);
         Ok((CpuStorage::F32(swiglu(g, u)), l1.shape().clone()))
     }
@@ -78,8 +81,8 @@ impl CustomOp3 for SwiGluGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        same_shape(l1, l2)?;
-        same_shape(l1, l3)?;
+        same_shape("swiglu", ("gate", "up"), l1, l2)?;
+        same_shape("swiglu", ("gate", "grad"), l1, l3)?;
         let (g, u) = (slice(s1, l1, "gate")?, slice(s2, l2, "up")?);
         let mut out = vec![0f32; 2 * g.len()];
         let (dg, du) = out.split_at_mut(g.len());
@@ -162,13 +165,7 @@ impl CustomOp3 for GatedUp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l2.shape() != l3.shape() {
-            bail!(
-                "gated up: gate weight {:?} and up weight {:?} differ in shape",
-                l2.shape(),
-                l3.shape()
-            );
-        }
+        same_shape("gated up", ("gate weight", "up weight"), l2, l3)?;
         let (gate, shape) = self.gate.cpu_fwd(s1, l1, s2, l2)?;
         let (up, _) = self.up.cpu_fwd(s1, l1, s3, l3)?;
         let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (gate, up) else {
