@@ -148,7 +148,7 @@ fn threaded(dst: &mut [MaybeUninit<f32>], a: View, b: View, accumulate: bool) {
 /// weight read as `w^T`) no wider than deep (a wider one it packs on every thread). A transposed
 /// copy in 8 x 8 blocks on all threads costs a fraction of that: at 512 rows, the MLP's down
 /// projection `x @ w^T` from 6.1 to 4.6 ms, the attention's 576 x 576 from 1.9 to 1.8 ms with the
-/// copy (AMD EPYC, 2 threads; docs/benchmarks.md, "Operand layouts"). For a wider `b` the copy
+/// copy (AMD EPYC, 2 threads; docs/benchmarks.md, "operand layouts"). For a wider `b` the copy
 /// costs more than it saves.
 fn gathered(b: &View) -> bool {
     b.rs == 1 && b.cs != 1 && b.rows > 1 && 1 < b.cols && b.cols <= b.rows && b.in_bounds()
