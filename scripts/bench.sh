@@ -8,6 +8,7 @@
 # JSON object in OUT (default target/bench). About 20 minutes on 2 cores. Needs torch,
 # transformers, gguf and accelerate for python3 (see scripts/reference/).
 # LOCUS_FEATURES=mkl benchmarks the build on Intel MKL (scripts/fetch_mkl.sh fetches it).
+# ROUNDS=3 repeats the step benches of both twice more, alternated, and prints the median ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/bench}
@@ -22,8 +23,16 @@ bench=(cargo bench --features "$features")
 "${bench[@]}" --bench load > "$out/load.json"
 gguf=$(python3 -c 'import os; print(os.path.join(os.environ.get("LOCUS_HOME", os.path.expanduser("~/.cache/locus")), "models/SmolLM2-135M-Instruct.Q4_1.gguf"))')
 python3 scripts/reference/bench_torch.py --gguf "$gguf" --threads 2 --json-out "$out/torch.json" > /dev/null
+# ROUNDS=N repeats the step benches of both, one after the other, N - 1 more times: on a shared
+# machine one run's ratio moves 10-30%, and the median over rounds says more.
+rm -f "$out"/locus.[0-9]*.json "$out"/torch.[0-9]*.json
+for ((round = 2; round <= ${ROUNDS:-1}; round++)); do
+  "${bench[@]}" --bench step > "$out/locus.$round.json"
+  python3 scripts/reference/bench_torch.py --gguf "$gguf" --threads 2 --steps-only \
+    --json-out "$out/torch.$round.json" > /dev/null
+done
 python3 - "$out" <<'PY'
-import datetime, json, os, sys
+import datetime, json, os, statistics, sys
 out = sys.argv[1]
 l, u, q, t = (json.load(open(f"{out}/{n}.json")) for n in ["locus", "update_step", "load", "torch"])
 traced, served = (next(r for r in u["runs"] if r["localization"].get("reselect_every") == n) for n in (1, 4))
@@ -49,6 +58,14 @@ for d in u["drift_documents"]:
     print(f'per-batch TGL step as served on {d["documents"]} drift documents ({d["tokens_per_batch"]} tokens, packed): '
           f'{d["seconds_per_batch"]:.2f} s, {d["tokens_per_s"]:.0f} tokens/s (locus; 4 x 128 full rows: '
           f'{4 * 128 / served["seconds_per_batch"]:.0f} tokens/s)')
+rounds = [(l, t)] + [(json.load(open(f"{out}/locus.{r}.json")), json.load(open(f"{out}/torch.{r}.json")))
+                     for r in range(2, 1 + int(os.environ.get("ROUNDS") or 1))]
+if len(rounds) > 1:
+    for name, key in [("forward", "forward_s"), ("forward + backward", "fwd_bwd_s"), ("trace step", "trace_step_s")]:
+        ratios = [theirs[key] / mine[key] for mine, theirs in rounds]
+        each = ", ".join(f"{theirs[key] / mine[key]:.2f}" for mine, theirs in rounds)
+        print(f"{name}, PyTorch time / locus time over {len(rounds)} alternated rounds: {each}; "
+              f"median {statistics.median(ratios):.2f}")
 print("peak RSS MB, training steps: locus", {k: round(v) for k, v in l["peak_rss_mb"].items()},
       "PyTorch", t["peak_rss_mb"], f'(with AdamW state: {t["peak_rss_with_adamw_mb"]})')
 PY

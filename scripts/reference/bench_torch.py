@@ -25,6 +25,7 @@ median of --reps runs after one warm-up run, on a fixed random batch of
                 probe (data/drift/stable.jsonl), one forward per candidate
   generate_tok_s  greedy generation, tokens per second of 64 new tokens
                 (transformers `generate`), median of 3
+--steps-only times the first three alone (scripts/bench.sh's repeated rounds).
 The last three run after the others, so the step timings and peak_rss_mb are
 not affected by the optimizer state.
 peak_rss_mb is the process high-water mark (ru_maxrss), so it includes the
@@ -109,6 +110,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--steps-only", action="store_true",
+                    help="time only forward, forward + backward and the trace step")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -227,11 +230,19 @@ def main() -> None:
     fwd_bwd_s, fwd_bwd_min = timed(fwd_bwd, args.reps, args.device)
     trace_step_s, trace_step_min = timed(trace_step, args.reps, args.device)
     peak_rss = rss_mb()
+    tokens = BATCH * SEQ
+    if args.steps_only:
+        write(args.json_out, {
+            "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count()},
+            "torch": torch.__version__, "device": args.device,
+            "forward_s": round(forward_s, 4), "fwd_bwd_s": round(fwd_bwd_s, 4),
+            "trace_step_s": round(trace_step_s, 4), "peak_rss_mb": round(peak_rss, 1),
+        })
+        return
     score_p50 = score_ms()
     generate_s, _ = timed(generate, 3, args.device)
     tgl_step_s, tgl_step_min = timed(tgl_step, args.reps, args.device)
     load_after = os.getloadavg()[0]
-    tokens = BATCH * SEQ
 
     result = {
         "machine": {
@@ -263,10 +274,15 @@ def main() -> None:
         "peak_rss_mb": round(peak_rss, 1),
         "peak_rss_with_adamw_mb": round(rss_mb(), 1),
     }
+    write(args.json_out, result)
+
+
+def write(path: Path | None, result: dict) -> None:
+    """Prints the result as JSON, and writes it to `path` if given."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
+    if path:
+        path.write_text(text + "\n")
 
 
 if __name__ == "__main__":
