@@ -63,7 +63,7 @@ rounds = [(l, t)] + [(json.load(open(f"{out}/locus.{r}.json")), json.load(open(f
 if len(rounds) > 1:
     for name, key in [("forward", "forward_s"), ("forward + backward", "fwd_bwd_s"), ("trace step", "trace_step_s")]:
         ratios = [theirs[key] / mine[key] for mine, theirs in rounds]
-        each = ", ".join(f"{theirs[key] / mine[key]:.2f}" for mine, theirs in rounds)
+        each = ", ".join(f"{r:.2f}" for r in ratios)
         print(f"{name}, PyTorch time / locus time over {len(rounds)} alternated rounds: {each}; "
               f"median {statistics.median(ratios):.2f}")
 print("peak RSS MB, training steps: locus", {k: round(v) for k, v in l["peak_rss_mb"].items()},

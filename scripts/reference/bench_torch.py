@@ -230,7 +230,6 @@ def main() -> None:
     fwd_bwd_s, fwd_bwd_min = timed(fwd_bwd, args.reps, args.device)
     trace_step_s, trace_step_min = timed(trace_step, args.reps, args.device)
     peak_rss = rss_mb()
-    tokens = BATCH * SEQ
     if args.steps_only:
         write(args.json_out, {
             "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count()},
@@ -243,6 +242,7 @@ def main() -> None:
     generate_s, _ = timed(generate, 3, args.device)
     tgl_step_s, tgl_step_min = timed(tgl_step, args.reps, args.device)
     load_after = os.getloadavg()[0]
+    tokens = BATCH * SEQ
 
     result = {
         "machine": {

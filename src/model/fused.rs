@@ -255,7 +255,7 @@ impl CustomOp2 for Linear {
             return Ok((CpuStorage::F32(y), out));
         }
         // Through the tile product, which copies a weight no wider than deep rather than let the
-        // kernel gather it (`tile::column_major`).
+        // kernel gather it (`tile::gathered`).
         let (x, w) = (
             slice(s1, &rows, "linear input")?,
             slice(s2, l2, "linear weight")?,

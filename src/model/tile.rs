@@ -180,6 +180,8 @@ fn transpose(src: &[f32], (rows, cols): (usize, usize), stride: usize, dst: &mut
     if rows == 0 || cols == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    let avx = std::is_x86_feature_detected!("avx");
     dst.par_chunks_mut(TRANSPOSE_BAND * rows)
         .enumerate()
         .for_each(|(band, out)| {
@@ -191,10 +193,11 @@ fn transpose(src: &[f32], (rows, cols): (usize, usize), stride: usize, dst: &mut
                     let from = &src[r * stride + first + c..];
                     let to = &mut out[c * rows + r..];
                     #[cfg(target_arch = "x86_64")]
-                    if h == 8 && w == 8 && std::is_x86_feature_detected!("avx") {
-                        // SAFETY: the CPU has AVX (checked just above); the block's 8 source rows
-                        // of 8 lie inside `from` and its 8 output rows of 8 inside `to` (the
-                        // assert above bounds `src`, and `out` holds `width` rows of `rows`).
+                    if h == 8 && w == 8 && avx {
+                        // SAFETY: the CPU has AVX (`avx`, checked once above); the block's 8
+                        // source rows of 8 lie inside `from` and its 8 output rows of 8 inside
+                        // `to` (the assert above bounds `src`, and `out` holds `width` rows of
+                        // `rows`).
                         unsafe { transpose8_avx(from, stride, to, rows) };
                         continue;
                     }
@@ -595,8 +598,8 @@ mod tests {
         let at = |v: &View, r: usize, c: usize| v.data[r * v.rs + c * v.cs];
         let (m, k) = (37, 29);
         let a_data = values(m * k, 1);
-        // Each operand row-major and column-major (a column-major `a` is copied before the
-        // product, a column-major `b` only where it is no wider than deep: 21 is, 45 is not).
+        // Each operand row-major and column-major (a column-major `b` is copied before the
+        // product where it is no wider than deep: 21 is, 45 is not).
         let a_layouts = [
             View::rows(&a_data, m, k, k),
             View::rows(&a_data, k, m, m).t(),
