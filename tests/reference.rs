@@ -380,3 +380,16 @@ fn continuation_scores_match_the_losses_of_whole_sequences() {
         }
     }
 }
+
+#[test]
+fn a_trace_repeats_bit_for_bit() {
+    // Runs of one trace agree exactly (`locus trace` outputs are compared across runs): no sum
+    // may take its order from hashing or from how threads split the work.
+    let (model, e) = load_tiny("llama");
+    let prepared = prepare(&model, "llama", &span_texts(&e)).unwrap();
+    let first = format!("{:?}", trace(&model, &prepared).unwrap());
+    for run in 1..40 {
+        let again = format!("{:?}", trace(&model, &prepared).unwrap());
+        assert_eq!(again, first, "run {run} of the same trace differs");
+    }
+}

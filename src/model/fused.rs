@@ -85,7 +85,7 @@ fn rows_mut(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
 }
 
 /// Sum of squares of `x` in f64: 16 f32 lanes over blocks short enough to keep each lane's
-/// rounding small, the blocks summed in f64, in parallel.
+/// rounding small, the blocks in parallel, their sums added in f64 in order.
 pub(crate) fn squared_sum(x: &[f32]) -> f64 {
     const BLOCK: usize = 4096;
     let block = |b: &[f32]| -> f64 {
@@ -102,7 +102,10 @@ pub(crate) fn squared_sum(x: &[f32]) -> f64 {
     if x.len() < PAR_ROW * 4 {
         return x.chunks(BLOCK).map(block).sum();
     }
-    x.par_chunks(BLOCK).map(block).sum()
+    // Block sums added in order: rayon's `sum` associates them as its work splits, which
+    // changes the last bit between runs of the same trace.
+    let sums: Vec<f64> = x.par_chunks(BLOCK).map(block).collect();
+    sums.iter().sum()
 }
 
 /// `log(sum(exp(row)))`, computed stably.

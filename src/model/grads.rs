@@ -15,7 +15,7 @@
 //! (`linear_grad`). The embedding lookup then adds its rows' part to the tied head's norm.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::rc::Rc;
 
@@ -246,8 +246,9 @@ pub(crate) fn add_rows_norm(table: &Tensor, ids: &Tensor, rows: &Tensor) -> Resu
                 rows.len()
             );
         }
-        // The lookup's gradient, summed per id.
-        let mut sums: HashMap<u32, Vec<f64>> = HashMap::new();
+        // The lookup's gradient, summed per id; in id order, so that the norm adds its terms in
+        // the same order in every run (a hash map's order changes from process to process).
+        let mut sums: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
         for (&id, row) in ids.iter().zip(rows.chunks_exact(h.max(1))) {
             let sum = sums.entry(id).or_insert_with(|| vec![0.0; h]);
             sum.iter_mut()
