@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::fused::{check_targets, few_rows, log_sum_exp, slice};
 use super::linear_grad::Gram;
-use super::tile::{few_rows_times_t, matmul_threaded as matmul, View};
+use super::tile::{few_rows_times_t, matmul_new, matmul_threaded as matmul, View};
 
 /// Logits per chunk (32 MiB of f32): large enough for full-speed matrix products, small enough
 /// to stay a fraction of a step's memory.
@@ -102,7 +102,7 @@ impl CustomOp2 for HeadNll {
         };
         // The general product's buffer (all logits when kept), allocated only if a chunk takes
         // that path.
-        let mut logits = Vec::with_capacity(if keep { n * v } else { 0 });
+        let mut logits = Vec::new();
         let mut out = Vec::with_capacity(n);
         for start in (0..n).step_by(rows) {
             super::turns::yield_to_foreground();
@@ -110,13 +110,16 @@ impl CustomOp2 for HeadNll {
             let xs = &x[start * h..(start + c) * h];
             // Scoring a continuation projects a handful of rows: see `fused::few_rows`.
             let few;
-            let buf = if few_rows(c, v, h) && !keep {
+            let buf = if keep {
+                // The one chunk holds every row; its buffer is filled, not zeroed first.
+                logits = matmul_new(View::rows(xs, c, h, h), w.t());
+                &logits[..]
+            } else if few_rows(c, v, h) {
                 few = few_rows_times_t(xs, weight, c, v, h);
                 &few[..]
             } else {
-                let at = if keep { start * v } else { 0 };
-                logits.resize(logits.len().max(at + c * v), 0f32);
-                let buf = &mut logits[at..at + c * v];
+                logits.resize(logits.len().max(c * v), 0f32);
+                let buf = &mut logits[..c * v];
                 matmul(buf, View::rows(xs, c, h, h), w.t(), false);
                 &buf[..]
             };

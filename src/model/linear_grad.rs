@@ -17,7 +17,7 @@ use std::rc::Rc;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, TensorId};
 
 use super::fused::{cpu_data, slice};
-use super::tile::{matmul_threaded, View};
+use super::tile::{matmul_new, matmul_rows_new, matmul_threaded, View};
 
 /// Zero runs shorter than this stay in the product: splitting it there costs more in smaller,
 /// less efficient pieces than the rows save.
@@ -103,13 +103,25 @@ pub(crate) fn products(
     })
 }
 
-/// `dw = grad^T @ x` over the live rows of `g (m, n)` and `x (m, k)`, into a zeroed `dw (n, k)`.
-fn weight_product(dw: &mut [f32], g: &[f32], x: &[f32], n: usize, k: usize, live: &[Range<usize>]) {
-    for (i, r) in live.iter().enumerate() {
+/// `dw = grad^T @ x (n, k)` over the live rows of `g (m, n)` and `x (m, k)`.
+fn weight_product(g: &[f32], x: &[f32], n: usize, k: usize, live: &[Range<usize>]) -> Vec<f32> {
+    let views = |r: &Range<usize>| {
         let rows = View::rows(&g[r.start * n..r.end * n], r.len(), n, n);
-        let inputs = View::rows(&x[r.start * k..r.end * k], r.len(), k, k);
-        matmul_threaded(dw, rows.t(), inputs, i > 0);
+        (
+            rows.t(),
+            View::rows(&x[r.start * k..r.end * k], r.len(), k, k),
+        )
+    };
+    let Some((first, rest)) = live.split_first() else {
+        return vec![0f32; n * k];
+    };
+    let (a, b) = views(first);
+    let mut dw = matmul_new(a, b);
+    for r in rest {
+        let (a, b) = views(r);
+        matmul_threaded(&mut dw, a, b, true);
     }
+    dw
 }
 
 /// `|grad^T @ x|^2` over the live rows of `g (m, n)` and `x (m, k)`, `x` being the graph's tensor
@@ -130,9 +142,7 @@ fn squared_norm(
     let shared = super::grads::input_gram(input, live);
     let input_width = if shared.is_some() { 0 } else { k };
     if Gram::cost(l, n + input_width) >= l * n * k {
-        let mut dw = vec![0f32; n * k];
-        weight_product(&mut dw, g, x, n, k, live);
-        return super::fused::squared_sum(&dw);
+        return super::fused::squared_sum(&weight_product(g, x, n, k, live));
     }
     let gather = |data: &[f32], width: usize| -> Vec<f32> {
         let mut rows = Vec::with_capacity(l * width);
@@ -268,11 +278,9 @@ impl CustomOp2 for GradX<'_> {
             bail!("linear backward: gradient width {n} does not match weight rows {n2}");
         }
         let w = View::rows(slice(s2, l2, "linear weight")?, n, k, k);
-        let mut dx = vec![0f32; m * k];
-        for r in self.live {
-            let rows = View::rows(&g[r.start * n..r.end * n], r.len(), n, n);
-            matmul_threaded(&mut dx[r.start * k..r.end * k], rows, w, false);
-        }
+        let dx = matmul_rows_new((m, k), self.live, |r| {
+            (View::rows(&g[r.start * n..r.end * n], r.len(), n, n), w)
+        });
         Ok((CpuStorage::F32(dx), Shape::from((m, k))))
     }
 }
@@ -300,8 +308,7 @@ impl CustomOp2 for GradW<'_> {
         if m != m2 {
             bail!("linear backward: {m} gradient rows for {m2} input rows");
         }
-        let mut dw = vec![0f32; n * k];
-        weight_product(&mut dw, g, slice(s2, l2, "linear input")?, n, k, self.live);
+        let dw = weight_product(g, slice(s2, l2, "linear input")?, n, k, self.live);
         Ok((CpuStorage::F32(dw), Shape::from((n, k))))
     }
 }

@@ -2,6 +2,9 @@
 //! larger tensors (attention heads, query blocks) without copying them out, or reuse and
 //! accumulate into their own buffers (the chunked head).
 
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
 use gemm::Parallelism;
 
 /// A read-only matrix on a slice: element `(r, c)` is `data[r * rs + c * cs]`.
@@ -55,13 +58,73 @@ pub(crate) fn matmul(
     beta: f32,
     accumulate: bool,
 ) {
-    product(dst, dst_stride, a, b, beta, accumulate, Parallelism::None)
+    product(
+        initialised(dst),
+        dst_stride,
+        a,
+        b,
+        beta,
+        accumulate,
+        Parallelism::None,
+    )
 }
 
 /// `dst = a @ b`, or `dst += a @ b` with `accumulate`, for a contiguous row-major `dst`, on
 /// candle's CPU threads: for whole matrices, where a fused kernel reuses or accumulates into a
 /// buffer, which candle's `matmul` (a fresh tensor per call) cannot.
 pub(crate) fn matmul_threaded(dst: &mut [f32], a: View, b: View, accumulate: bool) {
+    threaded(initialised(dst), a, b, accumulate)
+}
+
+/// `a @ b` as a new contiguous row-major matrix, on candle's CPU threads. The product writes
+/// every element, so the buffer is not zeroed first: a forward pass's projections fill a few
+/// hundred megabytes, and zeroing reused heap memory is a pass over all of it.
+pub(crate) fn matmul_new(a: View, b: View) -> Vec<f32> {
+    matmul_rows_new((a.rows, b.cols), std::slice::from_ref(&(0..a.rows)), |_| {
+        (a, b)
+    })
+}
+
+/// The row-major `(m, n)` matrix whose rows `r` are `a @ b` for `(a, b) = views(r)`, for each of
+/// the ascending, disjoint `ranges`, and zero elsewhere, on candle's CPU threads; as
+/// [`matmul_new`], the rows the products fill are not zeroed first.
+pub(crate) fn matmul_rows_new<'v>(
+    (m, n): (usize, usize),
+    ranges: &[Range<usize>],
+    views: impl Fn(&Range<usize>) -> (View<'v>, View<'v>),
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m * n);
+    let spare = &mut out.spare_capacity_mut()[..m * n];
+    let zero = MaybeUninit::new(0.0);
+    let mut done = 0;
+    for r in ranges {
+        let (a, b) = views(r);
+        assert!(
+            done <= r.start && r.end <= m && (a.rows, b.cols) == (r.len(), n),
+            "row products: rows {r:?} of {m} after {done}, a {} x {} product for {n} columns",
+            a.rows,
+            b.cols
+        );
+        spare[done * n..r.start * n].fill(zero);
+        threaded(&mut spare[r.start * n..r.end * n], a, b, false);
+        done = r.end;
+    }
+    spare[done * n..].fill(zero);
+    // SAFETY: every row is either zeroed just above or written whole by `threaded` without
+    // accumulation (the assert matches each product's shape to its rows).
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// `dst` as the possibly uninitialised destination the products take.
+fn initialised(dst: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and the products write only initialised
+    // values, so `dst` stays initialised.
+    unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// [`matmul_threaded`] into a destination that need not be initialised unless `accumulate`.
+fn threaded(dst: &mut [MaybeUninit<f32>], a: View, b: View, accumulate: bool) {
     #[cfg(feature = "mkl")]
     if mkl::product(dst, a, b, accumulate) {
         return;
@@ -71,14 +134,127 @@ pub(crate) fn matmul_threaded(dst: &mut [f32], a: View, b: View, accumulate: boo
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),
     };
+    let mut b_rows = Vec::new();
+    let b = match gathered(&b) {
+        true => row_major_copy(b, &mut b_rows),
+        false => b,
+    };
     product(dst, b.cols, a, b, 1.0, accumulate, parallelism)
+}
+
+/// Whether the portable kernel would gather the right-hand operand `b` one scalar at a time, on
+/// the calling thread alone before its threads start: it computes a row-major product as its
+/// transpose and packs `b^T` in row-major panels, so it does that for a column-major `b` (a
+/// weight read as `w^T`) no wider than deep (a wider one it packs on every thread). A transposed
+/// copy in 8 x 8 blocks on all threads costs a fraction of that: at 512 rows, the MLP's down
+/// projection `x @ w^T` from 6.1 to 4.6 ms, the attention's 576 x 576 from 1.9 to 1.8 ms with the
+/// copy (AMD EPYC, 2 threads; docs/benchmarks.md, "operand layouts"). For a wider `b` the copy
+/// costs more than it saves.
+fn gathered(b: &View) -> bool {
+    b.rs == 1 && b.cs != 1 && b.rows > 1 && 1 < b.cols && b.cols <= b.rows && b.in_bounds()
+}
+
+/// `v` copied into `buf` as a contiguous row-major matrix.
+fn row_major_copy<'b>(v: View, buf: &'b mut Vec<f32>) -> View<'b> {
+    buf.clear();
+    buf.resize(v.rows * v.cols, 0.0);
+    // `v` read row by row is the row-major `(cols, rows)` matrix with rows `cs` apart.
+    transpose(v.data, (v.cols, v.rows), v.cs, buf);
+    View::rows(buf, v.rows, v.cols, v.cols)
+}
+
+/// Dst rows each thread's piece of a [`transpose`] covers: 8-row blocks of the source are read
+/// 256 bytes a row, and the piece's 64 output rows stay in the first-level cache.
+const TRANSPOSE_BAND: usize = 64;
+
+/// Writes the transpose of the row-major `(rows, cols)` matrix `src`, whose rows start `stride`
+/// elements apart, into `dst` as a row-major `(cols, rows)`, in bands of output rows over
+/// candle's threads.
+fn transpose(src: &[f32], (rows, cols): (usize, usize), stride: usize, dst: &mut [f32]) {
+    use rayon::prelude::*;
+    assert!(
+        dst.len() == rows * cols
+            && (rows == 0 || cols == 0 || (rows - 1) * stride + cols <= src.len()),
+        "transpose: a {rows} x {cols} matrix with rows {stride} apart does not fit its slices"
+    );
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    let avx = std::is_x86_feature_detected!("avx");
+    dst.par_chunks_mut(TRANSPOSE_BAND * rows)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let first = band * TRANSPOSE_BAND;
+            let width = out.len() / rows;
+            for r in (0..rows).step_by(8) {
+                for c in (0..width).step_by(8) {
+                    let (h, w) = ((rows - r).min(8), (width - c).min(8));
+                    let from = &src[r * stride + first + c..];
+                    let to = &mut out[c * rows + r..];
+                    #[cfg(target_arch = "x86_64")]
+                    if h == 8 && w == 8 && avx {
+                        // SAFETY: the CPU has AVX (`avx`, checked once above); the block's 8
+                        // source rows of 8 lie inside `from` and its 8 output rows of 8 inside
+                        // `to` (the assert above bounds `src`, and `out` holds `width` rows of
+                        // `rows`).
+                        unsafe { transpose8_avx(from, stride, to, rows) };
+                        continue;
+                    }
+                    for i in 0..h {
+                        for j in 0..w {
+                            to[j * rows + i] = from[i * stride + j];
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The 8 x 8 block at the start of `src` (rows `ss` apart), transposed to the start of `dst`
+/// (rows `ds` apart), in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose8_avx(src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
+    use std::arch::x86_64::*;
+    assert!(src.len() > 7 * ss + 7 && dst.len() > 7 * ds + 7);
+    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src[i * ss..].as_ptr()));
+    // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    for i in 0..4 {
+        let low = _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]);
+        let high = _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]);
+        _mm256_storeu_ps(dst[i * ds..].as_mut_ptr(), low);
+        _mm256_storeu_ps(dst[(i + 4) * ds..].as_mut_ptr(), high);
+    }
 }
 
 /// The whole-matrix products on MKL's threads, in the build that links MKL for candle's products,
 /// so the chunked head runs on the same kernels as every other layer.
 #[cfg(feature = "mkl")]
 mod mkl {
-    use super::View;
+    use std::mem::MaybeUninit;
+
+    use super::{fits, View};
 
     const ROW_MAJOR: i32 = 101;
     const NO_TRANS: i32 = 111;
@@ -119,9 +295,13 @@ mod mkl {
     /// `dst = a @ b` or `dst += a @ b` for a contiguous `dst` through `cblas_sgemm`; false
     /// (nothing written) where a view's strides or a size do not fit BLAS, for the portable kernel
     /// to take.
-    pub(super) fn product(dst: &mut [f32], a: View, b: View, accumulate: bool) -> bool {
+    pub(super) fn product(
+        dst: &mut [MaybeUninit<f32>],
+        a: View,
+        b: View,
+        accumulate: bool,
+    ) -> bool {
         let (m, k, n) = (a.rows, a.cols, b.cols);
-        let out = View::rows(dst, m, n, n);
         let (Some((ta, lda)), Some((tb, ldb))) = (blas_layout(&a), blas_layout(&b)) else {
             return false;
         };
@@ -131,7 +311,7 @@ mod mkl {
             || n == 0
             || k == 0
             || sizes.iter().any(|&s| i32::try_from(s).is_err())
-            || !(a.in_bounds() && b.in_bounds() && out.in_bounds())
+            || !(a.in_bounds() && b.in_bounds() && fits(dst, m, n, n))
         {
             return false;
         }
@@ -152,7 +332,7 @@ mod mkl {
                 b.data.as_ptr(),
                 ldb as i32,
                 beta,
-                dst.as_mut_ptr(),
+                dst.as_mut_ptr().cast::<f32>(),
                 n as i32,
             )
         }
@@ -160,8 +340,13 @@ mod mkl {
     }
 }
 
+/// Whether a row-major `(m, n)` matrix with rows `stride` apart lies inside `dst`.
+fn fits<T>(dst: &[T], m: usize, n: usize, stride: usize) -> bool {
+    m == 0 || n == 0 || (m - 1) * stride + n <= dst.len()
+}
+
 fn product(
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     dst_stride: usize,
     a: View,
     b: View,
@@ -175,9 +360,8 @@ fn product(
         "tile product: inner dimensions {k} and {}",
         b.rows
     );
-    let out = View::rows(dst, m, n, dst_stride);
     assert!(
-        a.in_bounds() && b.in_bounds() && out.in_bounds(),
+        a.in_bounds() && b.in_bounds() && fits(dst, m, n, dst_stride),
         "tile product: a view reaches past its slice"
     );
     if m == 0 || n == 0 {
@@ -187,7 +371,7 @@ fn product(
         if !accumulate {
             dst.chunks_mut(dst_stride)
                 .take(m)
-                .for_each(|row| row[..n].fill(0.0));
+                .for_each(|row| row[..n].fill(MaybeUninit::new(0.0)));
         }
         return;
     }
@@ -198,7 +382,7 @@ fn product(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<f32>(),
             1,
             dst_stride as isize,
             accumulate,
@@ -384,6 +568,90 @@ unsafe fn dots_avx512_n<const M: usize, const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 37 + seed) % 101) as f32 / 25.0 - 2.0)
+            .collect()
+    }
+
+    #[test]
+    fn transpose_matches_element_by_element() {
+        // Sizes on and off the 8 x 8 blocks and the 64-row bands, with padded rows.
+        for (rows, cols, pad) in [(1, 1, 0), (8, 8, 0), (13, 70, 3), (130, 9, 1), (64, 200, 0)] {
+            let stride = cols + pad;
+            let src = values(rows * stride, rows);
+            let mut dst = vec![f32::NAN; rows * cols];
+            transpose(&src, (rows, cols), stride, &mut dst);
+            for (r, c) in (0..rows).flat_map(|r| (0..cols).map(move |c| (r, c))) {
+                assert_eq!(
+                    dst[c * rows + r],
+                    src[r * stride + c],
+                    "{rows}x{cols} at {r},{c}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn threaded_products_of_every_layout_agree() {
+        let at = |v: &View, r: usize, c: usize| v.data[r * v.rs + c * v.cs];
+        let (m, k) = (37, 29);
+        let a_data = values(m * k, 1);
+        // Each operand row-major and column-major (a column-major `b` is copied before the
+        // product where it is no wider than deep: 21 is, 45 is not).
+        let a_layouts = [
+            View::rows(&a_data, m, k, k),
+            View::rows(&a_data, k, m, m).t(),
+        ];
+        for n in [21, 45] {
+            let b_data = values(k * n, n);
+            let b_layouts = [
+                View::rows(&b_data, k, n, n),
+                View::rows(&b_data, n, k, k).t(),
+            ];
+            for (a, b) in a_layouts
+                .iter()
+                .flat_map(|a| b_layouts.iter().map(move |b| (a, b)))
+            {
+                let mut dst = vec![1f32; m * n];
+                matmul_threaded(&mut dst, *a, *b, false);
+                for (i, got) in dst.iter().enumerate() {
+                    let want: f32 = (0..k).map(|j| at(a, i / n, j) * at(b, j, i % n)).sum();
+                    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_products_fill_their_rows_and_zero_the_rest() {
+        let (m, k, n) = (40, 6, 5);
+        let (a_data, b_data) = (values(m * k, 3), values(k * n, 4));
+        let b = View::rows(&b_data, k, n, n);
+        let rows = |r: &Range<usize>| View::rows(&a_data[r.start * k..r.end * k], r.len(), k, k);
+        // A gap, a first range away from row 0 and zero rows at the end; then no ranges at all.
+        let out = matmul_rows_new((m, n), &[3..10, 10..12, 20..33], |r| (rows(r), b));
+        let live = |i: usize| (3..12).contains(&i) || (20..33).contains(&i);
+        for (i, row) in out.chunks(n).enumerate() {
+            for (j, &got) in row.iter().enumerate() {
+                let want: f32 = match live(i) {
+                    true => (0..k).map(|c| a_data[i * k + c] * b_data[c * n + j]).sum(),
+                    false => 0.0,
+                };
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "row {i} column {j}: {got} vs {want}"
+                );
+            }
+        }
+        let none = matmul_rows_new((m, n), &[], |r| (rows(r), b));
+        assert!(none.len() == m * n && none.iter().all(|&v| v == 0.0));
+        let empty = View::rows(&[], m, 0, 0);
+        assert!(matmul_new(empty, View::rows(&[], 0, n, n))
+            .iter()
+            .all(|&v| v == 0.0));
+    }
 
     #[test]
     fn dot_products_agree_with_and_without_avx512() {
