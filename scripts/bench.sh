@@ -31,7 +31,7 @@ for ((round = 2; round <= ${ROUNDS:-1}; round++)); do
   python3 scripts/reference/bench_torch.py --gguf "$gguf" --threads 2 --steps-only \
     --json-out "$out/torch.$round.json" > /dev/null
 done
-python3 - "$out" <<'PY'
+python3 - "$out" "${ROUNDS:-1}" <<'PY'
 import datetime, json, os, statistics, sys
 out = sys.argv[1]
 l, u, q, t = (json.load(open(f"{out}/{n}.json")) for n in ["locus", "update_step", "load", "torch"])
@@ -59,7 +59,7 @@ for d in u["drift_documents"]:
           f'{d["seconds_per_batch"]:.2f} s, {d["tokens_per_s"]:.0f} tokens/s (locus; 4 x 128 full rows: '
           f'{4 * 128 / served["seconds_per_batch"]:.0f} tokens/s)')
 rounds = [(l, t)] + [(json.load(open(f"{out}/locus.{r}.json")), json.load(open(f"{out}/torch.{r}.json")))
-                     for r in range(2, 1 + int(os.environ.get("ROUNDS") or 1))]
+                     for r in range(2, 1 + int(sys.argv[2]))]
 if len(rounds) > 1:
     for name, key in [("forward", "forward_s"), ("forward + backward", "fwd_bwd_s"), ("trace step", "trace_step_s")]:
         ratios = [theirs[key] / mine[key] for mine, theirs in rounds]

@@ -230,21 +230,9 @@ def main() -> None:
     fwd_bwd_s, fwd_bwd_min = timed(fwd_bwd, args.reps, args.device)
     trace_step_s, trace_step_min = timed(trace_step, args.reps, args.device)
     peak_rss = rss_mb()
-    if args.steps_only:
-        write(args.json_out, {
-            "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count()},
-            "torch": torch.__version__, "device": args.device,
-            "forward_s": round(forward_s, 4), "fwd_bwd_s": round(fwd_bwd_s, 4),
-            "trace_step_s": round(trace_step_s, 4), "peak_rss_mb": round(peak_rss, 1),
-        })
-        return
-    score_p50 = score_ms()
-    generate_s, _ = timed(generate, 3, args.device)
-    tgl_step_s, tgl_step_min = timed(tgl_step, args.reps, args.device)
-    load_after = os.getloadavg()[0]
     tokens = BATCH * SEQ
-
-    result = {
+    # The step timings, all that --steps-only reports; the full run adds to them.
+    steps = {
         "machine": {
             "platform": platform.platform(),
             "cpu": cpu_model(),
@@ -260,18 +248,29 @@ def main() -> None:
         "forward_s": round(forward_s, 4),
         "fwd_bwd_s": round(fwd_bwd_s, 4),
         "trace_step_s": round(trace_step_s, 4),
-        "tgl_step_s": round(tgl_step_s, 4),
-        "score_ms": round(score_p50, 2),
-        "generate_tok_s": round(GENERATE_TOKENS / generate_s, 2),
         "tokens_per_s_fwd": round(tokens / forward_s, 1),
         "tokens_per_s_fwd_bwd": round(tokens / fwd_bwd_s, 1),
         "tokens_per_s_trace": round(tokens / trace_step_s, 1),
+        "peak_rss_mb": round(peak_rss, 1),
+    }
+    if args.steps_only:
+        write(args.json_out, steps)
+        return
+    score_p50 = score_ms()
+    generate_s, _ = timed(generate, 3, args.device)
+    tgl_step_s, tgl_step_min = timed(tgl_step, args.reps, args.device)
+    load_after = os.getloadavg()[0]
+
+    result = {
+        **steps,
+        "tgl_step_s": round(tgl_step_s, 4),
+        "score_ms": round(score_p50, 2),
+        "generate_tok_s": round(GENERATE_TOKENS / generate_s, 2),
         "min_s": {"forward": round(forward_min, 4), "fwd_bwd": round(fwd_bwd_min, 4),
                   "trace_step": round(trace_step_min, 4), "tgl_step": round(tgl_step_min, 4)},
         # 1-minute load average; ~threads when the box was otherwise idle.
         "loadavg_before_after": [round(load_before, 2), round(load_after, 2)],
         "rss_after_load_mb": round(rss_after_load, 1),
-        "peak_rss_mb": round(peak_rss, 1),
         "peak_rss_with_adamw_mb": round(rss_mb(), 1),
     }
     write(args.json_out, result)
