@@ -20,9 +20,20 @@ const ELEMENTWISE_SPIN: &str = "100";
 /// a waiting query wakes, so the query would wait seconds for a few microseconds of work. With one
 /// thread the pool runs each operation inline, without the lock; matrix products keep their
 /// threads.
+///
+/// Any other process computes on its main thread, which therefore becomes one of rayon's threads:
+/// each of a step's thousands of matrix products would otherwise hand its work to the pool and
+/// put the main thread to sleep until it is done, two wake-ups per product, and a profile of the
+/// trace step put 9% of its time in the kernel's scheduler. (A server's learner already runs on a
+/// pool of its own, and its main thread drives the network, so it keeps rayon's default.)
 pub fn configure_threads(serves: bool) {
     if serves {
         set_default("CANDLE_NUM_THREADS", "1");
+    } else {
+        // Fails only if the pool already started, which leaves rayon's default.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .use_current_thread()
+            .build_global();
     }
     set_default("CANDLE_BARRIER_POOL_SPIN_LIMIT", ELEMENTWISE_SPIN);
     if cfg!(feature = "mkl") {
