@@ -23,9 +23,10 @@ const ELEMENTWISE_SPIN: &str = "100";
 ///
 /// Any other process computes on its main thread, which therefore becomes one of rayon's threads:
 /// each of a step's thousands of matrix products would otherwise hand its work to the pool and
-/// put the main thread to sleep until it is done, two wake-ups per product, and a profile of the
-/// trace step put 9% of its time in the kernel's scheduler. (A server's learner already runs on a
-/// pool of its own, and its main thread drives the network, so it keeps rayon's default.)
+/// put the main thread to sleep until it is done, two wake-ups per product: a profile of the step
+/// benchmark put 5% of its time in the kernel's scheduler (a span backward alone, 10%), and 2.6%
+/// with the main thread in the pool. (A server's learner already runs on a pool of its own, and
+/// its main thread drives the network, so it keeps rayon's default.)
 pub fn configure_threads(serves: bool) {
     if serves {
         set_default("CANDLE_NUM_THREADS", "1");
