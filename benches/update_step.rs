@@ -5,8 +5,10 @@
 //! eight real drift documents (`data/drift/updates.jsonl`, 40-70 tokens each), for tokens per
 //! second on the text a server is streamed: four of them take a row each, eight pack two to a row
 //! (see `locus::model::packing`). `cargo bench --bench update_step` prints one JSON object: per
-//! setting, the median of 3 cycles' mean step time after one warm-up cycle, a cycle being one
-//! step, or the 4 steps between re-selections (one traced, three that reuse the selection).
+//! setting, the median of 5 cycles' mean step time after one warm-up cycle (as PyTorch's baseline
+//! takes the median of 5 runs), a cycle being one step, or the 4 steps between re-selections (one
+//! traced, three that reuse the selection). `cargo bench --bench update_step -- --traced-only`
+//! runs the step traced every batch alone, for `scripts/bench.sh`'s repeated rounds.
 //! `LOCUS_DEVICE=cuda:0` runs it on a GPU (a build with `--features cuda`).
 
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use locus::model::{load, Model};
 use locus::trace::GroupStat;
 
 const SAMPLE: &str = include_str!("../data/sample/trace.jsonl");
+/// Cycles timed per setting, after the warm-up one.
+const CYCLES: usize = 5;
 #[path = "support/drift.rs"]
 mod drift;
 
@@ -82,7 +86,7 @@ fn bench(
     }
     let mut secs = Vec::new();
     let (mut groups, mut tokens) = (0, 0);
-    for _ in 0..3 {
+    for _ in 0..CYCLES {
         let mut total = 0.0;
         for _ in 0..cycle {
             let r = learner.step(batch)?;
@@ -92,10 +96,11 @@ fn bench(
         secs.push(total / cycle as f64);
     }
     secs.sort_by(f64::total_cmp);
+    let median = secs[CYCLES / 2];
     let (params, state) = learner.optimizer_footprint();
     Ok(serde_json::json!({
         "strategy": strategy, "localization": localization, "steps_per_cycle": cycle, "groups_updated": groups,
-        "seconds_per_batch": secs[1], "tokens_per_batch": tokens, "tokens_per_s": tokens as f64 / secs[1],
+        "seconds_per_batch": median, "tokens_per_batch": tokens, "tokens_per_s": tokens as f64 / median,
         "optimizer_params": params, "optimizer_state_mb": state as f64 * 4.0 / 1048576.0,
     }))
 }
@@ -112,12 +117,16 @@ fn main() -> anyhow::Result<()> {
         reselect_every: 1,
     };
     let full_rows = docs();
-    let runs = vec![
-        bench(&model, &full_rows, "full", Localization::Static, false)?,
-        bench(&model, &full_rows, "tgl-fp", Localization::Static, true)?,
-        bench(&model, &full_rows, "tgl-fp", traced, false)?,
-        bench(&model, &full_rows, "tgl-fp", served, false)?,
-    ];
+    let traced_only = std::env::args().any(|a| a == "--traced-only");
+    let runs = match traced_only {
+        true => vec![bench(&model, &full_rows, "tgl-fp", traced, false)?],
+        false => vec![
+            bench(&model, &full_rows, "full", Localization::Static, false)?,
+            bench(&model, &full_rows, "tgl-fp", Localization::Static, true)?,
+            bench(&model, &full_rows, "tgl-fp", traced, false)?,
+            bench(&model, &full_rows, "tgl-fp", served, false)?,
+        ],
+    };
     for r in &runs {
         assert_eq!(
             r["tokens_per_batch"],
@@ -127,6 +136,7 @@ fn main() -> anyhow::Result<()> {
     }
     let drift = [4, 8]
         .into_iter()
+        .filter(|_| !traced_only)
         .map(|n| {
             let mut r = bench(&model, &drift_docs(n), "tgl-fp", served, false)?;
             r["documents"] = n.into();

@@ -8,7 +8,8 @@
 # JSON object in OUT (default target/bench). About 20 minutes on 2 cores. Needs torch,
 # transformers, gguf and accelerate for python3 (see scripts/reference/).
 # LOCUS_FEATURES=mkl benchmarks the build on Intel MKL (scripts/fetch_mkl.sh fetches it).
-# ROUNDS=3 repeats the step benches of both twice more, alternated, and prints the median ratios.
+# ROUNDS=3 repeats the step benches of both (with the per-batch step traced every batch) twice
+# more, alternated, and prints the median ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/bench}
@@ -25,9 +26,10 @@ gguf=$(python3 -c 'import os; print(os.path.join(os.environ.get("LOCUS_HOME", os
 python3 scripts/reference/bench_torch.py --gguf "$gguf" --threads 2 --json-out "$out/torch.json" > /dev/null
 # ROUNDS=N repeats the step benches of both, one after the other, N - 1 more times: on a shared
 # machine one run's ratio moves 10-30%, and the median over rounds says more.
-rm -f "$out"/locus.[0-9]*.json "$out"/torch.[0-9]*.json
+rm -f "$out"/locus.[0-9]*.json "$out"/update_step.[0-9]*.json "$out"/torch.[0-9]*.json
 for ((round = 2; round <= ${ROUNDS:-1}; round++)); do
   "${bench[@]}" --bench step > "$out/locus.$round.json"
+  "${bench[@]}" --bench update_step -- --traced-only > "$out/update_step.$round.json"
   python3 scripts/reference/bench_torch.py --gguf "$gguf" --threads 2 --steps-only \
     --json-out "$out/torch.$round.json" > /dev/null
 done
@@ -35,7 +37,9 @@ python3 - "$out" "${ROUNDS:-1}" <<'PY'
 import datetime, json, os, statistics, sys
 out = sys.argv[1]
 l, u, q, t = (json.load(open(f"{out}/{n}.json")) for n in ["locus", "update_step", "load", "torch"])
-traced, served = (next(r for r in u["runs"] if r["localization"].get("reselect_every") == n) for n in (1, 4))
+def every(u, n):
+    return next(r for r in u["runs"] if r["localization"].get("reselect_every") == n)
+traced, served = every(u, 1), every(u, 4)
 features = os.environ.get("LOCUS_FEATURES") or "default"
 print(f'machine: {t["machine"]["cpu"]}, {t["machine"]["logical_cpus"]} logical CPUs; torch {t["torch"]}; '
       f'locus features: {features}; {datetime.date.today()}')
@@ -58,10 +62,16 @@ for d in u["drift_documents"]:
     print(f'per-batch TGL step as served on {d["documents"]} drift documents ({d["tokens_per_batch"]} tokens, packed): '
           f'{d["seconds_per_batch"]:.2f} s, {d["tokens_per_s"]:.0f} tokens/s (locus; 4 x 128 full rows: '
           f'{4 * 128 / served["seconds_per_batch"]:.0f} tokens/s)')
-rounds = [(l, t)] + [(json.load(open(f"{out}/locus.{r}.json")), json.load(open(f"{out}/torch.{r}.json")))
-                     for r in range(2, 1 + int(sys.argv[2]))]
+# Each round as its step timings: locus's step bench with its per-batch step traced every batch.
+def timings(l, u):
+    return {**l, "tgl_step_s": every(u, 1)["seconds_per_batch"]}
+rounds = [(timings(l, u), t)] + [
+    (timings(json.load(open(f"{out}/locus.{r}.json")), json.load(open(f"{out}/update_step.{r}.json"))),
+     json.load(open(f"{out}/torch.{r}.json")))
+    for r in range(2, 1 + int(sys.argv[2]))]
 if len(rounds) > 1:
-    for name, key in [("forward", "forward_s"), ("forward + backward", "fwd_bwd_s"), ("trace step", "trace_step_s")]:
+    for name, key in [("forward", "forward_s"), ("forward + backward", "fwd_bwd_s"), ("trace step", "trace_step_s"),
+                      ("per-batch TGL step traced every batch", "tgl_step_s")]:
         ratios = [theirs[key] / mine[key] for mine, theirs in rounds]
         each = ", ".join(f"{r:.2f}" for r in ratios)
         print(f"{name}, PyTorch time / locus time over {len(rounds)} alternated rounds: {each}; "

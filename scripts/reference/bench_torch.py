@@ -25,9 +25,9 @@ median of --reps runs after one warm-up run, on a fixed random batch of
                 probe (data/drift/stable.jsonl), one forward per candidate
   generate_tok_s  greedy generation, tokens per second of 64 new tokens
                 (transformers `generate`), median of 3
---steps-only times the first three alone (scripts/bench.sh's repeated rounds).
-The last three run after the others, so the step timings and peak_rss_mb are
-not affected by the optimizer state.
+--steps-only times the first four alone (scripts/bench.sh's repeated rounds).
+peak_rss_mb is read before the TGL step, so it does not count the optimizer
+state; scoring and generation run last.
 peak_rss_mb is the process high-water mark (ru_maxrss), so it includes the
 GGUF load/dequantization as well as the backward passes; rss_after_load_mb is
 given alongside so the two can be told apart.
@@ -111,7 +111,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--steps-only", action="store_true",
-                    help="time only forward, forward + backward and the trace step")
+                    help="time only the training steps: forward, forward + backward, the "
+                         "trace step and the naive per-batch TGL step")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -229,7 +230,9 @@ def main() -> None:
     forward_s, forward_min = timed(forward, args.reps, args.device)
     fwd_bwd_s, fwd_bwd_min = timed(fwd_bwd, args.reps, args.device)
     trace_step_s, trace_step_min = timed(trace_step, args.reps, args.device)
+    # Read before the TGL step, whose AdamW state would count in it.
     peak_rss = rss_mb()
+    tgl_step_s, tgl_step_min = timed(tgl_step, args.reps, args.device)
     tokens = BATCH * SEQ
     # The step timings, all that --steps-only reports; the full run adds to them.
     steps = {
@@ -248,6 +251,7 @@ def main() -> None:
         "forward_s": round(forward_s, 4),
         "fwd_bwd_s": round(fwd_bwd_s, 4),
         "trace_step_s": round(trace_step_s, 4),
+        "tgl_step_s": round(tgl_step_s, 4),
         "tokens_per_s_fwd": round(tokens / forward_s, 1),
         "tokens_per_s_fwd_bwd": round(tokens / fwd_bwd_s, 1),
         "tokens_per_s_trace": round(tokens / trace_step_s, 1),
@@ -258,12 +262,10 @@ def main() -> None:
         return
     score_p50 = score_ms()
     generate_s, _ = timed(generate, 3, args.device)
-    tgl_step_s, tgl_step_min = timed(tgl_step, args.reps, args.device)
     load_after = os.getloadavg()[0]
 
     result = {
         **steps,
-        "tgl_step_s": round(tgl_step_s, 4),
         "score_ms": round(score_p50, 2),
         "generate_tok_s": round(GENERATE_TOKENS / generate_s, 2),
         "min_s": {"forward": round(forward_min, 4), "fwd_bwd": round(fwd_bwd_min, 4),
