@@ -105,6 +105,9 @@ for r in u["runs"]:
     loc = r["localization"]
     every = f', re-selected every {loc["reselect_every"]}' if "reselect_every" in loc else ""
     print(f'update_step {r["strategy"]} ({loc["mode"]}{every}, {r["groups_updated"]} groups): {r["seconds_per_batch"]:.4f} s')
+traced = next(r for r in u["runs"] if r["localization"].get("reselect_every") == 1)
+print(f'per-batch TGL step traced every batch: torch trace + train {t["tgl_step_s"]:.4f} s / locus '
+      f'{traced["seconds_per_batch"]:.4f} s = {t["tgl_step_s"] / traced["seconds_per_batch"]:.2f}')
 PY
   cp "$work"/*.json "${OUT:-$work}/" 2>/dev/null || true
   exit "$failed"
