@@ -118,15 +118,19 @@ fn main() -> anyhow::Result<()> {
     };
     let full_rows = docs();
     let traced_only = std::env::args().any(|a| a == "--traced-only");
-    let runs = match traced_only {
-        true => vec![bench(&model, &full_rows, "tgl-fp", traced, false)?],
-        false => vec![
-            bench(&model, &full_rows, "full", Localization::Static, false)?,
-            bench(&model, &full_rows, "tgl-fp", Localization::Static, true)?,
-            bench(&model, &full_rows, "tgl-fp", traced, false)?,
-            bench(&model, &full_rows, "tgl-fp", served, false)?,
-        ],
-    };
+    let settings = [
+        ("full", Localization::Static, false),
+        ("tgl-fp", Localization::Static, true),
+        ("tgl-fp", traced, false),
+        ("tgl-fp", served, false),
+    ];
+    let runs = settings
+        .into_iter()
+        .filter(|&(_, localization, _)| !traced_only || localization == traced)
+        .map(|(strategy, localization, fixed)| {
+            bench(&model, &full_rows, strategy, localization, fixed)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     for r in &runs {
         assert_eq!(
             r["tokens_per_batch"],
@@ -134,9 +138,10 @@ fn main() -> anyhow::Result<()> {
             "documents must fill 128 tokens"
         );
     }
-    let drift = [4, 8]
-        .into_iter()
-        .filter(|_| !traced_only)
+    let drift_sizes: &[usize] = if traced_only { &[] } else { &[4, 8] };
+    let drift = drift_sizes
+        .iter()
+        .copied()
         .map(|n| {
             let mut r = bench(&model, &drift_docs(n), "tgl-fp", served, false)?;
             r["documents"] = n.into();
