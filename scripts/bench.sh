@@ -10,6 +10,8 @@
 # LOCUS_FEATURES=mkl benchmarks the build on Intel MKL (scripts/fetch_mkl.sh fetches it).
 # ROUNDS=3 repeats the step benches of both (with the per-batch step traced every batch) twice
 # more, alternated, and prints the median ratios.
+# TORCH_COMPILE=1 also times PyTorch's training steps compiled by torch.compile (inductor, about
+# 3 minutes more) and prints locus's median against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/bench}
@@ -33,6 +35,11 @@ for ((round = 2; round <= ${ROUNDS:-1}; round++)); do
   python3 scripts/reference/bench_torch.py --gguf "$gguf" --threads 2 --steps-only \
     --json-out "$out/torch.$round.json" > /dev/null
 done
+rm -f "$out/torch.compiled.json"
+if [[ ${TORCH_COMPILE-} == 1 ]]; then
+  python3 scripts/reference/bench_torch.py --gguf "$gguf" --threads 2 --compile \
+    --json-out "$out/torch.compiled.json" > /dev/null
+fi
 python3 - "$out" "${ROUNDS:-1}" <<'PY'
 import datetime, json, os, statistics, sys
 out = sys.argv[1]
@@ -76,6 +83,12 @@ if len(rounds) > 1:
         each = ", ".join(f"{r:.2f}" for r in ratios)
         print(f"{name}, PyTorch time / locus time over {len(rounds)} alternated rounds: {each}; "
               f"median {statistics.median(ratios):.2f}")
+if os.path.exists(f"{out}/torch.compiled.json"):
+    c = json.load(open(f"{out}/torch.compiled.json"))
+    for name, key in [("forward", "forward_s"), ("forward + backward", "fwd_bwd_s"), ("trace step", "trace_step_s")]:
+        mine = statistics.median(m[key] for m, _ in rounds)
+        print(f"{name} against torch.compile (inductor, compiled in {c['compile_s'][key[:-2]]} s): "
+              f"locus {mine:.3g} s (median of {len(rounds)}), PyTorch compiled {c[key]:.3g} s, ratio {c[key] / mine:.2f}")
 print("peak RSS MB, training steps: locus", {k: round(v) for k, v in l["peak_rss_mb"].items()},
       "PyTorch", t["peak_rss_mb"], f'(with AdamW state: {t["peak_rss_with_adamw_mb"]})')
 PY

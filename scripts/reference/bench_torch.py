@@ -26,6 +26,11 @@ median of --reps runs after one warm-up run, on a fixed random batch of
   generate_tok_s  greedy generation, tokens per second of 64 new tokens
                 (transformers `generate`), median of 3
 --steps-only times the first four alone (scripts/bench.sh's repeated rounds).
+--compile runs the model through torch.compile (inductor) and times the first
+three alone (tgl_step_s is null: switching requires_grad recompiles the model
+on every call); compile_s has the first call of each, which compiles.
+Attention is transformers' eager implementation: at this shape it is PyTorch's
+faster one for training (docs/benchmarks.md, "Against torch.compile").
 peak_rss_mb is read before the TGL step, so it does not count the optimizer
 state; scoring and generation run last.
 peak_rss_mb is the process high-water mark (ru_maxrss), so it includes the
@@ -113,6 +118,9 @@ def main() -> None:
     ap.add_argument("--steps-only", action="store_true",
                     help="time only the training steps: forward, forward + backward, the "
                          "trace step and the naive per-batch TGL step")
+    ap.add_argument("--compile", action="store_true",
+                    help="time the training steps of the model compiled by torch.compile "
+                         "(inductor); implies --steps-only")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -124,6 +132,12 @@ def main() -> None:
         str(args.gguf.parent), gguf_file=args.gguf.name, dtype=torch.float32,
         attn_implementation="eager").eval().to(args.device)
     rss_after_load = current_rss_mb()
+    # The compiled module for calls only: parameter names and requires_grad stay the model's.
+    run = torch.compile(model) if args.compile else model
+    if args.compile:
+        # The trace step backpropagates the span loss with retain_graph, which a backward that
+        # donates its saved buffers refuses.
+        torch._functorch.config.donated_buffer = False
     vocab = model.config.vocab_size
 
     g = torch.Generator().manual_seed(0)
@@ -144,7 +158,7 @@ def main() -> None:
             groups.setdefault(key, []).append(p)
 
     def nll():
-        logits = model(input_ids=ids).logits[:, :-1]
+        logits = run(input_ids=ids).logits[:, :-1]
         logp = torch.log_softmax(logits.float(), dim=-1)
         return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, SEQ-1]
 
@@ -154,7 +168,7 @@ def main() -> None:
 
     def forward():
         with torch.no_grad():
-            model(input_ids=ids)
+            run(input_ids=ids)
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
@@ -227,12 +241,25 @@ def main() -> None:
                            min_new_tokens=GENERATE_TOKENS, do_sample=False)
 
     load_before = os.getloadavg()[0]
-    forward_s, forward_min = timed(forward, args.reps, args.device)
-    fwd_bwd_s, fwd_bwd_min = timed(fwd_bwd, args.reps, args.device)
-    trace_step_s, trace_step_min = timed(trace_step, args.reps, args.device)
+    compile_s = {}
+
+    def steady(name: str, fn) -> tuple[float, float]:
+        """timed(fn), after a first call that compiles, timed on its own, under --compile."""
+        if args.compile:
+            t0 = time.perf_counter()
+            fn()
+            sync(args.device)
+            compile_s[name] = round(time.perf_counter() - t0, 1)
+        return timed(fn, args.reps, args.device)
+
+    forward_s, forward_min = steady("forward", forward)
+    fwd_bwd_s, fwd_bwd_min = steady("fwd_bwd", fwd_bwd)
+    trace_step_s, trace_step_min = steady("trace_step", trace_step)
     # Read before the TGL step, whose AdamW state would count in it.
     peak_rss = rss_mb()
-    tgl_step_s, tgl_step_min = timed(tgl_step, args.reps, args.device)
+    # Compiled, the TGL step's switching of requires_grad recompiles the model on every call
+    # until dynamo's recompile limit (55 s a step here); no compiled figure is given for it.
+    tgl_step_s, tgl_step_min = (None, None) if args.compile else steady("tgl_step", tgl_step)
     tokens = BATCH * SEQ
     # The step timings, all that --steps-only reports; the full run adds to them.
     steps = {
@@ -251,13 +278,16 @@ def main() -> None:
         "forward_s": round(forward_s, 4),
         "fwd_bwd_s": round(fwd_bwd_s, 4),
         "trace_step_s": round(trace_step_s, 4),
-        "tgl_step_s": round(tgl_step_s, 4),
+        "tgl_step_s": tgl_step_s and round(tgl_step_s, 4),
         "tokens_per_s_fwd": round(tokens / forward_s, 1),
         "tokens_per_s_fwd_bwd": round(tokens / fwd_bwd_s, 1),
         "tokens_per_s_trace": round(tokens / trace_step_s, 1),
         "peak_rss_mb": round(peak_rss, 1),
     }
-    if args.steps_only:
+    if args.compile:
+        steps["compile"] = "inductor"
+        steps["compile_s"] = compile_s
+    if args.steps_only or args.compile:
         write(args.json_out, steps)
         return
     score_p50 = score_ms()
