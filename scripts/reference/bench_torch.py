@@ -29,8 +29,9 @@ median of --reps runs after one warm-up run, on a fixed random batch of
 --compile runs the model through torch.compile (inductor) and times the first
 three alone (tgl_step_s is null: switching requires_grad recompiles the model
 on every call); compile_s has the first call of each, which compiles.
-Attention is transformers' eager implementation: at this shape it is PyTorch's
-faster one for training (docs/benchmarks.md, "Against torch.compile").
+--attention picks transformers' attention implementation: eager, the default
+the baseline has always used, or sdpa, transformers' own default, which the
+AMD EPYC did not time differently (docs/benchmarks.md, "Eager or sdpa").
 peak_rss_mb is read before the TGL step, so it does not count the optimizer
 state; scoring and generation run last.
 peak_rss_mb is the process high-water mark (ru_maxrss), so it includes the
@@ -93,19 +94,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int, device: str) -> tuple[float, float]:
-    """(median, min) seconds. The min is kept because on a shared box a
+def timed(fn, reps: int, device: str) -> tuple[float, float, float]:
+    """(median, min, first) seconds. The min is kept because on a shared box a
     concurrent build slows OpenMP's spinning threads by up to 10x; a median far
-    above the min means the run was disturbed."""
-    fn()  # warm-up: first call pays page faults on fresh weights and allocator growth
+    above the min means the run was disturbed. The first call is a warm-up,
+    timed apart: it pays page faults on fresh weights and allocator growth, and
+    under --compile the compilation."""
+    t0 = time.perf_counter()
+    fn()
     sync(device)
+    first = time.perf_counter() - t0
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
+    return statistics.median(times), min(times), first
 
 
 def main() -> None:
@@ -118,6 +123,8 @@ def main() -> None:
     ap.add_argument("--steps-only", action="store_true",
                     help="time only the training steps: forward, forward + backward, the "
                          "trace step and the naive per-batch TGL step")
+    ap.add_argument("--attention", choices=["eager", "sdpa"], default="eager",
+                    help="transformers' attention implementation")
     ap.add_argument("--compile", action="store_true",
                     help="time the training steps of the model compiled by torch.compile "
                          "(inductor); implies --steps-only")
@@ -130,7 +137,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM  # slow import; after arg errors
     model = AutoModelForCausalLM.from_pretrained(
         str(args.gguf.parent), gguf_file=args.gguf.name, dtype=torch.float32,
-        attn_implementation="eager").eval().to(args.device)
+        attn_implementation=args.attention).eval().to(args.device)
     rss_after_load = current_rss_mb()
     # The compiled module for calls only: parameter names and requires_grad stay the model's.
     run = torch.compile(model) if args.compile else model
@@ -241,25 +248,15 @@ def main() -> None:
                            min_new_tokens=GENERATE_TOKENS, do_sample=False)
 
     load_before = os.getloadavg()[0]
-    compile_s = {}
-
-    def steady(name: str, fn) -> tuple[float, float]:
-        """timed(fn), after a first call that compiles, timed on its own, under --compile."""
-        if args.compile:
-            t0 = time.perf_counter()
-            fn()
-            sync(args.device)
-            compile_s[name] = round(time.perf_counter() - t0, 1)
-        return timed(fn, args.reps, args.device)
-
-    forward_s, forward_min = steady("forward", forward)
-    fwd_bwd_s, fwd_bwd_min = steady("fwd_bwd", fwd_bwd)
-    trace_step_s, trace_step_min = steady("trace_step", trace_step)
+    forward_s, forward_min, forward_first = timed(forward, args.reps, args.device)
+    fwd_bwd_s, fwd_bwd_min, fwd_bwd_first = timed(fwd_bwd, args.reps, args.device)
+    trace_step_s, trace_step_min, trace_step_first = timed(trace_step, args.reps, args.device)
     # Read before the TGL step, whose AdamW state would count in it.
     peak_rss = rss_mb()
     # Compiled, the TGL step's switching of requires_grad recompiles the model on every call
     # until dynamo's recompile limit (55 s a step here); no compiled figure is given for it.
-    tgl_step_s, tgl_step_min = (None, None) if args.compile else steady("tgl_step", tgl_step)
+    tgl_step_s, tgl_step_min, _ = (None, None, None) if args.compile else timed(
+        tgl_step, args.reps, args.device)
     tokens = BATCH * SEQ
     # The step timings, all that --steps-only reports; the full run adds to them.
     steps = {
@@ -272,13 +269,14 @@ def main() -> None:
         "torch": torch.__version__,
         "device": args.device,
         "threads": torch.get_num_threads(),
+        "attention": args.attention,
         "batch": BATCH,
         "seq": SEQ,
         "reps": args.reps,
         "forward_s": round(forward_s, 4),
         "fwd_bwd_s": round(fwd_bwd_s, 4),
         "trace_step_s": round(trace_step_s, 4),
-        "tgl_step_s": tgl_step_s and round(tgl_step_s, 4),
+        "tgl_step_s": None if tgl_step_s is None else round(tgl_step_s, 4),
         "tokens_per_s_fwd": round(tokens / forward_s, 1),
         "tokens_per_s_fwd_bwd": round(tokens / fwd_bwd_s, 1),
         "tokens_per_s_trace": round(tokens / trace_step_s, 1),
@@ -286,12 +284,13 @@ def main() -> None:
     }
     if args.compile:
         steps["compile"] = "inductor"
-        steps["compile_s"] = compile_s
+        steps["compile_s"] = {"forward": round(forward_first, 1), "fwd_bwd": round(fwd_bwd_first, 1),
+                              "trace_step": round(trace_step_first, 1)}
     if args.steps_only or args.compile:
         write(args.json_out, steps)
         return
     score_p50 = score_ms()
-    generate_s, _ = timed(generate, 3, args.device)
+    generate_s, _, _ = timed(generate, 3, args.device)
     load_after = os.getloadavg()[0]
 
     result = {
