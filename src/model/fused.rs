@@ -14,7 +14,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::quant::QuantRows;
-use super::tile::{matmul_new, View};
+use super::tile::{dot, matmul_new, View};
 
 /// The f32 data of a contiguous CPU tensor.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -340,7 +340,7 @@ pub struct RmsNorm {
 }
 
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let ms = dot(row, row) / row.len() as f32;
     1.0 / (ms + eps).sqrt()
 }
 
@@ -414,16 +414,13 @@ impl CustomOp3 for RmsNormGradX {
         rows_mut(&mut out, h, |r, o| {
             let (xr, gr) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
             let inv = inv_rms(xr, self.eps);
-            let dot = xr
-                .iter()
-                .zip(gr)
-                .zip(w)
-                .map(|((x, g), w)| x * g * w)
-                .sum::<f32>()
-                / h as f32;
-            let c = inv * inv * dot;
-            for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
-                *o = inv * (gv * wv - xv * c);
+            // The row's output holds `g * w` until the last pass.
+            for ((o, &gv), &wv) in o.iter_mut().zip(gr).zip(w) {
+                *o = gv * wv;
+            }
+            let c = inv * inv * dot(xr, o) / h as f32;
+            for (o, &xv) in o.iter_mut().zip(xr) {
+                *o = inv * (*o - xv * c);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

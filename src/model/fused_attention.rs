@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::exp::exp_in_place;
 use super::fused::{cpu_data, slice};
 use super::packing::Packing;
-use super::tile::{matmul, View};
+use super::tile::{dot, matmul, View};
 
 /// Query rows per tile: enough rows for the matrix kernel to run at speed, few enough that a
 /// tile's scores and probabilities stay in cache at any sequence length.
@@ -261,10 +261,7 @@ impl FusedAttention {
     ) {
         let (d, stride) = (g.d, g.out_stride());
         let delta: Vec<f32> = (0..g.t)
-            .map(|i| {
-                let (o, go) = (&x.out[i * stride..][..d], &x.dout[i * stride..][..d]);
-                o.iter().zip(go).map(|(a, b)| a * b).sum()
-            })
+            .map(|i| dot(&x.out[i * stride..][..d], &x.dout[i * stride..][..d]))
             .collect();
         let (mut probs, mut dprobs) = (Vec::new(), Vec::new());
         for rows in g.blocks() {

@@ -487,23 +487,31 @@ fn dots_portable(xs: &[f32], m: usize, rows: &[f32], r: usize, k: usize) -> [[f3
     let mut out = [[0f32; 4]; 4];
     for (out, row) in out.iter_mut().zip(rows.chunks_exact(k)).take(r) {
         for (o, x) in out.iter_mut().zip(xs.chunks_exact(k)).take(m) {
-            let mut acc = [0f32; 16];
-            let (cx, cr) = (x.chunks_exact(16), row.chunks_exact(16));
-            let tail: f32 = cx
-                .remainder()
-                .iter()
-                .zip(cr.remainder())
-                .map(|(a, b)| a * b)
-                .sum();
-            for (a, b) in cx.zip(cr) {
-                for l in 0..16 {
-                    acc[l] += a[l] * b[l];
-                }
-            }
-            *o = acc.iter().sum::<f32>() + tail;
+            *o = dot(x, row);
         }
     }
     out
+}
+
+/// `sum(a[i] * b[i])` over slices of one length, in sixteen lanes: a plain `sum` over `f32` is one
+/// chain of dependent adds the compiler may not reorder, several cycles an element, where the lanes
+/// vectorise (a forward's 61 RMS norms of 512 x 576 went from 15-17 ms to 7 ms on 2 threads).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]
