@@ -584,6 +584,23 @@ mod tests {
     }
 
     #[test]
+    fn dot_matches_a_sum_in_f64_on_and_off_the_lanes() {
+        for len in [0, 1, 15, 16, 17, 576, 1000] {
+            let (a, b) = (values(len, 3), values(len, 11));
+            let want: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                .sum();
+            let got = f64::from(dot(&a, &b));
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "length {len}: {got} against {want}"
+            );
+        }
+    }
+
+    #[test]
     fn transpose_matches_element_by_element() {
         // Sizes on and off the 8 x 8 blocks and the 64-row bands, with padded rows.
         for (rows, cols, pad) in [(1, 1, 0), (8, 8, 0), (13, 70, 3), (130, 9, 1), (64, 200, 0)] {
