@@ -14,7 +14,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::quant::QuantRows;
-use super::tile::{dot, matmul_new, View};
+use super::tile::{dot, lane_products, matmul_new, View};
 
 /// The f32 data of a contiguous CPU tensor.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -90,14 +90,7 @@ fn rows_mut(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
 pub(crate) fn squared_sum(x: &[f32]) -> f64 {
     const BLOCK: usize = 4096;
     let block = |b: &[f32]| -> f64 {
-        let mut lanes = [0f32; 16];
-        let mut chunks = b.chunks_exact(16);
-        for c in &mut chunks {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l += v * v;
-            }
-        }
-        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        let (lanes, tail) = lane_products(b, b);
         lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + f64::from(tail)
     };
     if x.len() < PAR_ROW * 4 {

@@ -497,6 +497,13 @@ fn dots_portable(xs: &[f32], m: usize, rows: &[f32], r: usize, k: usize) -> [[f3
 /// chain of dependent adds the compiler may not reorder, several cycles an element, where the lanes
 /// vectorise (a forward's 61 RMS norms of 512 x 576 went from 15-17 ms to 7 ms on 2 threads).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (lanes, tail) = lane_products(a, b);
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The sixteen lane sums of `a[i] * b[i]` over whole groups of sixteen, and the sum of the
+/// products left over, for callers that add the lanes up in their own precision.
+pub(crate) fn lane_products(a: &[f32], b: &[f32]) -> ([f32; 16], f32) {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -511,7 +518,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    (acc, tail)
 }
 
 #[cfg(target_arch = "x86_64")]
