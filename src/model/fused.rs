@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::quant::QuantRows;
 use super::tile::{dot, lane_products, matmul_new, View};
+use super::weight_product::Packed;
 
 /// The f32 data of a contiguous CPU tensor.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -194,12 +195,44 @@ impl CustomOp3 for CrossEntropyGrad {
 pub struct Linear {
     /// The weight's quantized blocks, where it equals them: few-row products read those.
     blocks: Option<Arc<QuantRows>>,
+    /// The input already packed for the weight-reading kernel, shared with other projections.
+    input: Option<Arc<Packed>>,
 }
 
 impl Linear {
     /// The op, reading `blocks` in place of a weight they match for few-row products.
     pub fn new(blocks: Option<Arc<QuantRows>>) -> Self {
-        Linear { blocks }
+        Linear {
+            blocks,
+            input: None,
+        }
+    }
+
+    /// The op on an input already packed (by [`Linear::pack_input`]) for its product.
+    pub(crate) fn with_input(blocks: Option<Arc<QuantRows>>, input: Option<Arc<Packed>>) -> Self {
+        Linear { blocks, input }
+    }
+
+    /// The contiguous CPU input `x` packed for products with weights `n` rows long, where the
+    /// weight-reading kernel takes them: for projections that share an input.
+    pub(crate) fn pack_input(x: &Tensor, n: usize) -> Result<Option<Arc<Packed>>> {
+        let (storage, layout) = x.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok(Linear::pack(s, layout, n)?.map(Arc::new)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The input packed for products with weights `n` rows long, except for few-row products
+    /// (which read the weight row by row), where the CPU lacks AVX-512 and in the build that
+    /// links MKL (whose products take the rest).
+    pub(crate) fn pack(s1: &CpuStorage, l1: &Layout, n: usize) -> Result<Option<Packed>> {
+        let k = l1.dims().last().copied().unwrap_or(0);
+        let m = l1.shape().elem_count() / k.max(1);
+        if cfg!(feature = "mkl") || few_rows(m, n, k) {
+            return Ok(None);
+        }
+        Ok(Packed::of(slice(s1, l1, "linear input")?, m, k))
     }
 
     /// The input as a contiguous `(m, k)` matrix, the weight's `(n, k)` and the output shape.
@@ -240,26 +273,8 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        super::turns::yield_to_foreground();
-        let (rows, m, n, k, out) = Linear::shapes(l1, l2)?;
-        if few_rows(m, n, k) {
-            let x = slice(s1, &rows, "linear input")?;
-            let y = match self.blocks.as_deref().filter(|b| b.dims() == (n, k)) {
-                Some(blocks) => super::tile::few_rows_times_t(x, blocks, m, n, k),
-                None => super::tile::few_rows_times_t(x, slice(s2, l2, "linear weight")?, m, n, k),
-            };
-            return Ok((CpuStorage::F32(y), out));
-        }
-        // Through the tile product, which copies a weight no wider than deep rather than let the
-        // kernel gather it (`tile::gathered`).
-        let (x, w) = (
-            slice(s1, &rows, "linear input")?,
-            slice(s2, l2, "linear weight")?,
-        );
-        let y = matmul_new(View::rows(x, m, k, k), View::rows(w, n, k, k).t());
-        Ok((CpuStorage::F32(y), out))
+        self.product(s1, l1, s2, l2, self.input.as_deref())
     }
-
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
@@ -282,6 +297,46 @@ impl CustomOp2 for Linear {
 }
 
 impl Linear {
+    /// The forward on the CPU, reading the input from `packed` where that holds it.
+    pub(crate) fn product(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        packed: Option<&Packed>,
+    ) -> Result<(CpuStorage, Shape)> {
+        super::turns::yield_to_foreground();
+        let (rows, m, n, k, out) = Linear::shapes(l1, l2)?;
+        if few_rows(m, n, k) {
+            let x = slice(s1, &rows, "linear input")?;
+            let y = match self.blocks.as_deref().filter(|b| b.dims() == (n, k)) {
+                Some(blocks) => super::tile::few_rows_times_t(x, blocks, m, n, k),
+                None => super::tile::few_rows_times_t(x, slice(s2, l2, "linear weight")?, m, n, k),
+            };
+            return Ok((CpuStorage::F32(y), out));
+        }
+        let (x, w) = (
+            slice(s1, &rows, "linear input")?,
+            slice(s2, l2, "linear weight")?,
+        );
+        let fresh;
+        let packed = match packed.filter(|p| p.dims() == (m, k)) {
+            Some(p) => Some(p),
+            None => {
+                fresh = Linear::pack(s1, &rows, n)?;
+                fresh.as_ref()
+            }
+        };
+        let y = match packed {
+            Some(p) => p.times_t(w, n),
+            // The tile product copies a weight no wider than deep rather than let the kernel
+            // gather it (`tile::gathered`).
+            None => matmul_new(View::rows(x, m, k, k), View::rows(w, n, k, k).t()),
+        };
+        Ok((CpuStorage::F32(y), out))
+    }
+
     /// The gradients of `x @ w^T` for `x` and `w` given the output's gradient `grad`, each only
     /// where its tensor records gradients; `w`'s goes through `grads::offer`.
     pub(crate) fn backward(

@@ -166,8 +166,10 @@ impl CustomOp3 for GatedUp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         same_shape("gated up", ("gate weight", "up weight"), l2, l3)?;
-        let (gate, shape) = self.gate.cpu_fwd(s1, l1, s2, l2)?;
-        let (up, _) = self.up.cpu_fwd(s1, l1, s3, l3)?;
+        // Both projections read one input: packed once for both.
+        let packed = Linear::pack(s1, l1, l2.dims()[0])?;
+        let (gate, shape) = self.gate.product(s1, l1, s2, l2, packed.as_ref())?;
+        let (up, _) = self.up.product(s1, l1, s3, l3, packed.as_ref())?;
         let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (gate, up) else {
             bail!("gated up: projections are not f32");
         };

@@ -158,16 +158,17 @@ impl Architecture for Llama {
                 p.get(&format!("model.layers.{l}.input_layernorm.weight"))?,
                 c.eps,
             )?;
-            let proj = |name: &str| -> Result<Tensor> {
-                p.linear(
-                    &h,
-                    &at(&format!("{name}.weight")),
-                    bias(c.attention_bias, at(&format!("{name}.bias")))?,
-                )
-            };
-            let q = ops::rope(&ops::split_heads(&proj("q_proj")?, c.heads)?, &cos, &sin)?;
-            let k = ops::rope(&ops::split_heads(&proj("k_proj")?, c.kv_heads)?, &cos, &sin)?;
-            let v = ops::split_heads(&proj("v_proj")?, c.kv_heads)?;
+            let names = ["q_proj", "k_proj", "v_proj"].map(|name| at(&format!("{name}.weight")));
+            let biases = ["q_proj", "k_proj", "v_proj"]
+                .map(|name| bias(c.attention_bias, at(&format!("{name}.bias"))));
+            let [bq, bk, bv] = biases;
+            let [q, k, v]: [Tensor; 3] = p
+                .linears(&h, &[(&names[0], bq?), (&names[1], bk?), (&names[2], bv?)])?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("llama: three projections expected".into()))?;
+            let q = ops::rope(&ops::split_heads(&q, c.heads)?, &cos, &sin)?;
+            let k = ops::rope(&ops::split_heads(&k, c.kv_heads)?, &cos, &sin)?;
+            let v = ops::split_heads(&v, c.kv_heads)?;
             let (k, v) = cache.append(l, k, v)?;
             let a = ops::attention(&q, &k, &v, scale, c.sliding_window, cache.packing())?;
             let o = p.linear(

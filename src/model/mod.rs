@@ -19,6 +19,7 @@ pub mod packing;
 pub mod quant;
 mod tile;
 pub mod turns;
+mod weight_product;
 
 pub use turns::on_compute_threads;
 
@@ -148,6 +149,20 @@ impl Params {
         b: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         ops::linear_from(x, self.get(name)?, b, self.blocks.get(name))
+    }
+
+    /// [`Params::linear`] for each of the weights `names` (with their biases, if any), which
+    /// read one input: [`ops::linears_from`].
+    pub fn linears(
+        &self,
+        x: &Tensor,
+        names: &[(&str, Option<&Tensor>)],
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let weights = names
+            .iter()
+            .map(|&(name, b)| Ok((self.get(name)?, b, self.blocks.get(name))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        ops::linears_from(x, &weights)
     }
 
     /// [`ops::gated_up`] with the weights called `gate` and `up` and their biases, if any.

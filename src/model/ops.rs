@@ -26,18 +26,50 @@ pub fn linear_from(
     b: Option<&Tensor>,
     blocks: Option<&Arc<QuantRows>>,
 ) -> Result<Tensor> {
-    let y = if x.device().is_metal() {
+    let mut y = linears_from(x, &[(w, b, blocks)])?;
+    Ok(y.remove(0))
+}
+
+/// A weight `(out, in)` of [`linears_from`], its bias and the quantized blocks it may equal.
+pub type Projection<'a> = (&'a Tensor, Option<&'a Tensor>, Option<&'a Arc<QuantRows>>);
+
+/// [`linear_from`] for each of several weights that read one input: on the CPU the input is
+/// packed once for all of their products.
+pub fn linears_from(x: &Tensor, weights: &[Projection]) -> Result<Vec<Tensor>> {
+    if x.device().is_metal() {
         let mut shape = x.dims().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = w.dim(0)?;
-        }
-        x.flatten_to(x.rank().saturating_sub(2))?
-            .matmul(&w.t()?)?
-            .reshape(shape)?
-    } else {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, fused::Linear::new(blocks.cloned()))?
+        let rows = x.flatten_to(x.rank().saturating_sub(2))?;
+        return weights
+            .iter()
+            .map(|&(w, b, _)| {
+                if let Some(last) = shape.last_mut() {
+                    *last = w.dim(0)?;
+                }
+                with_bias(rows.matmul(&w.t()?)?.reshape(shape.as_slice())?, b)
+            })
+            .collect();
+    }
+    let x = x.contiguous()?;
+    let widths = weights
+        .iter()
+        .map(|(w, ..)| w.dim(0))
+        .collect::<Result<Vec<_>>>()?;
+    // Packed for the widest, the weight least likely to take the few-row product.
+    let packed = match widths.iter().max() {
+        Some(&n) => fused::Linear::pack_input(&x, n)?,
+        None => None,
     };
+    weights
+        .iter()
+        .map(|&(w, b, blocks)| {
+            let op = fused::Linear::with_input(blocks.cloned(), packed.clone());
+            with_bias(x.apply_op2(&w.contiguous()?, op)?, b)
+        })
+        .collect()
+}
+
+/// `y + b` broadcast over `y`'s rows, or `y` without a bias.
+fn with_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),

@@ -156,10 +156,18 @@ fn gathered(b: &View) -> bool {
 
 /// `v` copied into `buf` as a contiguous row-major matrix.
 fn row_major_copy<'b>(v: View, buf: &'b mut Vec<f32>) -> View<'b> {
+    let len = v.rows * v.cols;
     buf.clear();
-    buf.resize(v.rows * v.cols, 0.0);
+    buf.reserve(len);
     // `v` read row by row is the row-major `(cols, rows)` matrix with rows `cs` apart.
-    transpose(v.data, (v.cols, v.rows), v.cs, buf);
+    transpose(
+        v.data,
+        (v.cols, v.rows),
+        v.cs,
+        &mut buf.spare_capacity_mut()[..len],
+    );
+    // SAFETY: `transpose` writes every one of the `len` elements.
+    unsafe { buf.set_len(len) };
     View::rows(buf, v.rows, v.cols, v.cols)
 }
 
@@ -168,9 +176,14 @@ fn row_major_copy<'b>(v: View, buf: &'b mut Vec<f32>) -> View<'b> {
 const TRANSPOSE_BAND: usize = 64;
 
 /// Writes the transpose of the row-major `(rows, cols)` matrix `src`, whose rows start `stride`
-/// elements apart, into `dst` as a row-major `(cols, rows)`, in bands of output rows over
-/// candle's threads.
-fn transpose(src: &[f32], (rows, cols): (usize, usize), stride: usize, dst: &mut [f32]) {
+/// elements apart, into every element of `dst` as a row-major `(cols, rows)`, in bands of output
+/// rows over candle's threads; `dst` need not be initialised, so a copy skips a zeroing pass.
+fn transpose(
+    src: &[f32],
+    (rows, cols): (usize, usize),
+    stride: usize,
+    dst: &mut [MaybeUninit<f32>],
+) {
     use rayon::prelude::*;
     assert!(
         dst.len() == rows * cols
@@ -203,7 +216,7 @@ fn transpose(src: &[f32], (rows, cols): (usize, usize), stride: usize, dst: &mut
                     }
                     for i in 0..h {
                         for j in 0..w {
-                            to[j * rows + i] = from[i * stride + j];
+                            to[j * rows + i] = MaybeUninit::new(from[i * stride + j]);
                         }
                     }
                 }
@@ -215,7 +228,12 @@ fn transpose(src: &[f32], (rows, cols): (usize, usize), stride: usize, dst: &mut
 /// (rows `ds` apart), in registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn transpose8_avx(src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
+pub(super) unsafe fn transpose8_avx(
+    src: &[f32],
+    ss: usize,
+    dst: &mut [MaybeUninit<f32>],
+    ds: usize,
+) {
     use std::arch::x86_64::*;
     assert!(src.len() > 7 * ss + 7 && dst.len() > 7 * ds + 7);
     let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src[i * ss..].as_ptr()));
@@ -243,8 +261,8 @@ unsafe fn transpose8_avx(src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
     for i in 0..4 {
         let low = _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]);
         let high = _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]);
-        _mm256_storeu_ps(dst[i * ds..].as_mut_ptr(), low);
-        _mm256_storeu_ps(dst[(i + 4) * ds..].as_mut_ptr(), high);
+        _mm256_storeu_ps(dst[i * ds..].as_mut_ptr().cast(), low);
+        _mm256_storeu_ps(dst[(i + 4) * ds..].as_mut_ptr().cast(), high);
     }
 }
 
@@ -614,7 +632,7 @@ mod tests {
             let stride = cols + pad;
             let src = values(rows * stride, rows);
             let mut dst = vec![f32::NAN; rows * cols];
-            transpose(&src, (rows, cols), stride, &mut dst);
+            transpose(&src, (rows, cols), stride, initialised(&mut dst));
             for (r, c) in (0..rows).flat_map(|r| (0..cols).map(move |c| (r, c))) {
                 assert_eq!(
                     dst[c * rows + r],
