@@ -100,7 +100,7 @@ impl Pass {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     /// `exp(x)` in each lane: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, `exp(r)` by its Taylor
@@ -166,15 +166,21 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn sigmoid(src: *const f32, dst: *mut f32, n: usize) {
-        let one = _mm512_set1_ps(1.0);
         let mut i = 0;
         while i < n {
             let (take, mask) = lanes(n, i);
             let x = _mm512_maskz_loadu_ps(mask, src.add(i));
-            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-            _mm512_mask_storeu_ps(dst.add(i), mask, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+            _mm512_mask_storeu_ps(dst.add(i), mask, sigmoid16(x));
             i += take;
         }
+    }
+
+    /// `1 / (1 + exp(-x))` in each lane.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn sigmoid16(x: __m512) -> __m512 {
+        let one = _mm512_set1_ps(1.0);
+        let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_div_ps(one, _mm512_add_ps(one, e))
     }
 }
 

@@ -236,7 +236,7 @@ impl Linear {
     }
 
     /// The input as a contiguous `(m, k)` matrix, the weight's `(n, k)` and the output shape.
-    fn shapes(l1: &Layout, l2: &Layout) -> Result<(Layout, usize, usize, usize, Shape)> {
+    pub(crate) fn shapes(l1: &Layout, l2: &Layout) -> Result<(Layout, usize, usize, usize, Shape)> {
         let dims = l1.shape().dims();
         let (n, k) = l2.shape().dims2()?;
         let Some((&k1, lead)) = dims.split_last().filter(|_| dims.len() >= 2) else {

@@ -73,22 +73,89 @@ impl Packed {
     /// `x @ w^T` as a new row-major `(m, n)` matrix for a contiguous weight `w` `(n, k)`, on the
     /// current rayon pool's threads.
     pub(crate) fn times_t(&self, w: &[f32], n: usize) -> Vec<f32> {
+        self.product(Weights::Plain(w), n)
+    }
+
+    /// `silu(x @ gate^T) * (x @ up^T)` for contiguous weights `(n, k)`, without either projection
+    /// ever held whole: the SwiGLU MLP's forward where no backward follows.
+    pub(crate) fn gated_times_t(&self, gate: &[f32], up: &[f32], n: usize) -> Vec<f32> {
+        self.product(Weights::Gated(gate, up), n)
+    }
+
+    fn product(&self, weights: Weights, n: usize) -> Vec<f32> {
         let (m, k) = (self.m, self.k);
-        assert!(
-            w.len() >= n * k,
-            "weight product: a {n} x {k} weight does not fit its slice"
-        );
+        for w in weights.all() {
+            assert!(
+                w.len() >= n * k,
+                "weight product: a {n} x {k} weight does not fit its slice"
+            );
+        }
         let mut out = Vec::with_capacity(m * n);
         let dst = &mut out.spare_capacity_mut()[..m * n];
         if k == 0 {
+            // An empty sum: 0, and silu(0) * 0 = 0.
             dst.fill(MaybeUninit::new(0.0));
         } else {
             #[cfg(target_arch = "x86_64")]
-            x86::product(&self.panels, w, (m, n, k), dst);
+            x86::product(&self.panels, weights, (m, n, k), dst);
         }
         // SAFETY: `product` writes every element of the `m x n` output (as does the fill).
         unsafe { out.set_len(m * n) };
         out
+    }
+}
+
+/// The weights a product reads, and what its register tiles make of them.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    /// `x @ w^T`: a tile's `NR` weight rows give as many output columns.
+    Plain(&'a [f32]),
+    /// `silu(x @ gate^T) * (x @ up^T)`: `NR / 2` rows of each give `NR / 2` output columns.
+    Gated(&'a [f32], &'a [f32]),
+}
+
+impl<'a> Weights<'a> {
+    /// The weights themselves.
+    fn all(self) -> Vec<&'a [f32]> {
+        match self {
+            Weights::Plain(w) => vec![w],
+            Weights::Gated(g, u) => vec![g, u],
+        }
+    }
+
+    /// Output columns per tile.
+    fn width(self) -> usize {
+        match self {
+            Weights::Plain(_) => NR,
+            Weights::Gated(..) => NR / 2,
+        }
+    }
+
+    /// The `NR` weight rows (each `k` long) of the tile whose output columns start at `first`,
+    /// where all of its columns exist; the last, partial tile reads [`Weights::tail`] instead.
+    fn rows(self, first: usize, k: usize) -> [&'a [f32]; NR] {
+        let half = NR / 2;
+        std::array::from_fn(|j| match self {
+            Weights::Plain(w) => &w[(first + j) * k..][..k],
+            Weights::Gated(g, _) if j < half => &g[(first + j) * k..][..k],
+            Weights::Gated(_, u) => &u[(first + j - half) * k..][..k],
+        })
+    }
+
+    /// The rows of the tile that starts at output column `first` of `n` and has fewer columns
+    /// than [`Weights::width`], padded with zero rows into a buffer of `NR` rows of `k`.
+    fn tail(self, first: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut buf = vec![0f32; NR * k];
+        let len = (n - first) * k;
+        match self {
+            Weights::Plain(w) => buf[..len].copy_from_slice(&w[first * k..n * k]),
+            Weights::Gated(g, u) => {
+                buf[..len].copy_from_slice(&g[first * k..n * k]);
+                let up = NR / 2 * k;
+                buf[up..up + len].copy_from_slice(&u[first * k..n * k]);
+            }
+        }
+        buf
     }
 }
 
@@ -112,27 +179,24 @@ mod x86 {
         }
     }
 
-    /// Writes `x @ w^T` into `out` (row-major `(m, n)`) from `x` packed into `panels`; the
-    /// caller checked the CPU and sizes.
+    /// Writes the product of `x`, packed into `panels`, with `weights` into `out` (row-major
+    /// `(m, n)`); the caller checked the CPU and sizes.
     pub(super) fn product(
         panels: &[f32],
-        w: &[f32],
+        weights: Weights,
         (m, n, k): (usize, usize, usize),
         out: &mut [MaybeUninit<f32>],
     ) {
         let count = m.div_ceil(MR);
-        // The last `n % NR` weight rows, padded with zero rows to a whole tile.
-        let whole = n / NR;
-        let tail: Vec<f32> = match n % NR {
+        let width = weights.width();
+        let whole = n / width;
+        let tail = match n % width {
             0 => Vec::new(),
-            _ => {
-                let mut t = w[whole * NR * k..n * k].to_vec();
-                t.resize(NR * k, 0.0);
-                t
-            }
+            _ => weights.tail(whole * width, n, k),
         };
-        let tiles = n.div_ceil(NR);
+        let tiles = n.div_ceil(width);
         let per_block = (BLOCK_BYTES / (MR * k * 4)).max(1);
+        let gated = matches!(weights, Weights::Gated(..));
         let dst = Out(out.as_mut_ptr().cast::<f32>());
         let threads = rayon::current_num_threads().max(1);
         // A few pieces per thread even out the threads' speeds without a piece per tile.
@@ -141,24 +205,26 @@ mod x86 {
             let (first, last) = (tiles * piece / pieces, tiles * (piece + 1) / pieces);
             for block in (0..count).step_by(per_block) {
                 for tile in first..last {
-                    let (weight, cols) = match tile < whole {
-                        true => (&w[tile * NR * k..], NR),
-                        false => (&tail[..], n - whole * NR),
+                    let col = tile * width;
+                    let (rows, cols) = match tile < whole {
+                        true => (weights.rows(col, k), width),
+                        false => (std::array::from_fn(|j| &tail[j * k..][..k]), n - col),
                     };
+                    let rows = rows.map(<[f32]>::as_ptr);
                     for p in block..(block + per_block).min(count) {
-                        let rows = (m - p * MR).min(MR);
+                        let tile_rows = (m - p * MR).min(MR);
                         // SAFETY: the CPU has AVX-512 (checked by `Packed::of`); the panel holds
-                        // `k x MR` values, the weight tile `NR` rows of `k`, and the output tile
-                        // `rows x cols` lies inside the `m x n` output, written by this piece
-                        // alone.
+                        // `k x MR` values, each weight row `k`, and the output tile
+                        // `tile_rows x cols` lies inside the `m x n` output, written by this
+                        // piece alone.
                         unsafe {
                             tile_product(
-                                k,
+                                (k, gated),
                                 panels[p * MR * k..].as_ptr(),
-                                weight.as_ptr(),
-                                dst.at(p * MR * n + tile * NR),
+                                &rows,
+                                dst.at(p * MR * n + col),
                                 n,
-                                (rows, cols),
+                                (tile_rows, cols),
                             )
                         };
                     }
@@ -203,34 +269,46 @@ mod x86 {
     }
 
     /// The first `rows x cols` of the output tile at `c` (rows `ldc` apart) of the packed panel
-    /// `a` (`k x MR`) times the transposed `NR x k` weight rows at `w`.
+    /// `a` (`k x MR`) with the `NR` weight rows `w` (each `k` long): their products, or with
+    /// `gated` `silu` of the first half's times the second half's.
     #[target_feature(enable = "avx512f")]
     unsafe fn tile_product(
-        k: usize,
+        (k, gated): (usize, bool),
         a: *const f32,
-        w: *const f32,
+        w: &[*const f32; NR],
         c: *mut f32,
         ldc: usize,
         (rows, cols): (usize, usize),
     ) {
+        let w = *w;
         let mut acc = [[_mm512_setzero_ps(); 2]; NR];
         for kk in 0..k {
             let a0 = _mm512_loadu_ps(a.add(kk * MR));
             let a1 = _mm512_loadu_ps(a.add(kk * MR + 16));
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*w.add(j * k + kk));
+            for (acc, row) in acc.iter_mut().zip(w) {
+                let b = _mm512_set1_ps(*row.add(kk));
                 acc[0] = _mm512_fmadd_ps(a0, b, acc[0]);
                 acc[1] = _mm512_fmadd_ps(a1, b, acc[1]);
             }
         }
+        if gated {
+            // silu(g) * u as the unfused SwiGLU computes it, `(g * sigmoid(g)) * u`.
+            let (gate, up) = acc.split_at_mut(NR / 2);
+            for (g, u) in gate.iter_mut().zip(up) {
+                for h in 0..2 {
+                    let s = super::super::exp::avx512::sigmoid16(g[h]);
+                    g[h] = _mm512_mul_ps(_mm512_mul_ps(g[h], s), u[h]);
+                }
+            }
+        }
         // Columns of the tile are in the registers; the output wants rows: transpose each half's
-        // 16 x 16 (columns past NR zero) and store 12 lanes of each row.
+        // 16 x 16 (columns past the tile's zero) and store `cols` lanes of each row.
         let keep: __mmask16 = (1 << cols) - 1;
         let halves = [acc.map(|a| a[0]), acc.map(|a| a[1])];
         for (half, regs) in halves.iter().enumerate() {
             let cols: [__m512; 16] = std::array::from_fn(|j| match regs.get(j) {
-                Some(&r) => r,
-                None => _mm512_setzero_ps(),
+                Some(&r) if j < cols => r,
+                _ => _mm512_setzero_ps(),
             });
             let rows_here = rows.saturating_sub(half * 16).min(16);
             for (i, row) in transpose16(cols).iter().take(rows_here).enumerate() {
@@ -313,7 +391,8 @@ mod tests {
             (3, 4, 0),
         ] {
             let (x, w) = (values(m * k, 1), values(n * k, 2));
-            let got = Packed::of(&x, m, k).unwrap().times_t(&w, n);
+            let packed = Packed::of(&x, m, k).unwrap();
+            let got = packed.times_t(&w, n);
             for (i, j) in (0..m).flat_map(|i| (0..n).map(move |j| (i, j))) {
                 let want: f64 = (0..k)
                     .map(|kk| f64::from(x[i * k + kk]) * f64::from(w[j * k + kk]))
@@ -324,6 +403,27 @@ mod tests {
                     "{m}x{n}x{k} at {i},{j}: {got} against {want}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn gated_products_equal_silu_of_one_times_the_other() {
+        if !available() {
+            return;
+        }
+        // Output widths on and off the 6-column gated tiles.
+        for (m, n, k) in [(1, 1, 3), (32, 6, 8), (33, 13, 9), (70, 20, 17), (4, 5, 0)] {
+            let (x, g, u) = (values(m * k, 3), values(n * k, 4), values(n * k, 5));
+            let packed = Packed::of(&x, m, k).unwrap();
+            let (pg, pu) = (packed.times_t(&g, n), packed.times_t(&u, n));
+            let got = packed.gated_times_t(&g, &u, n);
+            let mut want = vec![0f32; m * n];
+            super::super::exp::sigmoid_into(&mut want, &pg);
+            for ((w, &g), &u) in want.iter_mut().zip(&pg).zip(&pu) {
+                *w = g * *w * u;
+            }
+            // The same sums in the same order, and the activation as the unfused op applies it.
+            assert_eq!(got, want, "{m}x{n}x{k}");
         }
     }
 
