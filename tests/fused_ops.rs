@@ -128,6 +128,7 @@ fn linear_matches_composed_for_one_few_and_many_rows() {
         (5, 257, 33),
         (20, 40, 96),
         (40, 24, 16),
+        (70, 30, 20),
     ]
     .iter()
     .enumerate()
@@ -307,6 +308,52 @@ fn gated_up_matches_swiglu_of_two_linears_for_few_and_many_rows_and_a_frozen_wei
         || ops::gated_up(&x, (&frozen, None), (&wu, None), (None, None)).unwrap(),
         || composed(&x, &frozen, &wu),
     );
+}
+
+#[test]
+fn gated_up_without_a_backward_matches_swiglu_of_two_linears() {
+    // Nothing tracked, so no backward follows and the activation runs inside the product: rows
+    // on and off the kernel's 32-row panels, widths on and off its 6-column gated tiles.
+    for (i, &(rows, n, k)) in [(40, 24, 16), (70, 26, 19), (3, 10, 8)].iter().enumerate() {
+        let seed = 60 + 3 * i as u64;
+        let x = randn(&[2, rows, k], seed).as_tensor().detach();
+        let wg = randn(&[n, k], seed + 1).as_tensor().detach();
+        let wu = randn(&[n, k], seed + 2).as_tensor().detach();
+        let fused = ops::gated_up(&x, (&wg, None), (&wu, None), (None, None)).unwrap();
+        let want = composed::swiglu(
+            &composed::linear(&x, &wg, None).unwrap(),
+            &composed::linear(&x, &wu, None).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            max_diff(&fused, &want) / scale(&want) < 1e-5,
+            "{rows} rows, {n} x {k}: outputs differ by {}",
+            max_diff(&fused, &want)
+        );
+    }
+}
+
+#[test]
+fn projections_of_one_input_match_each_linear_alone() {
+    // Query, key and value projections of different widths share one packed input.
+    let x = randn(&[2, 40, 20], 70);
+    let ws = [randn(&[36, 20], 71), randn(&[12, 20], 72), randn(&[13, 20], 73)];
+    let bs = [randn(&[36], 74), randn(&[12], 75), randn(&[13], 76)];
+    for i in 0..ws.len() {
+        check(
+            &format!("projection {i} of three"),
+            &[&x, &ws[i], &bs[i]],
+            || {
+                let weights: Vec<ops::Projection> = ws
+                    .iter()
+                    .zip(&bs)
+                    .map(|(w, b)| (w.as_tensor(), Some(b.as_tensor()), None))
+                    .collect();
+                ops::linears_from(&x, &weights).unwrap().remove(i)
+            },
+            || composed::linear(&x, &ws[i], Some(&bs[i])).unwrap(),
+        );
+    }
 }
 
 #[test]

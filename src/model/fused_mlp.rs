@@ -166,16 +166,17 @@ impl CustomOp3 for GatedUp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         same_shape("gated up", ("gate weight", "up weight"), l2, l3)?;
+        let (_, _, n, _, shape) = Linear::shapes(l1, l2)?;
         // Both projections read one input: packed once for both.
-        let packed = Linear::pack(s1, l1, l2.dims()[0])?;
+        let packed = Linear::pack(s1, l1, n)?;
         if let (Some(packed), false) = (&packed, self.keep) {
             // No backward follows: the product's tiles apply the activation themselves.
-            let (_, _, n, _, shape) = Linear::shapes(l1, l2)?;
+            super::turns::yield_to_foreground();
             let (gate, up) = (slice(s2, l2, "gate weight")?, slice(s3, l3, "up weight")?);
             let out = packed.gated_times_t(gate, up, n);
             return Ok((CpuStorage::F32(out), shape));
         }
-        let (gate, shape) = self.gate.product(s1, l1, s2, l2, packed.as_ref())?;
+        let (gate, _) = self.gate.product(s1, l1, s2, l2, packed.as_ref())?;
         let (up, _) = self.up.product(s1, l1, s3, l3, packed.as_ref())?;
         let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (gate, up) else {
             bail!("gated up: projections are not f32");
