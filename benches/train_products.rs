@@ -6,7 +6,9 @@
 //!
 //! `cargo bench --bench train_products` prints one JSON object: best of 6 milliseconds and GFLOP/s
 //! per product, and the GFLOP/s of one forward and backward's mix of them (a layer's 7
-//! projections and the head).
+//! projections and the head). `forward_layer` is the forward product as locus's linear layer runs
+//! it (`ops::linear`: on AVX-512 its own kernel, which reads the weight in place); it stays out of
+//! the mix, which prices candle's general product.
 
 use std::time::Instant;
 
@@ -59,6 +61,11 @@ fn main() -> anyhow::Result<()> {
             flops += f * uses as f64;
             secs += s * uses as f64;
         }
+        let layer = best(|| locus::model::ops::linear(&x, &w, None))?;
+        products.push(serde_json::json!({
+            "weight": [out, inp], "product": "forward_layer", "ms": layer * 1e3,
+            "gflops": f / layer / 1e9,
+        }));
     }
     let out = serde_json::json!({
         "machine": machine::machine(), "library": "candle (gemm crate)", "rows": ROWS,

@@ -337,7 +337,11 @@ fn gated_up_without_a_backward_matches_swiglu_of_two_linears() {
 fn projections_of_one_input_match_each_linear_alone() {
     // Query, key and value projections of different widths share one packed input.
     let x = randn(&[2, 40, 20], 70);
-    let ws = [randn(&[36, 20], 71), randn(&[12, 20], 72), randn(&[13, 20], 73)];
+    let ws = [
+        randn(&[36, 20], 71),
+        randn(&[12, 20], 72),
+        randn(&[13, 20], 73),
+    ];
     let bs = [randn(&[36], 74), randn(&[12], 75), randn(&[13], 76)];
     for i in 0..ws.len() {
         check(
