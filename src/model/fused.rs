@@ -217,22 +217,23 @@ impl Linear {
     /// weight-reading kernel takes them: for projections that share an input.
     pub(crate) fn pack_input(x: &Tensor, n: usize) -> Result<Option<Arc<Packed>>> {
         let (storage, layout) = x.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok(Linear::pack(s, layout, n)?.map(Arc::new)),
-            _ => Ok(None),
-        }
+        let Storage::Cpu(s) = &*storage else {
+            return Ok(None);
+        };
+        let k = layout.dims().last().copied().unwrap_or(0);
+        let m = layout.shape().elem_count() / k.max(1);
+        let x = slice(s, layout, "linear input")?;
+        Ok(Linear::pack(x, m, n, k).map(Arc::new))
     }
 
-    /// The input packed for products with weights `n` rows long, except for few-row products
+    /// The input `(m, k)` packed for products with weights `(n, k)`, except for few-row products
     /// (which read the weight row by row), where the CPU lacks AVX-512 and in the build that
     /// links MKL (whose products take the rest).
-    pub(crate) fn pack(s1: &CpuStorage, l1: &Layout, n: usize) -> Result<Option<Packed>> {
-        let k = l1.dims().last().copied().unwrap_or(0);
-        let m = l1.shape().elem_count() / k.max(1);
+    pub(crate) fn pack(x: &[f32], m: usize, n: usize, k: usize) -> Option<Packed> {
         if cfg!(feature = "mkl") || few_rows(m, n, k) {
-            return Ok(None);
+            return None;
         }
-        Ok(Packed::of(slice(s1, l1, "linear input")?, m, k))
+        Packed::of(x, m, k)
     }
 
     /// The input as a contiguous `(m, k)` matrix, the weight's `(n, k)` and the output shape.
@@ -324,7 +325,7 @@ impl Linear {
         let packed = match packed.filter(|p| p.dims() == (m, k)) {
             Some(p) => Some(p),
             None => {
-                fresh = Linear::pack(s1, &rows, n)?;
+                fresh = Linear::pack(x, m, n, k);
                 fresh.as_ref()
             }
         };

@@ -166,9 +166,9 @@ impl CustomOp3 for GatedUp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         same_shape("gated up", ("gate weight", "up weight"), l2, l3)?;
-        let (_, _, n, _, shape) = Linear::shapes(l1, l2)?;
+        let (rows, m, n, k, shape) = Linear::shapes(l1, l2)?;
         // Both projections read one input: packed once for both.
-        let packed = Linear::pack(s1, l1, n)?;
+        let packed = Linear::pack(slice(s1, &rows, "gated up input")?, m, n, k);
         if let (Some(packed), false) = (&packed, self.keep) {
             // No backward follows: the product's tiles apply the activation themselves.
             super::turns::yield_to_foreground();

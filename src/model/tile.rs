@@ -193,47 +193,53 @@ fn transpose(
     if rows == 0 || cols == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    let avx = std::is_x86_feature_detected!("avx");
     dst.par_chunks_mut(TRANSPOSE_BAND * rows)
         .enumerate()
         .for_each(|(band, out)| {
             let first = band * TRANSPOSE_BAND;
-            let width = out.len() / rows;
-            for r in (0..rows).step_by(8) {
-                for c in (0..width).step_by(8) {
-                    let (h, w) = ((rows - r).min(8), (width - c).min(8));
-                    let from = &src[r * stride + first + c..];
-                    let to = &mut out[c * rows + r..];
-                    #[cfg(target_arch = "x86_64")]
-                    if h == 8 && w == 8 && avx {
-                        // SAFETY: the CPU has AVX (`avx`, checked once above); the block's 8
-                        // source rows of 8 lie inside `from` and its 8 output rows of 8 inside
-                        // `to` (the assert above bounds `src`, and `out` holds `width` rows of
-                        // `rows`).
-                        unsafe { transpose8_avx(from, stride, to, rows) };
-                        continue;
-                    }
-                    for i in 0..h {
-                        for j in 0..w {
-                            to[j * rows + i] = MaybeUninit::new(from[i * stride + j]);
-                        }
-                    }
+            transpose_block(&src[first..], (rows, out.len() / rows), stride, out, rows);
+        });
+}
+
+/// The transpose of the row-major `(rows, cols)` matrix at the start of `src` (rows `stride`
+/// apart) written, on the calling thread in 8 x 8 blocks, as `cols` rows of `dst` that start
+/// `ds` elements apart, the first `rows` elements of each.
+pub(super) fn transpose_block(
+    src: &[f32],
+    (rows, cols): (usize, usize),
+    stride: usize,
+    dst: &mut [MaybeUninit<f32>],
+    ds: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    let avx = std::is_x86_feature_detected!("avx");
+    for r in (0..rows).step_by(8) {
+        for c in (0..cols).step_by(8) {
+            let (h, w) = ((rows - r).min(8), (cols - c).min(8));
+            let from = &src[r * stride + c..];
+            let to = &mut dst[c * ds + r..];
+            #[cfg(target_arch = "x86_64")]
+            if h == 8 && w == 8 && avx {
+                // SAFETY: the CPU has AVX (`avx`, checked above); the block's 8 source rows of 8
+                // lie inside `from` and its 8 output rows of 8 inside `to` (slicing panics
+                // otherwise).
+                unsafe { transpose8_avx(from, stride, to, ds) };
+                continue;
+            }
+            for i in 0..h {
+                for j in 0..w {
+                    to[j * ds + i] = MaybeUninit::new(from[i * stride + j]);
                 }
             }
-        });
+        }
+    }
 }
 
 /// The 8 x 8 block at the start of `src` (rows `ss` apart), transposed to the start of `dst`
 /// (rows `ds` apart), in registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-pub(super) unsafe fn transpose8_avx(
-    src: &[f32],
-    ss: usize,
-    dst: &mut [MaybeUninit<f32>],
-    ds: usize,
-) {
+unsafe fn transpose8_avx(src: &[f32], ss: usize, dst: &mut [MaybeUninit<f32>], ds: usize) {
     use std::arch::x86_64::*;
     assert!(src.len() > 7 * ss + 7 && dst.len() > 7 * ds + 7);
     let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src[i * ss..].as_ptr()));

@@ -17,9 +17,6 @@ use rayon::prelude::*;
 const MR: usize = 32;
 /// Weight rows per register tile: 12 broadcasts against the 2 vectors fill 24 of the 32 registers.
 const NR: usize = 12;
-/// The packed input block a thread sweeps for each weight tile stays within the second-level
-/// cache (1 MiB or more on the CPUs with AVX-512), so only the weight comes from memory.
-const BLOCK_BYTES: usize = 512 << 10;
 
 /// Whether this CPU runs the kernel.
 pub(crate) fn available() -> bool {
@@ -118,11 +115,12 @@ enum Weights<'a> {
 
 impl<'a> Weights<'a> {
     /// The weights themselves.
-    fn all(self) -> Vec<&'a [f32]> {
-        match self {
-            Weights::Plain(w) => vec![w],
-            Weights::Gated(g, u) => vec![g, u],
-        }
+    fn all(self) -> impl Iterator<Item = &'a [f32]> {
+        let (first, second) = match self {
+            Weights::Plain(w) => (w, None),
+            Weights::Gated(g, u) => (g, Some(u)),
+        };
+        std::iter::once(first).chain(second)
     }
 
     /// Output columns per tile.
@@ -197,7 +195,6 @@ mod x86 {
             _ => weights.tail(whole * width, n, k),
         };
         let tiles = n.div_ceil(width);
-        let per_block = (BLOCK_BYTES / (MR * k * 4)).max(1);
         let gated = matches!(weights, Weights::Gated(..));
         let dst = Out(out.as_mut_ptr().cast::<f32>());
         let threads = rayon::current_num_threads().max(1);
@@ -205,31 +202,29 @@ mod x86 {
         let pieces = (threads * 4).min(tiles);
         (0..pieces).into_par_iter().for_each(|piece| {
             let (first, last) = (tiles * piece / pieces, tiles * (piece + 1) / pieces);
-            for block in (0..count).step_by(per_block) {
-                for tile in first..last {
-                    let col = tile * width;
-                    let (rows, cols) = match tile < whole {
-                        true => (weights.rows(col, k), width),
-                        false => (std::array::from_fn(|j| &tail[j * k..][..k]), n - col),
+            for tile in first..last {
+                let col = tile * width;
+                let (rows, cols) = match tile < whole {
+                    true => (weights.rows(col, k), width),
+                    false => (std::array::from_fn(|j| &tail[j * k..][..k]), n - col),
+                };
+                let rows = rows.map(<[f32]>::as_ptr);
+                for p in 0..count {
+                    let tile_rows = (m - p * MR).min(MR);
+                    // SAFETY: the CPU has AVX-512 (checked by `Packed::of`); the panel holds
+                    // `k x MR` values, each weight row `k`, and the output tile
+                    // `tile_rows x cols` lies inside the `m x n` output, written by this
+                    // piece alone.
+                    unsafe {
+                        tile_product(
+                            (k, gated),
+                            panels[p * MR * k..].as_ptr(),
+                            &rows,
+                            dst.at(p * MR * n + col),
+                            n,
+                            (tile_rows, cols),
+                        )
                     };
-                    let rows = rows.map(<[f32]>::as_ptr);
-                    for p in block..(block + per_block).min(count) {
-                        let tile_rows = (m - p * MR).min(MR);
-                        // SAFETY: the CPU has AVX-512 (checked by `Packed::of`); the panel holds
-                        // `k x MR` values, each weight row `k`, and the output tile
-                        // `tile_rows x cols` lies inside the `m x n` output, written by this
-                        // piece alone.
-                        unsafe {
-                            tile_product(
-                                (k, gated),
-                                panels[p * MR * k..].as_ptr(),
-                                &rows,
-                                dst.at(p * MR * n + col),
-                                n,
-                                (tile_rows, cols),
-                            )
-                        };
-                    }
                 }
             }
         });
@@ -244,29 +239,9 @@ mod x86 {
         panel: &mut [MaybeUninit<f32>],
     ) {
         let rows = (m - first).min(MR);
-        let src = &x[first * k..];
-        let mut kk = 0;
-        if rows == MR {
-            while kk + 8 <= k {
-                for i in (0..MR).step_by(8) {
-                    // SAFETY: AVX-512 implies AVX; the 8 x 8 block lies inside both slices.
-                    unsafe {
-                        super::super::tile::transpose8_avx(
-                            &src[i * k + kk..],
-                            k,
-                            &mut panel[kk * MR + i..],
-                            MR,
-                        )
-                    };
-                }
-                kk += 8;
-            }
-        }
-        for kk in kk..k {
-            for i in 0..MR {
-                let v = if i < rows { src[i * k + kk] } else { 0.0 };
-                panel[kk * MR + i] = MaybeUninit::new(v);
-            }
+        super::super::tile::transpose_block(&x[first * k..], (rows, k), k, panel, MR);
+        for row in panel.chunks_mut(MR).take(k) {
+            row[rows..].fill(MaybeUninit::new(0.0));
         }
     }
 
