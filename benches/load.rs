@@ -60,15 +60,16 @@ async fn generation(client: &mut Client) -> anyhow::Result<Vec<f64>> {
     Ok(rates)
 }
 
-/// Latencies in milliseconds of `n` sequential Score calls after `warmup` unmeasured ones.
-async fn measure(
+/// Latencies in milliseconds of `n` sequential Score calls after `warmup` unmeasured ones, on
+/// the next probes from `probes`.
+async fn measure<'p>(
     client: &mut Client,
-    probes: &[(String, Vec<String>)],
+    probes: &mut impl Iterator<Item = &'p (String, Vec<String>)>,
     warmup: usize,
     n: usize,
 ) -> anyhow::Result<Vec<f64>> {
     let mut out = Vec::with_capacity(n);
-    for (i, (prompt, candidates)) in probes.iter().cycle().take(warmup + n).enumerate() {
+    for (i, (prompt, candidates)) in probes.take(warmup + n).enumerate() {
         let start = Instant::now();
         client.score(prompt, candidates).await?;
         if i >= warmup {
@@ -103,7 +104,13 @@ fn main() -> anyhow::Result<()> {
 
         let probes = probes();
         let mut client = Client::connect(&addr, None).await?;
-        let idle = measure(&mut client, &probes, WARMUP, IDLE_REQUESTS).await?;
+        let idle = measure(
+            &mut client,
+            &mut probes.iter().cycle(),
+            WARMUP,
+            IDLE_REQUESTS,
+        )
+        .await?;
         let generated = generation(&mut client).await?;
 
         // Keep the learner busy: batches go out as fast as flow control admits them.
@@ -121,9 +128,12 @@ fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let steps_before = client.info().await?.steps;
         let busy_start = Instant::now();
-        let mut busy = measure(&mut client, &probes, WARMUP, REQUESTS).await?;
+        // One walk through the probes, as idle: probes differ in length by up to 2.5 times, so both
+        // phases must measure the same mix.
+        let mut next = probes.iter().cycle();
+        let mut busy = measure(&mut client, &mut next, WARMUP, REQUESTS).await?;
         while client.info().await?.steps < steps_before + STEPS {
-            busy.extend(measure(&mut client, &probes, 0, REQUESTS / 4).await?);
+            busy.extend(measure(&mut client, &mut next, 0, REQUESTS / 4).await?);
         }
         let busy_seconds = busy_start.elapsed().as_secs_f64();
         let info = client.info().await?;
