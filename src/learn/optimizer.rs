@@ -81,13 +81,16 @@ impl InplaceOp2 for MomentsStep {
         let g = slice(s2, l2, "adamw gradient")?;
         let (m, v) = state.split_at_mut(g.len());
         let step = |((m, v), g): ((&mut [f32], &mut [f32]), &[f32])| {
+            // A learner that serves queries pauses here, within a chunk's time of a query.
+            crate::model::turns::yield_to_foreground();
             for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
                 *m = self.b1 * *m + (1.0 - self.b1) * g;
                 *v = self.b2 * *v + (1.0 - self.b2) * g * g;
             }
         };
         if self.fresh {
-            step(((m, v), g));
+            let chunks = m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK));
+            chunks.zip(g.chunks(CHUNK)).for_each(step);
         } else {
             let chunks = m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK));
             chunks.zip(g.par_chunks(CHUNK)).for_each(step);
@@ -122,6 +125,8 @@ impl InplaceOp2 for WeightStep {
         let (m, v) = state.split_at(w.len());
         let chunks = w.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK));
         chunks.zip(v.par_chunks(CHUNK)).for_each(|((w, m), v)| {
+            // As in `MomentsStep`: a serving learner's pause point.
+            crate::model::turns::yield_to_foreground();
             for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
                 *w = *w * self.decay - self.lr * (m / self.c1) / ((v / self.c2).sqrt() + self.eps);
             }

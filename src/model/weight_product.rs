@@ -203,6 +203,8 @@ mod x86 {
         (0..pieces).into_par_iter().for_each(|piece| {
             let (first, last) = (tiles * piece / pieces, tiles * (piece + 1) / pieces);
             for tile in first..last {
+                // A learner that serves queries pauses here, within a tile's time of a query.
+                crate::model::turns::yield_to_foreground();
                 let col = tile * width;
                 let (rows, cols) = match tile < whole {
                     true => (weights.rows(col, k), width),
