@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// The longest a background thread waits for the foreground at one product.
+/// The longest a background thread waits for the foreground at one pause point.
 pub const LONGEST_PAUSE: Duration = Duration::from_millis(100);
 
 /// How long a background thread runs without pausing after a pause that reached the limit.
