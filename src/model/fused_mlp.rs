@@ -170,8 +170,8 @@ impl CustomOp3 for GatedUp {
         // Both projections read one input: packed once for both.
         let packed = Linear::pack(slice(s1, &rows, "gated up input")?, m, n, k);
         if let (Some(packed), false) = (&packed, self.keep) {
-            // No backward follows: the product's tiles apply the activation themselves.
-            super::turns::yield_to_foreground();
+            // No backward follows: the product's tiles apply the activation themselves (and are
+            // a serving learner's pause points).
             let (gate, up) = (slice(s2, l2, "gate weight")?, slice(s3, l3, "up weight")?);
             let out = packed.gated_times_t(gate, up, n);
             return Ok((CpuStorage::F32(out), shape));
