@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use crate::common::{fails, fixture, locus, ok};
+use crate::common::{fails, fixture, ok};
 use crate::{fixture_str, good_input, path_str, trace_args, trace_json, without_seconds};
 
 /// `locus trace` with `model` must fail naming `needles`.
@@ -263,7 +263,7 @@ fn device_cuda_without_the_feature_is_refused_before_loading() {
     for command in model_commands(dir.path()) {
         let mut args: Vec<&str> = command.iter().map(String::as_str).collect();
         args.extend(["--device", "cuda:0"]);
-        let r = locus(&args);
+        let r = crate::common::locus(&args);
         assert!(
             !r.stderr.contains("locus: loaded "),
             "{args:?} loaded the model first:\n{}",
