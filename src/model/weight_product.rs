@@ -50,18 +50,14 @@ impl Packed {
             x.len() >= m * k,
             "weight product: a {m} x {k} input does not fit its slice"
         );
-        let len = m.div_ceil(MR) * MR * k;
-        let mut panels = Vec::with_capacity(len);
         #[cfg(target_arch = "x86_64")]
-        if k > 0 {
-            panels.spare_capacity_mut()[..len]
-                .par_chunks_mut(MR * k)
-                .enumerate()
-                .for_each(|(p, panel)| x86::pack(x, (m, k), p * MR, panel));
-        }
-        // SAFETY: `pack` writes every element of every panel (and there are none when `k` is 0).
-        unsafe { panels.set_len(len) };
-        Some(Packed { panels, m, k })
+        return Some(Packed {
+            panels: x86::panels(x, (m, k)),
+            m,
+            k,
+        });
+        #[cfg(not(target_arch = "x86_64"))]
+        None
     }
 
     /// The packed matrix's `(rows, columns)`.
@@ -232,14 +228,25 @@ mod x86 {
         });
     }
 
+    /// The row-major `(m, k)` matrix `x` as `ceil(m / MR)` panels of `k x MR` (see [`pack`]),
+    /// packed on the current rayon pool's threads.
+    pub(super) fn panels(x: &[f32], (m, k): (usize, usize)) -> Vec<f32> {
+        let len = m.div_ceil(MR) * MR * k;
+        let mut panels = Vec::with_capacity(len);
+        if k > 0 {
+            panels.spare_capacity_mut()[..len]
+                .par_chunks_mut(MR * k)
+                .enumerate()
+                .for_each(|(p, panel)| pack(x, (m, k), p * MR, panel));
+        }
+        // SAFETY: `pack` writes every element of every panel (and there are none when `k` is 0).
+        unsafe { panels.set_len(len) };
+        panels
+    }
+
     /// Rows `first..first + MR` of the row-major `(m, k)` matrix `x` into `panel` as `k x MR`
     /// (row `kk` holds column `kk` of those rows), rows past `m` as zeros.
-    pub(super) fn pack(
-        x: &[f32],
-        (m, k): (usize, usize),
-        first: usize,
-        panel: &mut [MaybeUninit<f32>],
-    ) {
+    fn pack(x: &[f32], (m, k): (usize, usize), first: usize, panel: &mut [MaybeUninit<f32>]) {
         let rows = (m - first).min(MR);
         super::super::tile::transpose_block(&x[first * k..], (rows, k), k, panel, MR);
         for row in panel.chunks_mut(MR).take(k) {
