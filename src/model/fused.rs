@@ -376,10 +376,16 @@ impl Linear {
 /// Whether `x @ w^T` for `m` rows and a weight `(n, k)` is faster as dot products of whole rows
 /// than as a general product, which packs the weight on every call and splits little work poorly.
 /// The limits are where the two met on SmolLM2's shapes (docs/benchmarks.md, "Few-row products"):
-/// 12 rows for any weight (the 49152-wide head), 32 for one at most four times wider than deep (the
-/// MLP's gate and up), 64 for one no wider than deep (attention, the MLP's down).
+/// with AVX-512, 12 rows for any weight (the 49152-wide head), 32 for one at most four times wider
+/// than deep (the MLP's gate and up), 64 for one no wider than deep (attention, the MLP's down);
+/// without it, where both products run on narrower vectors, 4 rows, and 8 for one no wider than
+/// deep.
 pub(crate) fn few_rows(m: usize, n: usize, k: usize) -> bool {
-    m <= 12 || (m <= 32 && n <= 4 * k) || (m <= 64 && n <= k)
+    if super::tile::dots_on_avx512() {
+        m <= 12 || (m <= 32 && n <= 4 * k) || (m <= 64 && n <= k)
+    } else {
+        m <= 4 || (m <= 8 && n <= k)
+    }
 }
 
 /// RMS norm over the last axis: `w * x / sqrt(mean(x^2) + eps)`.
