@@ -379,9 +379,9 @@ impl Linear {
 /// with AVX-512, 12 rows for any weight (the 49152-wide head), 32 for one at most four times wider
 /// than deep (the MLP's gate and up), 64 for one no wider than deep (attention, the MLP's down);
 /// without it, where both products run on narrower vectors, 4 rows, and 8 for one no wider than
-/// deep.
+/// deep. The dot products run on AVX-512 where the weight kernel does.
 pub(crate) fn few_rows(m: usize, n: usize, k: usize) -> bool {
-    if super::tile::dots_on_avx512() {
+    if super::weight_product::available() {
         m <= 12 || (m <= 32 && n <= 4 * k) || (m <= 64 && n <= k)
     } else {
         m <= 4 || (m <= 8 && n <= k)

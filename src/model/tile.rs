@@ -498,7 +498,7 @@ fn dots(xs: &[f32], m: usize, rows: &[f32], r: usize) -> [[f32; 4]; 4] {
     let k = rows.len() / r.max(1);
     assert!(m <= 4 && r <= 4 && xs.len() >= m * k && rows.len() >= r * k);
     #[cfg(target_arch = "x86_64")]
-    if dots_on_avx512() {
+    if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked just above) and the slices hold the rows (the
         // assert above).
         return unsafe { dots_avx512(xs, m, rows, r, k) };
@@ -509,19 +509,6 @@ fn dots(xs: &[f32], m: usize, rows: &[f32], r: usize) -> [[f32; 4]; 4] {
         return unsafe { dots_avx2(xs, m, rows, r, k) };
     }
     dots_portable(xs, m, rows, r, k)
-}
-
-/// Whether [`dots`] runs on AVX-512, whose products of a few rows beat a general product at more
-/// rows than the portable ones do ([`super::fused::few_rows`]).
-pub(crate) fn dots_on_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// [`dots_portable`] built for AVX2, the widest vectors of most CPUs without AVX-512: the same
